@@ -1,0 +1,162 @@
+"""Coupling layers (NICE, RealNVP): ``z₁ = x₁``, ``z₂ = τ(x₂, c(x₁))``.
+
+The Jacobian ``∂z/∂x`` is block lower-triangular with identity top-left block, so
+``log|det ∂z/∂x| = log|det ∂z₂/∂x₂|``: the coupling law's log-det. The net ``c`` may be any
+function; it never has to be inverted because ``x₁ = z₁`` is available in both directions.
+
+Backward (``docs/flows.md#coupling-layer``), forward direction: the law gives ``∂L/∂x₂`` and
+``∂L/∂h``; ``x₁`` reaches the loss directly (``z₁ = x₁``) and through ``h = c(x₁)``, so
+``∂L/∂x₁ = d_z₁ + c.backward(∂L/∂h)``. The inverse direction is the same with ``z`` and ``x``
+swapped, because ``h = c(z₁)`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from nflow_np import backend
+from nflow_np.flows.base import Flow
+from nflow_np.flows.coupling_law import COUPLING_LAWS
+from nflow_np.module import as_float_dtype
+from nflow_np.nn import MLP, Layer
+
+
+def parity_mask(dim: int, parity: int) -> np.ndarray:
+    """NICE's odd/even partition: ``mask[i] = (i % 2 == parity)``; True marks the pass-through ``x₁``."""
+    if parity not in (0, 1):
+        raise ValueError(f"parity must be 0 or 1, got {parity}")
+    return np.arange(dim) % 2 == parity
+
+
+def _as_index(indices: np.ndarray) -> slice | np.ndarray:
+    """A slice when ``indices`` is an arithmetic progression (a view, no copy), else the array."""
+    if len(indices) == 1:
+        return slice(int(indices[0]), int(indices[0]) + 1)
+    steps = np.diff(indices)
+    if np.all(steps == steps[0]) and steps[0] > 0:
+        return slice(int(indices[0]), int(indices[-1]) + 1, int(steps[0]))
+    return indices
+
+
+class Coupling(Flow):
+    """A coupling layer with a pluggable law (``"additive"`` or ``"affine"``).
+
+    Parameters
+    ----------
+    dim : int
+        Dimension ``D`` of ``x``.
+    law : {"additive", "affine"}
+        The coupling law ``τ`` (:mod:`nflow_np.flows.coupling_law`).
+    mask : array of bool, shape (D,), optional
+        True for the pass-through coordinates ``x₁``, False for the transformed ``x₂``. Both parts
+        must be non-empty. Default: ``parity_mask(dim, parity)``.
+    parity : {0, 1}
+        Used when ``mask`` is omitted; stack layers with alternating parity so each coordinate is
+        transformed by every other layer.
+    hidden : sequence of int
+        Hidden widths of the default MLP net ``c: R^{D₁} → R^{out}``.
+    rng : numpy.random.Generator, optional
+        Initialisation randomness (default: seeded 0).
+    activation : str
+        Activation of the default net.
+    net : Layer, optional
+        A ready net to use instead of the default MLP; it must map ``(N, D₁)`` to
+        ``(N, law.out_features(D₂))``. Start its last layer at zero for an identity coupling.
+    dtype : float32 or float64
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        law: str,
+        *,
+        mask: np.ndarray | None = None,
+        parity: int = 0,
+        hidden: Sequence[int] = (64, 64),
+        rng: np.random.Generator | None = None,
+        activation: str = "relu",
+        net: Layer | None = None,
+        dtype: object = np.float64,
+    ) -> None:
+        super().__init__(dim)
+        if law not in COUPLING_LAWS:
+            raise ValueError(f"unknown coupling law {law!r}; choose from {sorted(COUPLING_LAWS)}")
+        dtype = as_float_dtype(dtype)
+        mask = parity_mask(dim, parity) if mask is None else np.asarray(mask)
+        if mask.shape != (dim,) or mask.dtype != bool:
+            raise ValueError(f"mask must be a boolean array of shape ({dim},), got {mask.dtype} {mask.shape}")
+        if mask.all() or not mask.any():
+            raise ValueError("mask must leave both parts non-empty (some True, some False)")
+        self.law = law
+        self.mask = mask
+        self.idx1 = _as_index(np.flatnonzero(mask))
+        self.idx2 = _as_index(np.flatnonzero(~mask))
+        self.d1, self.d2 = int(mask.sum()), int((~mask).sum())
+        out = COUPLING_LAWS[law].out_features(self.d2)
+        if net is None:
+            rng = np.random.default_rng(0) if rng is None else rng
+            net = MLP([self.d1, *hidden, out], rng, activation=activation, dtype=dtype, zero_last=True)
+        self.net = net
+        self.children = {"net": net}
+        if COUPLING_LAWS[law].has_scale:
+            # a = 1: |s| <= 1 at the start; a = 0 would freeze both a and ŝ (their gradients vanish).
+            self.add_param("scale", np.ones(self.d2, dtype=dtype))
+
+    def _scale(self) -> np.ndarray | None:
+        return self.params.get("scale")
+
+    def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x1, x2 = x[:, self.idx1], x[:, self.idx2]
+        h = self.net.forward(x1)
+        z2, logdet = backend.coupling_law(self.law).forward(x2, h, self._scale())
+        z = np.empty_like(x)
+        z[:, self.idx1] = x1
+        z[:, self.idx2] = z2
+        self._remember("forward", x.shape[0], (x2, h))
+        return z, logdet
+
+    def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z1, z2 = z[:, self.idx1], z[:, self.idx2]
+        h = self.net.forward(z1)
+        x2, logdet = backend.coupling_law(self.law).inverse(z2, h, self._scale())
+        x = np.empty_like(z)
+        x[:, self.idx1] = z1
+        x[:, self.idx2] = x2
+        self._remember("inverse", z.shape[0], (z2, h))
+        return x, logdet
+
+    def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
+        direction, (in2, h) = self._cache
+        law = backend.coupling_law(self.law)
+        step = law.backward_forward if direction == "forward" else law.backward_inverse
+        d_in2, d_h, d_scale = step(in2, h, self._scale(), d_out[:, self.idx2], d_logdet)
+        if d_scale is not None:
+            self.grads["scale"] += d_scale
+        d_in = np.empty_like(d_out)
+        d_in[:, self.idx1] = d_out[:, self.idx1] + self.net.backward(d_h)
+        d_in[:, self.idx2] = d_in2
+        return d_in
+
+
+class AdditiveCoupling(Coupling):
+    """NICE's additive coupling ``z₂ = x₂ + c(x₁)``: volume preserving, ``logdet = 0``.
+
+    Same parameters as :class:`Coupling` without ``law``.
+    """
+
+    def __init__(self, dim: int, **kwargs: object) -> None:
+        super().__init__(dim, "additive", **kwargs)
+
+
+class AffineCoupling(Coupling):
+    """RealNVP's affine coupling ``z₂ = x₂ ⊙ exp(s) + t``, ``[ŝ, t] = c(x₁)``, ``s = a ⊙ tanh(ŝ)``.
+
+    ``logdet = Σ_j s_j``; the bound on ``s`` is explained in
+    :class:`nflow_np.flows.coupling_law.AffineLaw`. Same parameters as :class:`Coupling` without
+    ``law``.
+    """
+
+    def __init__(self, dim: int, **kwargs: object) -> None:
+        super().__init__(dim, "affine", **kwargs)

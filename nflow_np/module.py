@@ -1,0 +1,122 @@
+"""The parameter protocol shared by every layer, flow and model.
+
+A :class:`Module` keeps its trainable arrays in ``params`` and their gradients, under the same
+names and with the same shapes, in ``grads``. Modules built from other modules list them in
+``children``. An optimizer walks :meth:`Module.named_parameters` and never needs to know which
+layer it is updating; saving a model is writing :meth:`Module.state_dict`.
+
+Gradients *accumulate*: every backward pass adds to ``grads`` until :meth:`Module.zero_grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_dtype(dtype: object) -> np.dtype:
+    """Return ``dtype`` as a NumPy dtype, refusing anything but float32 and float64.
+
+    Parameters
+    ----------
+    dtype : dtype-like
+        ``np.float32``, ``np.float64`` or their names.
+
+    Returns
+    -------
+    numpy.dtype
+    """
+    try:
+        result = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from error
+    if result not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {result}")
+    return result
+
+
+class Module:
+    """Base class: named parameters, matching gradients, child modules.
+
+    Attributes
+    ----------
+    params : dict[str, numpy.ndarray]
+        Trainable arrays of this module (not of its children).
+    grads : dict[str, numpy.ndarray]
+        Gradient of the loss w.r.t. each entry of ``params``; same keys, shapes, dtypes.
+    children : dict[str, Module]
+        Sub-modules, by name.
+    """
+
+    def __init__(self) -> None:
+        self.params: dict[str, np.ndarray] = {}
+        self.grads: dict[str, np.ndarray] = {}
+        self.children: dict[str, Module] = {}
+
+    def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Register ``value`` as parameter ``name`` with a zero gradient; return it."""
+        self.params[name] = value
+        self.grads[name] = np.zeros_like(value)
+        return value
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Yield ``(qualified_name, param, grad)`` for this module and all children, depth first."""
+        for name, value in self.params.items():
+            yield prefix + name, value, self.grads[name]
+        for child_name, child in self.children.items():
+            yield from child.named_parameters(f"{prefix}{child_name}.")
+
+    def zero_grad(self) -> None:
+        """Set every gradient (this module and children) to zero, in place."""
+        for _, _, grad in self.named_parameters():
+            grad.fill(0)
+
+    def num_parameters(self) -> int:
+        """Total number of scalar parameters."""
+        return sum(value.size for _, value, _ in self.named_parameters())
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """The dtype of the parameters, or ``None`` for a module without any."""
+        for _, value, _ in self.named_parameters():
+            return value.dtype
+        return None
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Copies of all parameters under their qualified names."""
+        return {name: value.copy() for name, value, _ in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Copy ``state`` into the parameters, in place, after checking every name and shape.
+
+        Nothing is written unless every entry matches, so a bad state never half-loads.
+        """
+        own = {name: value for name, value, _ in self.named_parameters()}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"state does not match the module: missing {missing}, unexpected {unexpected}")
+        for name, value in own.items():
+            new = np.asarray(state[name])
+            if new.shape != value.shape:
+                raise ValueError(f"parameter {name!r}: shape {new.shape} in state, {value.shape} in module")
+            if new.dtype.kind != "f":
+                raise TypeError(f"parameter {name!r}: dtype {new.dtype} in state is not floating point")
+        for name, value in own.items():
+            value[...] = state[name]
+
+    def astype(self, dtype: object) -> Module:
+        """Convert every parameter and gradient to ``dtype`` (float32/float64), in place; return self."""
+        dtype = as_float_dtype(dtype)
+        self._astype_own(dtype)
+        for child in self.children.values():
+            child.astype(dtype)
+        return self
+
+    def _astype_own(self, dtype: np.dtype) -> None:
+        for name in self.params:
+            self.params[name] = self.params[name].astype(dtype)
+            self.grads[name] = self.grads[name].astype(dtype)

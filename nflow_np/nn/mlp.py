@@ -1,0 +1,63 @@
+"""The multilayer perceptron used as coupling function ``c(·)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from nflow_np.nn.layers import ACTIVATIONS, Layer, Linear
+
+
+class MLP(Layer):
+    """``Linear → act → … → Linear``: ``sizes = (D_in, H_1, …, H_k, D_out)``.
+
+    Backward is the chain rule through the layers in reverse order (``docs/nn.md#mlp``).
+
+    Parameters
+    ----------
+    sizes : sequence of int
+        Input width, hidden widths, output width (at least two entries).
+    rng : numpy.random.Generator
+        Initialisation randomness.
+    activation : {"relu", "leaky_relu", "tanh"}
+        Non-linearity between the linear layers (none after the last).
+    dtype : float32 or float64
+    zero_last : bool
+        Zero-initialise the last linear layer so the MLP starts as the constant 0 (a coupling
+        built on it starts as the identity map).
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        rng: np.random.Generator,
+        activation: str = "relu",
+        dtype: object = np.float64,
+        zero_last: bool = True,
+    ) -> None:
+        super().__init__()
+        sizes = [int(s) for s in sizes]
+        if len(sizes) < 2:
+            raise ValueError(f"MLP needs at least input and output sizes, got {sizes}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        self.sizes = sizes
+        self.activation = activation
+        self.layers: list[Layer] = []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            last = i == len(sizes) - 2
+            self.layers.append(Linear(n_in, n_out, rng, dtype, zero_init=last and zero_last))
+            if not last:
+                self.layers.append(ACTIVATIONS[activation]())
+        self.children = {str(i): layer for i, layer in enumerate(self.layers)}
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, d_y: np.ndarray) -> np.ndarray:
+        for layer in reversed(self.layers):
+            d_y = layer.backward(d_y)
+        return d_y
