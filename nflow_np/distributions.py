@@ -53,8 +53,8 @@ class StandardLogistic:
 
     def sample(self, n: int, dim: int, rng: np.random.Generator, dtype: object = np.float64) -> np.ndarray:
         """``n`` draws of dimension ``dim``, shape (n, dim)."""
-        # rng.random() lies in [0, 1); 1 − u lies in (0, 1], so −log1p(−u) keeps u = 0 finite... except
-        # log(0): redraw the (probability 2⁻⁵³) zeros instead of clipping, so the law stays exact.
+        # u ~ U[0, 1): log1p(−u) is always finite since u < 1; only log(u) fails, at u = 0, which
+        # has probability 2⁻⁵³. Such zeros are redrawn rather than clipped, so the law stays exact.
         u = rng.random((n, dim))
         while (zero := u == 0).any():
             u[zero] = rng.random(int(zero.sum()))

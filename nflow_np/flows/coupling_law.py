@@ -65,8 +65,8 @@ class AffineLaw:
     Why bounded: with a raw ``s = ŝ`` one large net output gives ``exp(s) = inf`` and NaN
     gradients (the failure users of flow libraries report most). With ``|s_j| ≤ |a_j|`` the
     per-layer stretch is at most ``exp(|a_j|)``, and ``a`` only moves at the optimizer's pace, so a
-    single bad batch cannot overflow a layer; ``tanh`` is smooth and the identity near 0, so small
-    scales behave exactly like the unbounded law (RealNVP's own code uses this ``a·tanh`` form).
+    single bad batch cannot overflow a layer. ``tanh`` is smooth and ``tanh(ŝ) ≈ ŝ`` near 0, so
+    small net outputs act like the unbounded law with its log-scale multiplied by ``a``.
 
     Backward of forward, with ``g = tanh(ŝ)``, ``e = exp(s)``:
         ``∂L/∂x₂ = d_z₂ ⊙ e``;  ``∂L/∂t = d_z₂``;

@@ -13,7 +13,7 @@ from nflow_np.module import as_float_dtype
 
 
 class Rescale(Flow):
-    """NICE's diagonal scaling ``z = x ⊙ S`` with ``S = exp(σ)`` (Dinh et al. 2014, §3.3).
+    """NICE's diagonal scaling ``z = x ⊙ S`` with ``S = exp(σ)`` (Dinh et al. 2014).
 
     Parametrised by the log-scale ``σ`` (param ``log_scale``, shape (D,), initialised to 0) so
     that ``S > 0`` always and ``log|S_i| = σ_i``:
