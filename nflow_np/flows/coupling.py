@@ -98,6 +98,13 @@ class Coupling(Flow):
         if net is None:
             rng = np.random.default_rng(0) if rng is None else rng
             net = MLP([self.d1, *hidden, out], rng, activation=activation, dtype=dtype, zero_last=True)
+        self.out_features = out
+        sizes = getattr(net, "sizes", None)
+        if sizes is not None and (sizes[0] != self.d1 or sizes[-1] != out):
+            raise ValueError(
+                f"net maps {sizes[0]} -> {sizes[-1]} features, but this coupling needs {self.d1} -> {out} "
+                f"({self.d1} pass-through coordinates, {law} law on {self.d2})"
+            )
         self.net = net
         self.children = {"net": net}
         if COUPLING_LAWS[law].has_scale:
@@ -107,9 +114,15 @@ class Coupling(Flow):
     def _scale(self) -> np.ndarray | None:
         return self.params.get("scale")
 
+    def _net(self, x1: np.ndarray) -> np.ndarray:
+        h = self.net.forward(x1)
+        if h.shape != (x1.shape[0], self.out_features):
+            raise ValueError(f"the coupling net returned shape {h.shape}; expected {(x1.shape[0], self.out_features)}")
+        return h
+
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x1, x2 = x[:, self.idx1], x[:, self.idx2]
-        h = self.net.forward(x1)
+        h = self._net(x1)
         z2, logdet = backend.coupling_law(self.law).forward(x2, h, self._scale())
         z = np.empty_like(x)
         z[:, self.idx1] = x1
@@ -119,7 +132,7 @@ class Coupling(Flow):
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z1, z2 = z[:, self.idx1], z[:, self.idx2]
-        h = self.net.forward(z1)
+        h = self._net(z1)
         x2, logdet = backend.coupling_law(self.law).inverse(z2, h, self._scale())
         x = np.empty_like(z)
         x[:, self.idx1] = z1

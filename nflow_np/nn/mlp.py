@@ -45,7 +45,7 @@ class MLP(Layer):
         self.sizes = sizes
         self.activation = activation
         self.layers: list[Layer] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             last = i == len(sizes) - 2
             self.layers.append(Linear(n_in, n_out, rng, dtype, zero_init=last and zero_last))
             if not last:
