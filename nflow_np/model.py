@@ -87,7 +87,9 @@ class FlowModel(Module):
         -------
         numpy.ndarray, shape (n, D)
         """
-        if int(n) < 1:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer):
+            raise TypeError(f"n must be an integer number of samples, got {n!r}")
+        if n < 1:
             raise ValueError(f"n must be a positive number of samples, got {n}")
         if not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a positive finite number, got {temperature}")

@@ -69,6 +69,12 @@ class Module:
         for child_name, child in self.children.items():
             yield from child.named_parameters(f"{prefix}{child_name}.")
 
+    def modules(self) -> Iterator[Module]:
+        """Yield this module and every module below it, depth first."""
+        yield self
+        for child in self.children.values():
+            yield from child.modules()
+
     def zero_grad(self) -> None:
         """Set every gradient (this module and children) to zero, in place."""
         for _, _, grad in self.named_parameters():

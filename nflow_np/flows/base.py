@@ -134,6 +134,17 @@ class Sequential(Flow):
         dims = {flow.dim for flow in flows}
         if len(dims) != 1:
             raise ValueError(f"all flows of a Sequential must share one dimension, got {sorted(dims)}")
+        seen: set[int] = set()
+        for flow in flows:
+            for module in flow.modules():
+                if id(module) in seen:
+                    # One instance holds one cache and one set of parameters: used twice, its
+                    # backward would see only the last call and an optimizer would step it twice.
+                    raise ValueError(
+                        f"the same {type(module).__name__} instance appears twice in this Sequential; "
+                        "build a separate layer for each position"
+                    )
+                seen.add(id(module))
         super().__init__(flows[0].dim)
         self.flows = flows
         self.children = {str(i): flow for i, flow in enumerate(flows)}
