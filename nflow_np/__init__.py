@@ -9,10 +9,13 @@ from nflow_np.flows import (
     Flow,
     Inverse,
     Permutation,
+    Planar,
+    Radial,
     Rescale,
     Reverse,
     Sequential,
 )
+from nflow_np.gmm import GaussianMixture
 from nflow_np.model import FlowModel
 from nflow_np.module import Module
 
@@ -27,6 +30,9 @@ __all__ = [
     "Inverse",
     "Module",
     "Permutation",
+    "Planar",
+    "Radial",
+    "GaussianMixture",
     "Rescale",
     "Reverse",
     "Sequential",

@@ -3,9 +3,11 @@
 A thin shell over the library: :func:`~nflow_np.data.load_toy`, :func:`~nflow_np.architectures.build_model`,
 :func:`~nflow_np.train.fit`, :mod:`nflow_np.io` and :mod:`nflow_np.plots` do the work.
 
-    nflow train --data two_moons --model realnvp --out runs/moons
+    nflow train --data two_moons --model realnvp --out runs/moons --checkpoint-every 500
+    nflow train --resume runs/moons          # after a crash: continues, bit for bit
     nflow eval runs/moons
     nflow sample runs/moons -n 5000 --out samples.csv
+    nflow train --data digits --model realnvp      # image flows: nflow_np.image_training, docs/images.md
 
 Exit codes: 0 success; 2 bad arguments, unknown data set, unreadable model folder or other bad
 input (one line on stderr); 1 training diverged (non-finite loss).
@@ -18,16 +20,25 @@ import io
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from nflow_np.architectures import MODELS, build_model
+from nflow_np.backend import BACKENDS, set_backend
+from nflow_np.checkpoint import CheckpointError, latest_checkpoint
 from nflow_np.data import TOY_DATASETS, load_toy
+from nflow_np.data.images import IMAGE_DATASETS
+from nflow_np.data.toy2d import Splits
 from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, atomic_write, load_model, read_config, save_model
+from nflow_np.model import FlowModel
 from nflow_np.nn import ACTIVATIONS
 from nflow_np.optim import Adam
-from nflow_np.train import NonFiniteLossError, evaluate_nll, fit
+from nflow_np.train import NonFiniteLossError, TrainResult, evaluate_nll, fit
+from nflow_np.validation import NonFiniteError
+from nflow_np.vi_cli import add_gmm_arguments, add_vi_subcommand, run_gmm_command
 
 # Every default of `nflow train`, in one place. `hidden` is parsed like the command-line value;
 # `out` None means runs/<data>-<model>; `patience` 0 disables early stopping; `clip_norm` None: no clipping.
@@ -50,7 +61,14 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "n_test": 5000,
     "out": None,
     "progress": True,
+    "plots": True,
+    "checkpoint_every": 0,
+    "resume": None,
+    "skip_nonfinite": False,
 }
+CHECKPOINT_DIR = "checkpoints"  # under the run's output folder
+# what `nflow train --resume` may change: none of these changes the numbers of a run that never diverges
+_RESUME_MAY_CHANGE = ("out", "progress", "plots", "checkpoint_every", "resume", "skip_nonfinite")
 SAMPLE_DEFAULTS: dict[str, object] = {"n": 1000, "temperature": 1.0, "seed": 0, "out": None}  # out: DIR/samples.npy
 
 
@@ -95,12 +113,28 @@ def build_parser() -> argparse.ArgumentParser:
     positive, non_negative, above_zero = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
     default = " (default: %(default)s)"
     parser = _Parser(prog="nflow", description="Normalizing flows in NumPy: train, evaluate, sample.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample}")
+    parser.add_argument(
+        "--backend",
+        choices=[*BACKENDS, "auto"],
+        default=None,
+        help="coupling-law implementation, before the command: nflow --backend numba train ... "
+        "(default: $NFLOW_BACKEND or numpy)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive,
+        default=1,
+        help="BLAS threads (default: 1; the GEMMs of these models are too small to gain from splitting, and a "
+        "split GEMM stalls whenever another process holds the second core: 4 ms vs 140 ms per step measured)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi}")
 
     d = TRAIN_DEFAULTS
     train = commands.add_parser("train", help="fit a model to a toy data set")
-    train.add_argument("--data", choices=list(TOY_DATASETS), default=d["data"], help="toy data set" + default)
-    train.add_argument("--model", choices=MODELS, default=d["model"], help="architecture" + default)
+    train.add_argument(
+        "--data", choices=[*TOY_DATASETS, *IMAGE_DATASETS], default=d["data"], help="toy or image data set" + default
+    )
+    train.add_argument("--model", choices=[*MODELS, "gmm"], default=d["model"], help="architecture" + default)
     train.add_argument("--layers", type=positive, default=d["layers"], help="coupling layers" + default)
     train.add_argument("--hidden", type=_hidden, default=d["hidden"], help="widths of each coupling net" + default)
     train.add_argument(
@@ -124,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--n-test", type=positive, default=d["n_test"], help="test points" + default)
     train.add_argument("--out", type=Path, default=d["out"], help="output folder (default: runs/<data>-<model>)")
     train.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    train.add_argument("--no-plots", dest="plots", action="store_false", help="skip the density and sample plots")
+    train.add_argument(
+        "--checkpoint-every",
+        type=non_negative,
+        default=d["checkpoint_every"],
+        metavar="N",
+        help=f"write OUT/{CHECKPOINT_DIR}/checkpoint-<step>.npz every N steps and at the end, 0: never" + default,
+    )
+    train.add_argument(
+        "--resume", type=Path, default=d["resume"], metavar="DIR", help="continue the run whose output folder is DIR"
+    )
+    train.add_argument(
+        "--skip-nonfinite", action="store_true", help="skip (and count) batches with a NaN/Inf loss instead of stopping"
+    )
+    image_only = " (image data only; default: the recipe's, nflow_np.image_training.IMAGE_RECIPES)"
+    train.add_argument("--weight-decay", type=_number(float, 0), help="AdamW weight decay" + image_only)
+    train.add_argument("--time-limit", type=above_zero, help="training budget in seconds" + image_only)
+    train.add_argument("--alpha", type=_number(float, 0), help="logit transform's α, e.g. 0.05" + image_only)
+    add_gmm_arguments(train)
     train.set_defaults(handler=_train, progress=d["progress"])
 
     evaluate = commands.add_parser("eval", help="test NLL of a saved model")
@@ -141,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=non_negative, default=s["seed"], help=default)
     sample.add_argument("--out", type=Path, default=s["out"], help=".npy or .csv file (default: DIR/samples.npy)")
     sample.set_defaults(handler=_sample)
+
+    add_vi_subcommand(commands)
     return parser
 
 
@@ -157,7 +212,86 @@ def _json_ready(value: object) -> object:
     return value
 
 
+def _resumed_arguments(args: argparse.Namespace) -> argparse.Namespace:
+    """The arguments of the run in ``args.resume``, read from its newest good checkpoint.
+
+    They are re-parsed like a command line, so a damaged or hostile checkpoint cannot pass a value
+    the parser would refuse. An option given now with a value other than its default must agree
+    with the recorded one, except those in :data:`_RESUME_MAY_CHANGE`.
+    """
+    checkpoint, _ = latest_checkpoint(args.resume / CHECKPOINT_DIR)
+    recorded = checkpoint.metadata.get("arguments")
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{checkpoint.path}: records no nflow train arguments")
+    recorded_keys = [key for key in TRAIN_DEFAULTS if key not in _RESUME_MAY_CHANGE]
+    argv = ["train"]
+    for key in recorded_keys:
+        value = recorded.get(key)
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        if value is not None:
+            argv.append(f"--{key.replace('_', '-')}={value}")
+    try:
+        resumed = build_parser().parse_args(argv)
+    except (UsageError, SystemExit) as error:
+        raise CheckpointError(f"{checkpoint.path}: its recorded arguments do not parse: {error}") from None
+    defaults = build_parser().parse_args(["train"])
+    for key in recorded_keys:
+        given = getattr(args, key)
+        if given != getattr(defaults, key) and given != getattr(resumed, key):
+            flag = f"--{key.replace('_', '-')}"
+            raise ValueError(f"{flag} {given} differs from the resumed run's {getattr(resumed, key)}; leave it out")
+    if args.out is not None and args.out != args.resume:
+        raise ValueError(f"--out {args.out} differs from --resume {args.resume}; a resumed run writes to its folder")
+    for key in _RESUME_MAY_CHANGE:
+        setattr(resumed, key, getattr(args, key))
+    resumed.out = args.resume
+    every = recorded.get("checkpoint_every")
+    resumed.checkpoint_every = args.checkpoint_every or (every if type(every) is int and every > 0 else 0)
+    return resumed
+
+
+def _fit(args: argparse.Namespace, out: Path, arguments: dict, model: FlowModel, splits: Splits) -> TrainResult:
+    """:func:`~nflow_np.train.fit` with the command's arguments; checkpoints go to ``out/checkpoints``."""
+    return fit(
+        model,
+        splits.train,
+        splits.val,
+        optimizer=Adam(model, lr=args.lr),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        patience=args.patience or None,
+        clip_norm=args.clip_norm,
+        lr_schedule=args.lr_schedule,
+        skip_nonfinite=args.skip_nonfinite,
+        checkpoint_dir=out / CHECKPOINT_DIR if args.checkpoint_every or args.resume else None,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume is not None,
+        metadata={"arguments": arguments},
+        progress=args.progress,
+    )
+
+
+def _nll(model: FlowModel, x: np.ndarray) -> float:
+    """Mean NLL of ``x``; ``inf`` (null in summary.json) if a row's density overflows, as an outlier may."""
+    try:
+        return evaluate_nll(model, x)
+    except NonFiniteError:
+        return math.inf
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.model == "gmm":
+        return run_gmm_command(args)
+    if args.resume is not None:
+        args = _resumed_arguments(args)
+    if args.data in IMAGE_DATASETS:
+        if args.checkpoint_every or args.resume or args.skip_nonfinite:
+            raise ValueError("--checkpoint-every, --resume and --skip-nonfinite apply to toy data only")
+        return _train_images(args)
+    if args.weight_decay is not None or args.time_limit is not None or args.alpha is not None:
+        raise ValueError("--weight-decay, --time-limit and --alpha apply to image data (digits, mnist) only")
     out = args.out or Path("runs") / f"{args.data}-{args.model}"
     arguments = _json_ready({k: v for k, v in vars(args).items() if k not in ("handler", "command")} | {"out": out})
     splits = load_toy(
@@ -172,23 +306,15 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seed=args.seed,
     )
-    result = fit(
-        model,
-        splits.train,
-        splits.val,
-        optimizer=Adam(model, lr=args.lr),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        patience=args.patience or None,
-        clip_norm=args.clip_norm,
-        lr_schedule=args.lr_schedule,
-        progress=args.progress,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _fit(args, out, arguments, model, splits)
+    for warning in caught:
+        print(f"nflow train: warning: {warning.message}", file=sys.stderr)
     nll = {
-        "train": evaluate_nll(model, splits.train),
+        "train": _nll(model, splits.train),
         "val": result.best_val_nll,
-        "test": evaluate_nll(model, splits.test),
+        "test": _nll(model, splits.test),
     }
 
     metadata = {"data": args.data, "model": args.model, "seed": args.seed, "n_test": args.n_test}
@@ -207,11 +333,14 @@ def _train(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "train_seconds": result.seconds,
         "stopped_early": result.stopped_early,
+        "skipped_batches": result.skipped_batches,
+        "resumed_from": result.resumed_from,
+        "checkpoint": result.checkpoint,
         "history": result.history,
     }
     atomic_write(out / "summary.json", (json.dumps(_json_ready(summary), indent=2) + "\n").encode("utf-8"))
     files = [WEIGHTS_FILE, CONFIG_FILE, "summary.json"]
-    if model.dim == 2:
+    if model.dim == 2 and args.plots:
         from nflow_np import plots  # matplotlib is only imported when there is something to draw
 
         plots.plot_density(model, splits.test, out / "density.png")
@@ -219,12 +348,43 @@ def _train(args: argparse.Namespace) -> int:
         files += ["density.png", "samples.png"]
 
     stopped = ", stopped early" if result.stopped_early else ""
+    stopped += f", skipped {result.skipped_batches} non-finite batches" if result.skipped_batches else ""
     print(
         f"{args.data} / {args.model}: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, "
         f"val {nll['val']:.4f}); best epoch {result.best_epoch} of {len(result.history)}{stopped}; "
         f"{result.steps} steps in {result.seconds:.1f} s"
     )
     print(f"wrote {', '.join(files)} to {out}")
+    return 0
+
+
+def _train_images(args: argparse.Namespace) -> int:
+    """``nflow train --data digits|mnist``: options left at their toy defaults take the image recipe's values."""
+    from nflow_np.image_training import train_image_model
+
+    toy_only = {"layers": "--layers", "activation": "--activation", "lr_schedule": "--lr-schedule",
+                "clip_norm": "--clip-norm", "n_train": "--n-train", "n_val": "--n-val", "n_test": "--n-test"}
+    for name, flag in toy_only.items():
+        if getattr(args, name) != TRAIN_DEFAULTS[name]:
+            raise ValueError(f"{flag} applies to toy data only; image data use fixed splits and recipes")
+    overrides = {name: getattr(args, name) for name in ("epochs", "batch_size", "lr", "patience")
+                 if getattr(args, name) != TRAIN_DEFAULTS[name]}
+    if args.hidden != _hidden(TRAIN_DEFAULTS["hidden"]):
+        overrides["hidden"] = args.hidden
+    if "patience" in overrides:
+        overrides["patience"] = overrides["patience"] or None
+    overrides |= {
+        name: getattr(args, name) for name in ("weight_decay", "time_limit", "alpha") if getattr(args, name) is not None
+    }
+    out = args.out or Path("runs") / f"{args.data}-{args.model}"
+    summary = train_image_model(args.data, args.model, out, seed=args.seed, progress=args.progress, **overrides)
+    print(
+        f"{args.data} / {args.model}: test NLL {summary['test_nll']:.2f} nats per image, "
+        f"{summary['test_bits_per_dim']:.4f} bits/dim (log-likelihood on [0, 1]: "
+        f"{summary['test_log_likelihood_01']:.1f} nats); best epoch {summary['best_epoch']} of "
+        f"{summary['epochs_run']}, {summary['steps']} steps in {summary['train_seconds']:.1f} s"
+    )
+    print(f"wrote model.npz, model.json, summary.json, samples.png, reconstructions.png, interpolations.png to {out}")
     return 0
 
 
@@ -261,8 +421,30 @@ def evaluate_model(
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if "image_shape" in read_config(args.model_dir)["metadata"]:
+        return _eval_images(args)
     nll, data, seed, n_test = evaluate_model(args.model_dir, args.data, args.seed, args.n_test)
     print(f"test NLL {nll:.4f} nats on {data} ({n_test} points, seed {seed})")
+    return 0
+
+
+def _eval_images(args: argparse.Namespace) -> int:
+    """``nflow eval DIR`` for a model written by ``nflow train --data digits|mnist``: its test split."""
+    from nflow_np.data.images import load_images
+    from nflow_np.image_models import load_image_model
+
+    if args.data is not None or args.n_test is not None:
+        raise ValueError("--data and --n-test apply to toy models; an image model is evaluated on its own test split")
+    metadata = read_config(args.model_dir)["metadata"]
+    seed = metadata.get("seed", 0) if args.seed is None else args.seed
+    model = load_image_model(args.model_dir)
+    splits = load_images(metadata["data"], seed=seed, dtype=model.dtype)
+    metrics = model.evaluate(splits.test, seed=seed)
+    print(
+        f"test NLL {metrics['nll']:.2f} nats per image, {metrics['bits_per_dim']:.4f} bits/dim, "
+        f"log-likelihood on [0, 1] {metrics['log_likelihood_01']:.1f} nats on {metadata['data']} "
+        f"({len(splits.test)} images, seed {seed})"
+    )
     return 0
 
 
@@ -309,7 +491,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     try:
-        return args.handler(args)
+        if args.backend is not None:
+            set_backend(args.backend)
+        with threadpool_limits(limits=args.threads, user_api="blas"):
+            return args.handler(args)
     except (ModelFileError, ValueError, OSError) as error:
         print(f"nflow {args.command}: error: {error}", file=sys.stderr)
         return 2

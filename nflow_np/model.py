@@ -2,6 +2,10 @@
 
 ``log p(x) = log p_Z(f(x)) + log|det ∂f/∂x|`` (change of variables); likelihood and latent
 representation by ``z = f(x)``, sampling by ``x = f⁻¹(z)``, ``z ~ p_Z``.
+
+Every public method checks its input and its result: a point so far out that its log-density or
+its image overflows raises :class:`~nflow_np.validation.NonFiniteError` naming the row, rather than
+returning a silent ``-inf`` or NaN (README, "Reliability").
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import numpy as np
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows.base import Flow
 from nflow_np.module import Module
-from nflow_np.validation import check_batch
+from nflow_np.validation import check_batch, check_result
 
 
 class FlowModel(Module):
@@ -38,7 +42,7 @@ class FlowModel(Module):
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         """``log p(x)`` per row (nats), ``x: (N, D)`` → ``(N,)``."""
         z, logdet = self.flow._forward(self._check(x, "x"))
-        return self.base.log_prob(z) + logdet
+        return check_result(self.base.log_prob(z) + logdet, "log_prob", x)
 
     def nll(self, x: np.ndarray) -> float:
         """Mean negative log-likelihood of the rows of ``x`` (nats)."""
@@ -65,11 +69,11 @@ class FlowModel(Module):
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Latent representation ``z = f(x)``, ``(N, D)``."""
-        return self.flow._forward(self._check(x, "x"))[0]
+        return check_result(self.flow._forward(self._check(x, "x"))[0], "encode", x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Data point ``x = f⁻¹(z)``, ``(N, D)``."""
-        return self.flow._inverse(self._check(z, "z"))[0]
+        return check_result(self.flow._inverse(self._check(z, "z"))[0], "decode", z)
 
     def sample(self, n: int, rng: np.random.Generator | None = None, temperature: float = 1.0) -> np.ndarray:
         """Draw ``n`` samples ``x = f⁻¹(T · z)``, ``z ~ p_Z``.
@@ -86,6 +90,11 @@ class FlowModel(Module):
         Returns
         -------
         numpy.ndarray, shape (n, D)
+
+        Raises
+        ------
+        NonFiniteError
+            A sample overflowed (a temperature or a model that stretches too far for the dtype).
         """
         if isinstance(n, bool) or not isinstance(n, int | np.integer):
             raise TypeError(f"n must be an integer number of samples, got {n!r}")
@@ -97,4 +106,4 @@ class FlowModel(Module):
         z = self.base.sample(int(n), self.dim, rng, self.dtype)
         if temperature != 1.0:
             z *= z.dtype.type(temperature)
-        return self.flow._inverse(z)[0]
+        return check_result(self.flow._inverse(z)[0], "sample", z)

@@ -1,12 +1,24 @@
-"""Input checks with messages that name the problem.
+"""Input and output checks with messages that name the problem.
 
 Public entry points (a flow's ``forward``/``inverse``, a model's ``log_prob``...) validate their
-input once; the internal passes they call do not check again, so the hot path pays nothing.
+input once, and their result once (:func:`check_result`: never a silent NaN or Inf); the internal
+passes they call do not check again, so the hot path pays nothing. Training data gets the fuller
+:func:`check_data`, which also converts integer data explicitly.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+
+
+class NonFiniteError(ValueError):
+    """A computation produced NaN or Inf from finite input; the message names the first bad row."""
+
+
+class DataConversionWarning(UserWarning):
+    """Integer training data was converted to the model's float dtype (exactly)."""
 
 
 def check_batch(x: object, name: str, dim: int | None, dtype: np.dtype | None) -> np.ndarray:
@@ -58,7 +70,110 @@ def check_batch(x: object, name: str, dim: int | None, dtype: np.dtype | None) -
 
 def check_finite(x: np.ndarray, name: str) -> None:
     """Raise ``ValueError`` naming the first non-finite entry of ``x`` (row, column), if any."""
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0]
-        where = ", ".join(str(int(i)) for i in bad)
-        raise ValueError(f"{name} has a non-finite value {x[tuple(bad)]} at index ({where})")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        first = tuple(int(i) for i in bad[0])
+        where = ", ".join(map(str, first))
+        message = f"{name} has a non-finite value {x[first]} at index ({where})"
+        if x.ndim == 2:
+            rows = len(np.unique(bad[:, 0]))
+            message += f": row {first[0]}, column {first[1]} ({len(bad)} non-finite entries in {rows} rows)"
+        raise ValueError(message)
+
+
+def check_data(x: object, name: str, dim: int, dtype: np.dtype) -> np.ndarray:
+    """Check a whole data set before training on it; integer data is converted, with a warning.
+
+    Every problem is reported before the first step, in terms of the data: the wrong kind of
+    array, the wrong shape, no rows, or the first NaN/Inf by row and column. Integers are
+    converted to ``dtype`` explicitly (a :class:`DataConversionWarning` says so) after checking that
+    every value is exactly representable; booleans, complex numbers, strings, dates and objects are
+    refused, since no conversion of them is obviously right.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape (N, dim)
+    name : str
+        What to call it in messages (``"train"``, ``"val"``).
+    dim : int
+        Columns the model expects.
+    dtype : numpy.dtype
+        The model's float dtype.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``x`` itself, or its float conversion if it held integers.
+
+    Raises
+    ------
+    TypeError
+        Not an array, or a dtype that is refused.
+    ValueError
+        Wrong shape, no rows, a non-finite value, or an integer too large to convert exactly.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__} (use np.asarray(...) first)")
+    if x.dtype.kind in "iu":
+        x = _convert_integers(x, name, dtype)
+    elif x.dtype.kind != "f":
+        what = {"b": "booleans", "c": "complex numbers", "O": "Python objects", "U": "strings", "S": "bytes"}
+        raise TypeError(
+            f"{name} has dtype {x.dtype} ({what.get(x.dtype.kind, 'not numbers')}); training data must be "
+            f"float32 or float64 (or integers, converted exactly): convert it yourself, e.g. x.astype(np.{dtype})"
+        )
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D with shape (N, {dim}), one row per data point, got {x.ndim}-D shape {x.shape}"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is empty: shape {x.shape}, no rows to train on")
+    return check_batch(x, name, dim, dtype)
+
+
+def _convert_integers(x: np.ndarray, name: str, dtype: np.dtype) -> np.ndarray:
+    """``x.astype(dtype)`` after checking that every integer survives the conversion exactly."""
+    exact = 2 ** (np.finfo(dtype).nmant + 1)  # every integer of magnitude <= 2^(mantissa bits + 1) is a float
+    too_large = (x > exact) | (x < -exact)
+    if too_large.any():
+        first = tuple(int(i) for i in np.argwhere(too_large)[0])
+        raise ValueError(
+            f"{name} holds the integer {x[first]} at index {first}, too large to convert to {dtype} exactly "
+            f"(|value| > 2^{np.finfo(dtype).nmant + 1}); scale the data first"
+        )
+    warnings.warn(
+        f"{name} has integer dtype {x.dtype}; converted to {dtype} explicitly (pass float data to skip this step)",
+        DataConversionWarning,
+        stacklevel=3,
+    )
+    return x.astype(dtype)
+
+
+def check_result(values: np.ndarray, what: str, x: np.ndarray) -> np.ndarray:
+    """Raise :class:`NonFiniteError` if ``values`` (an output per row of ``x``) holds a NaN or Inf.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (N,) or (N, D)
+        The result to check, one row per row of ``x``.
+    what : str
+        What produced it (``"AffineCoupling.forward"``), for the message.
+    x : numpy.ndarray, shape (N, D)
+        The input it was computed from.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``values`` itself.
+    """
+    finite = np.isfinite(values)
+    if not finite.all():
+        row = int(np.argwhere(~finite)[0][0])
+        largest = float(np.abs(x[row]).max())
+        advice = "rescale the data" + (", or use float64" if x.dtype == np.float32 else "")
+        raise NonFiniteError(
+            f"{what} gave a non-finite result at row {row}, whose largest |value| is {largest:.3g}: that input is "
+            f"outside the range the model can map in {x.dtype} ({advice})"
+        )
+    return values

@@ -5,9 +5,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
 for path in (str(TESTS_DIR), str(REPO_ROOT)):
     if path not in sys.path:
         sys.path.insert(0, path)
+
+# The tests' GEMMs are tiny: one BLAS thread is faster, and it keeps a split GEMM from stalling
+# while another process holds the second core (the suite's wall time then stays predictable).
+_BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")

@@ -35,6 +35,8 @@ from nflow_np import (
     Flow,
     Inverse,
     Permutation,
+    Planar,
+    Radial,
     Rescale,
     Reverse,
     Sequential,
@@ -413,6 +415,14 @@ def _inverse_sequential(dim: int, rng: np.random.Generator, dtype: object) -> Fl
     return randomise(Inverse(Sequential(flows)), rng)
 
 
+def _planar(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    return randomise(Planar(dim, rng=rng, dtype=dtype), rng)
+
+
+def _radial(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    return randomise(Radial(dim, rng=rng, dtype=dtype), rng)
+
+
 FlowFactory = Callable[[int, np.random.Generator, object], Flow]
 
 FLOW_CASES: list[tuple[str, FlowFactory]] = [
@@ -427,6 +437,8 @@ FLOW_CASES: list[tuple[str, FlowFactory]] = [
     ("sequential", _sequential),
     ("inverse_affine_coupling", _inverse_affine),
     ("inverse_sequential", _inverse_sequential),
+    ("planar", _planar),
+    ("radial", _radial),
 ]
 """``(name, factory(dim, rng, dtype) -> Flow)`` for every kind of flow layer, all parameters random.
 

@@ -116,3 +116,17 @@ def test_python_dash_m_runs_the_cli() -> None:
     )
     assert done.returncode == 2
     assert done.stderr.startswith("nflow eval: error:") and "Traceback" not in done.stderr
+
+
+def test_backend_flag_selects_and_refuses_clearly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from nflow_np import backend
+
+    try:
+        argv = ["--backend", "numba", "train", "--epochs", "1", "--n-train", "300", "--layers", "2", "--hidden", "8",
+                "--no-progress", "--no-plots", "--out", str(tmp_path / "run")]
+        assert main(argv) == 0
+        assert backend.get_backend() == "numba"
+        assert main(["--backend", "cupy", "eval", str(tmp_path / "run")]) == 2
+        assert "cupy" in capsys.readouterr().err
+    finally:
+        backend.set_backend("numpy")

@@ -12,7 +12,9 @@ with its output, per sample:
 
 The public methods check their input (shape, dtype, finiteness) and then call the unchecked
 ``_forward`` / ``_inverse`` / ``_backward`` that subclasses implement and that containers such as
-:class:`Sequential` call directly, so a deep stack validates once, at its entry.
+:class:`Sequential` call directly, so a deep stack validates once, at its entry. They also check
+their result once, at the exit: an input so large that some layer overflows raises
+:class:`~nflow_np.validation.NonFiniteError` naming the row, instead of returning a silent Inf/NaN.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from nflow_np.module import Module
-from nflow_np.validation import check_batch
+from nflow_np.validation import check_batch, check_result
 
 
 class Flow(Module):
@@ -52,9 +54,17 @@ class Flow(Module):
         z : numpy.ndarray, shape (N, dim)
         logdet : numpy.ndarray, shape (N,)
             ``log|det ∂z/∂x|`` per row.
+
+        Raises
+        ------
+        NonFiniteError
+            A row of ``z`` or ``logdet`` overflowed (the input is too large for this flow and dtype).
         """
         check_batch(x, "x", self.dim, self.dtype)
-        return self._forward(x)
+        z, logdet = self._forward(x)
+        check_result(z, f"{type(self).__name__}.forward", x)
+        check_result(logdet, f"{type(self).__name__}.forward (log-det)", x)
+        return z, logdet
 
     def inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Map noise to data.
@@ -68,9 +78,17 @@ class Flow(Module):
         x : numpy.ndarray, shape (N, dim)
         logdet : numpy.ndarray, shape (N,)
             ``log|det ∂x/∂z|`` per row.
+
+        Raises
+        ------
+        NonFiniteError
+            A row of ``x`` or ``logdet`` overflowed (the input is too large for this flow and dtype).
         """
         check_batch(z, "z", self.dim, self.dtype)
-        return self._inverse(z)
+        x, logdet = self._inverse(z)
+        check_result(x, f"{type(self).__name__}.inverse", z)
+        check_result(logdet, f"{type(self).__name__}.inverse (log-det)", z)
+        return x, logdet
 
     def backward(self, d_out: np.ndarray, d_logdet: np.ndarray | None = None) -> np.ndarray:
         """Back-propagate through the last ``forward`` or ``inverse`` call.

@@ -1,0 +1,124 @@
+"""Backend choice (``nflow_np.backend``) and whole layers/models on the numba backend vs NumPy.
+
+Every test that switches the backend restores it (the :func:`use` context manager), so the rest
+of the suite runs on the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import randomise
+
+from nflow_np import AdditiveCoupling, AffineCoupling, backend
+from nflow_np.architectures import build_model
+from nflow_np.data.toy2d import make_two_moons
+from nflow_np.flows.coupling_law import COUPLING_LAWS
+from nflow_np.train import fit
+
+REPO = Path(__file__).resolve().parents[2]
+has_numba = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("numba") is None, reason="the numba backend needs `pip install numba`"
+)
+
+
+@contextlib.contextmanager
+def use(name: str) -> Iterator[None]:
+    before = backend.get_backend()
+    backend.set_backend(name)
+    try:
+        yield
+    finally:
+        backend.set_backend(before)
+
+
+def test_default_is_the_reference() -> None:
+    assert backend.get_backend() == "numpy"
+    assert backend.coupling_law("affine") is COUPLING_LAWS["affine"]
+
+
+def test_unknown_backend_and_law_are_errors() -> None:
+    with pytest.raises(ValueError, match="unknown backend 'torch'"):
+        backend.set_backend("torch")
+    with pytest.raises(ValueError, match="unknown coupling law 'spline'"):
+        backend.coupling_law("spline")
+    assert backend.get_backend() == "numpy"
+
+
+def test_unavailable_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", "kernels.not_installed_here")
+    with pytest.raises(backend.BackendUnavailableError, match="pip install cupy-cuda12x"):
+        backend.set_backend("cupy")
+    assert backend.get_backend() == "numpy"
+    assert "cupy" not in backend.available_backends()
+
+
+def test_auto_picks_numba_when_it_imports() -> None:
+    expected = "numba" if "numba" in backend.available_backends() else "numpy"
+    with use("auto"):
+        assert backend.get_backend() == expected
+
+
+@has_numba
+def test_environment_variable_selects_the_backend() -> None:
+    code = "import nflow_np; print(nflow_np.get_backend())"
+    env = {**os.environ, "NFLOW_BACKEND": "numba"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "numba"
+
+
+def _layer_pass(layer: object, x: np.ndarray, direction: str, rng_seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(rng_seed)
+    layer.zero_grad()
+    out, logdet = layer.forward(x) if direction == "forward" else layer.inverse(x)
+    d_out, d_logdet = rng.standard_normal(out.shape).astype(x.dtype), rng.standard_normal(x.shape[0]).astype(x.dtype)
+    d_in = layer.backward(d_out, d_logdet)
+    results = {"out": out, "logdet": logdet, "d_in": d_in}
+    results.update({f"grad {name}": grad.copy() for name, _, grad in layer.named_parameters()})
+    return results
+
+
+@has_numba
+@pytest.mark.parametrize("coupling", [AffineCoupling, AdditiveCoupling])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_layer_matches_numpy_backend(coupling: type, direction: str, dtype: type) -> None:
+    """Outputs, log-dets, input gradients and every parameter gradient of a whole coupling layer."""
+    rng = np.random.default_rng(0)
+    layer = randomise(coupling(7, parity=1, hidden=(16,), rng=rng, dtype=dtype), rng)
+    x = rng.standard_normal((33, 7)).astype(dtype)
+    reference = _layer_pass(layer, x, direction, 1)
+    with use("numba"):
+        kernel = _layer_pass(layer, x, direction, 1)
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    for name, want in reference.items():
+        got = kernel[name]
+        assert got.dtype == want.dtype, name
+        np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance * np.abs(want).max(), err_msg=name)
+
+
+@has_numba
+def test_training_gives_the_same_nll_trajectory() -> None:
+    """A few epochs of RealNVP on two moons: the per-epoch NLLs agree to float64 rounding."""
+    data = make_two_moons(1024, np.random.default_rng(0))
+    trajectories = {}
+    for name in ("numpy", "numba"):
+        model = build_model("realnvp", 2, layers=4, hidden=(32, 32), seed=0)
+        with use(name):
+            result = fit(model, data[:768], data[768:], epochs=3, batch_size=128, seed=0, progress=False)
+        trajectories[name] = np.array([[h["train_nll"], h["val_nll"]] for h in result.history])
+    np.testing.assert_allclose(trajectories["numba"], trajectories["numpy"], rtol=1e-10)
+
+
+def test_array_module_is_numpy_on_the_cpu_backends() -> None:
+    assert backend.array_module() is np
+    if "numba" in backend.available_backends():
+        with use("numba"):
+            assert backend.array_module() is np
