@@ -51,6 +51,9 @@ class Module:
         Sub-modules, by name.
     """
 
+    cache_attributes: tuple[str, ...] = ()
+    """Names of the attributes holding what the last call keeps for the backward pass."""
+
     def __init__(self) -> None:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
@@ -74,6 +77,35 @@ class Module:
         yield self
         for child in self.children.values():
             yield from child.modules()
+
+    def free_caches(self) -> None:
+        """Drop what this module and its children keep for a backward pass (``memory="invert"``)."""
+        for module in self.modules():
+            for name in module.cache_attributes:
+                setattr(module, name, None)
+
+    def cached_arrays(self) -> list[np.ndarray]:
+        """The distinct memory buffers that the caches of this module and its children keep alive.
+
+        A view counts as the array it views (that whole buffer stays allocated), each buffer once.
+        """
+        buffers: dict[int, np.ndarray] = {}
+        pending = [getattr(m, name, None) for m in self.modules() for name in m.cache_attributes]
+        while pending:
+            item = pending.pop()
+            if isinstance(item, np.ndarray):
+                while isinstance(item.base, np.ndarray):
+                    item = item.base
+                buffers[id(item)] = item
+            elif isinstance(item, tuple | list):
+                pending.extend(item)
+            elif isinstance(item, dict):
+                pending.extend(item.values())
+        return list(buffers.values())
+
+    def cached_nbytes(self) -> int:
+        """Bytes of :meth:`cached_arrays`: the activation memory held for the backward pass."""
+        return sum(array.nbytes for array in self.cached_arrays())
 
     def zero_grad(self) -> None:
         """Set every gradient (this module and children) to zero, in place."""

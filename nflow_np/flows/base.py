@@ -34,6 +34,14 @@ class Flow(Module):
     store ``self._cache = (direction, data)`` for ``_backward``.
     """
 
+    invertible_in_backward: bool = True
+    """Whether :class:`Sequential`'s ``memory="invert"`` mode may recompute this layer's input from
+    its output with ``_inverse`` (``docs/memory.md``). ``False`` for a layer whose inverse is not
+    exact in floating point (an iterative solve), draws randomness, or needs batch statistics: the
+    Sequential then keeps its cache and stores its input instead."""
+
+    cache_attributes = ("_cache",)
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         if int(dim) < 1:
@@ -135,6 +143,17 @@ class Flow(Module):
         """Store what ``_backward`` needs: the direction of the call, its batch size, data."""
         self._cache = (direction, data)
         self._n = n
+
+    def _reconstruct(self, z: np.ndarray) -> np.ndarray:
+        """The input ``x = f⁻¹(z)`` of a forward call whose output was ``z``, leaving the cache that
+        ``_forward(x)`` leaves, so that ``_backward`` can follow (``memory="invert"``, ``docs/memory.md``).
+
+        This default inverts and then runs the forward again; a layer whose inverse computes what its
+        forward cache holds overrides it to skip the second pass.
+        """
+        x, _ = self._inverse(z)
+        self._forward(x)
+        return x
 
 
 class Sequential(Flow):

@@ -41,6 +41,8 @@ class Linear(Layer):
         the identity).
     """
 
+    cache_attributes = ("_x",)
+
     def __init__(
         self,
         in_features: int,
@@ -78,6 +80,8 @@ class Linear(Layer):
 class ReLU(Layer):
     """``y = max(x, 0)``; backward ``∂L/∂x = d_y ⊙ [x > 0]``."""
 
+    cache_attributes = ("_positive",)
+
     def __init__(self) -> None:
         super().__init__()
         self._positive: np.ndarray | None = None
@@ -92,6 +96,8 @@ class ReLU(Layer):
 
 class LeakyReLU(Layer):
     """``y = x`` for ``x > 0``, ``slope · x`` otherwise; backward ``∂L/∂x = d_y ⊙ (1 or slope)``."""
+
+    cache_attributes = ("_factor",)
 
     def __init__(self, slope: float = 0.01) -> None:
         super().__init__()
@@ -110,6 +116,8 @@ class LeakyReLU(Layer):
 
 class Tanh(Layer):
     """``y = tanh(x)``; backward ``∂L/∂x = d_y ⊙ (1 − y²)`` (the cached output, not the input)."""
+
+    cache_attributes = ("_y",)
 
     def __init__(self) -> None:
         super().__init__()
