@@ -65,6 +65,8 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "checkpoint_every": 0,
     "resume": None,
     "skip_nonfinite": False,
+    "memory": "store",
+    "anchor_every": None,
 }
 CHECKPOINT_DIR = "checkpoints"  # under the run's output folder
 # what `nflow train --resume` may change: none of these changes the numbers of a run that never diverges
@@ -171,6 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--skip-nonfinite", action="store_true", help="skip (and count) batches with a NaN/Inf loss instead of stopping"
+    )
+    train.add_argument(
+        "--memory",
+        choices=["store", "invert"],
+        default=d["memory"],
+        help="store every layer's activations, or recompute them by inversion in the backward pass "
+        "(memory flat in depth, docs/memory.md)" + default,
+    )
+    train.add_argument(
+        "--anchor-every",
+        type=positive,
+        default=d["anchor_every"],
+        metavar="K",
+        help="with --memory invert: store the input of every K-th layer (default: only the first)",
     )
     image_only = " (image data only; default: the recipe's, nflow_np.image_training.IMAGE_RECIPES)"
     train.add_argument("--weight-decay", type=_number(float, 0), help="AdamW weight decay" + image_only)
@@ -287,8 +303,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args = _resumed_arguments(args)
     if args.data in IMAGE_DATASETS:
-        if args.checkpoint_every or args.resume or args.skip_nonfinite:
-            raise ValueError("--checkpoint-every, --resume and --skip-nonfinite apply to toy data only")
+        if args.checkpoint_every or args.resume or args.skip_nonfinite or args.memory != "store":
+            raise ValueError("--checkpoint-every, --resume, --skip-nonfinite and --memory apply to toy data only")
         return _train_images(args)
     if args.weight_decay is not None or args.time_limit is not None or args.alpha is not None:
         raise ValueError("--weight-decay, --time-limit and --alpha apply to image data (digits, mnist) only")
@@ -306,6 +322,9 @@ def _train(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         seed=args.seed,
     )
+    if args.anchor_every is not None and args.memory != "invert":
+        raise ValueError("--anchor-every applies to --memory invert only")
+    model.set_memory(args.memory, args.anchor_every)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = _fit(args, out, arguments, model, splits)
@@ -495,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             set_backend(args.backend)
         with threadpool_limits(limits=args.threads, user_api="blas"):
             return args.handler(args)
-    except (ModelFileError, ValueError, OSError) as error:
+    except (ModelFileError, ValueError, OSError, ImportError) as error:  # ImportError: a missing optional package
         print(f"nflow {args.command}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:

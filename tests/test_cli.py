@@ -130,3 +130,25 @@ def test_backend_flag_selects_and_refuses_clearly(tmp_path: Path, capsys: pytest
         assert "cupy" in capsys.readouterr().err
     finally:
         backend.set_backend("numpy")
+
+
+def test_train_with_memory_invert_matches_the_standard_run(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "inverted"
+    argv = ["train", "--data", "two_moons", *TINY, "--memory", "invert", "--anchor-every", "2", "--no-plots"]
+    assert main([*argv, "--out", str(out)]) == 0
+    inverted = json.loads((out / "summary.json").read_text())["test_nll"]
+    assert inverted == pytest.approx(json.loads((run / "summary.json").read_text())["test_nll"], rel=1e-9)
+    assert main(["train", *TINY, "--anchor-every", "2", "--out", str(tmp_path / "refused")]) == 2
+
+
+def test_a_missing_optional_package_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import nflow_np.cli as cli
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise ImportError("this data set ships with the optional package scikit-learn: pip install scikit-learn")
+
+    monkeypatch.setattr(cli, "_train_images", missing)
+    assert main(["train", "--data", "digits", "--no-progress"]) == 2
+    assert "pip install scikit-learn" in capsys.readouterr().err
