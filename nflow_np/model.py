@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np.distributions import StandardLogistic, StandardNormal
-from nflow_np.flows.base import Flow
+from nflow_np.flows.base import Flow, Sequential
 from nflow_np.module import Module
 from nflow_np.validation import check_batch, check_result
 
@@ -27,14 +27,34 @@ class FlowModel(Module):
         The bijection ``z = f(x)``.
     base : StandardNormal or StandardLogistic
         The base distribution ``p_Z``.
+    memory : {"store", "invert"}, optional
+        Memory mode of the training step (:meth:`set_memory`); default: the flow's own.
     """
 
-    def __init__(self, flow: Flow, base: StandardNormal | StandardLogistic | None = None) -> None:
+    def __init__(
+        self, flow: Flow, base: StandardNormal | StandardLogistic | None = None, memory: str | None = None
+    ) -> None:
         super().__init__()
         self.flow = flow
         self.base = StandardNormal() if base is None else base
         self.dim = flow.dim
         self.children = {"flow": flow}
+        if memory is not None:
+            self.set_memory(memory)
+
+    def set_memory(self, memory: str, anchor_every: int | None = None, tolerance: float | None = None) -> None:
+        """Choose what the training step keeps for its backward pass (``docs/memory.md``).
+
+        ``"store"``: every layer's cache (memory linear in depth); ``"invert"``: only the flow's
+        output, each layer's input recomputed by inversion in the backward pass, with the inputs of
+        every ``anchor_every``-th layer stored (or ``anchor_every`` chosen from ``tolerance``).
+        See :class:`~nflow_np.flows.base.Sequential`, which the flow must be for ``"invert"``.
+        """
+        if not isinstance(self.flow, Sequential):
+            if memory == "store" and anchor_every is None and tolerance is None:
+                return  # any other flow stores already
+            raise ValueError(f'memory="{memory}" needs a Sequential flow, got {type(self.flow).__name__}')
+        self.flow.set_memory(memory, anchor_every, tolerance)
 
     def _check(self, x: np.ndarray, name: str) -> np.ndarray:
         return check_batch(x, name, self.dim, self.dtype)

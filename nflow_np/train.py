@@ -117,6 +117,7 @@ def fit(
     resume: bool = False,
     metadata: dict | None = None,
     progress: bool = True,
+    memory: str | None = None,
 ) -> TrainResult:
     """Fit ``model`` to the rows of ``train`` by minibatch maximum likelihood.
 
@@ -160,6 +161,10 @@ def fit(
         JSON-ready; stored in every checkpoint.
     progress : bool
         Show a tqdm bar with the running NLL.
+    memory : {"store", "invert"}, optional
+        Set the model's memory mode (:meth:`~nflow_np.model.FlowModel.set_memory`) before training:
+        ``"invert"`` recomputes activations by inversion instead of storing them (``docs/memory.md``).
+        Default: leave the model's as it is.
 
     Returns
     -------
@@ -190,6 +195,8 @@ def fit(
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if checkpoint_every < 0 or ((checkpoint_every or resume) and checkpoint_dir is None):
         raise ValueError("checkpoint_every (>= 0) and resume need checkpoint_dir")
+    if memory is not None:
+        model.set_memory(memory)
     optimizer = Adam(model, lr=1e-3) if optimizer is None else optimizer
     base_lr = optimizer.lr
     steps_per_epoch = train.shape[0] // batch_size

@@ -156,15 +156,47 @@ class Flow(Module):
         return x
 
 
+MEMORY_MODES = ("store", "invert")
+
+
 class Sequential(Flow):
     """Composition ``f = f_K ∘ … ∘ f_1``: forward applies ``f_1`` first, inverse ``f_K⁻¹`` first.
 
     ``log|det ∂z/∂x| = Σ_k log|det ∂f_k/∂f_{k−1}|`` (chain rule and ``det(AB) = det A det B``).
     Because the total log-det is a plain sum, every layer receives the same ``d_logdet``; ``d_out``
     is passed back through the layers in the reverse order of the call (``docs/flows.md#sequential``).
+
+    Memory of the forward call (``docs/memory.md``):
+
+    - ``memory="store"``: every layer keeps its cache; activation memory grows linearly with ``K``.
+    - ``memory="invert"``: each layer's cache is freed as soon as the next layer has run; the
+      backward pass walks the layers in reverse, recomputes the input of layer ``k`` from its output,
+      ``x_{k−1} = f_k⁻¹(x_k)``, with its cache (:meth:`Flow._reconstruct`), back-propagates through
+      it and frees it again. The inputs of layers ``0, k, 2k, …`` (``anchor_every = k``) are stored,
+      so no input is reconstructed through more than ``k − 1`` inversions; a layer with
+      ``invertible_in_backward = False`` keeps its cache and its input is stored. The inverse
+      direction always stores.
+
+    Parameters
+    ----------
+    flows : sequence of Flow
+    memory : {"store", "invert"}
+    anchor_every : int, optional
+        ``memory="invert"`` only: store the input of every ``anchor_every``-th layer. Default: only
+        the first layer's (the caller holds it anyway), unless ``tolerance`` is given.
+    tolerance : float, optional
+        ``memory="invert"`` only: choose ``anchor_every`` at the first forward call, by measuring
+        :meth:`reconstruction_errors` on that batch, as the longest run of inversions whose relative
+        error stays within ``tolerance``.
     """
 
-    def __init__(self, flows: Sequence[Flow]) -> None:
+    def __init__(
+        self,
+        flows: Sequence[Flow],
+        memory: str = "store",
+        anchor_every: int | None = None,
+        tolerance: float | None = None,
+    ) -> None:
         flows = list(flows)
         if not flows:
             raise ValueError("Sequential needs at least one flow")
@@ -185,6 +217,28 @@ class Sequential(Flow):
         super().__init__(flows[0].dim)
         self.flows = flows
         self.children = {str(i): flow for i, flow in enumerate(flows)}
+        self.set_memory(memory, anchor_every, tolerance)
+
+    def set_memory(self, memory: str, anchor_every: int | None = None, tolerance: float | None = None) -> None:
+        """Switch the memory mode (see the class doc); takes effect at the next forward call."""
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if anchor_every is not None and (isinstance(anchor_every, bool) or int(anchor_every) < 1):
+            raise ValueError(f"anchor_every must be a positive integer, got {anchor_every!r}")
+        if tolerance is not None and not (np.isfinite(tolerance) and tolerance > 0):
+            raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
+        if anchor_every is not None and tolerance is not None:
+            raise ValueError("give anchor_every or tolerance, not both")
+        if memory == "store" and (anchor_every is not None or tolerance is not None):
+            raise ValueError('anchor_every and tolerance apply to memory="invert" only')
+        self.memory = memory
+        self.anchor_every = None if anchor_every is None else int(anchor_every)
+        self.tolerance = tolerance
+        self._cache = None
+
+    @property
+    def invertible_in_backward(self) -> bool:
+        return all(flow.invertible_in_backward for flow in self.flows)
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -193,11 +247,30 @@ class Sequential(Flow):
         return self.flows[index]
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.memory == "invert":
+            return self._forward_invert(x)
         logdet = np.zeros(x.shape[0], dtype=x.dtype)
         for flow in self.flows:
             x, layer_logdet = flow._forward(x)
             logdet += layer_logdet
         self._remember("forward", x.shape[0])
+        return x, logdet
+
+    def _forward_invert(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.anchor_every is None and self.tolerance is not None:
+            self.anchor_every = anchor_every_for(self.reconstruction_errors(x), self.tolerance)
+        every = self.anchor_every or len(self.flows)
+        logdet = np.zeros(x.shape[0], dtype=x.dtype)
+        stored: dict[int, np.ndarray] = {}
+        for k, flow in enumerate(self.flows):
+            exact = flow.invertible_in_backward
+            if k % every == 0 or not exact:
+                stored[k] = x
+            x, layer_logdet = flow._forward(x)
+            logdet += layer_logdet
+            if exact:
+                flow.free_caches()
+        self._remember("forward", x.shape[0], (stored, x))
         return x, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -209,11 +282,71 @@ class Sequential(Flow):
         return z, logdet
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
-        direction, _ = self._cache
+        direction, data = self._cache
+        if data is not None:
+            return self._backward_invert(d_out, d_logdet)
         order = reversed(self.flows) if direction == "forward" else self.flows
         for flow in order:
             d_out = flow._backward(d_out, d_logdet)
         return d_out
+
+    def _backward_invert(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
+        _, (stored, x) = self._cache
+        self._cache = None  # one backward per forward: the stored inputs go as they are used
+        for k in reversed(range(len(self.flows))):
+            flow = self.flows[k]
+            if not flow.invertible_in_backward:
+                x = stored.pop(k)  # its cache was kept
+            elif k in stored:
+                x = stored.pop(k)
+                flow._forward(x)
+            else:
+                x = flow._reconstruct(x)
+            d_out = flow._backward(d_out, d_logdet)
+            flow.free_caches()
+        return d_out
+
+    def reconstruction_errors(self, x: np.ndarray) -> np.ndarray:
+        """How far inputs recomputed by inversion drift from the true ones, on the batch ``x``.
+
+        Runs the layers forward keeping every input ``x_k``, then reconstructs them from the output
+        with no anchor (as ``memory="invert"`` with ``anchor_every = K``, fallback layers still
+        stored) and compares.
+
+        Returns
+        -------
+        numpy.ndarray, shape (K,)
+            ``errors[j] = max|x̂ − x| / max|x|`` for the input of layer ``K − 1 − j``, the one
+            reached after ``j + 1`` inversions from the output. Every cache is freed afterwards.
+        """
+        inputs = []
+        for flow in self.flows:
+            inputs.append(x)
+            x, _ = flow._forward(x)
+            flow.free_caches()
+        errors = np.zeros(len(self.flows))
+        for j, k in enumerate(reversed(range(len(self.flows)))):
+            flow = self.flows[k]
+            x = inputs[k] if not flow.invertible_in_backward else flow._inverse(x)[0]
+            flow.free_caches()
+            scale = max(float(np.max(np.abs(inputs[k]))), float(np.finfo(x.dtype).tiny))
+            errors[j] = float(np.max(np.abs(x - inputs[k]))) / scale
+        return errors
+
+
+def anchor_every_for(errors: np.ndarray, tolerance: float) -> int:
+    """The ``anchor_every`` that keeps reconstruction within ``tolerance``, from measured ``errors``.
+
+    ``errors[j]`` is the relative error after ``j + 1`` inversions (:meth:`Sequential.reconstruction_errors`);
+    with ``anchor_every = m`` no input is more than ``m − 1`` inversions from a stored one, so
+    ``m = 1 +`` the number of leading entries within ``tolerance`` (all of them: ``m = K``).
+    """
+    within = 0
+    for error in errors:
+        if not error <= tolerance:
+            break
+        within += 1
+    return min(within + 1, len(errors))
 
 
 class Inverse(Flow):
@@ -238,3 +371,7 @@ class Inverse(Flow):
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         return self.flow._backward(d_out, d_logdet)
+
+    @property
+    def invertible_in_backward(self) -> bool:
+        return self.flow.invertible_in_backward

@@ -140,6 +140,14 @@ class Coupling(Flow):
         self._remember("inverse", z.shape[0], (z2, h))
         return x, logdet
 
+    def _reconstruct(self, z: np.ndarray) -> np.ndarray:
+        # The inverse evaluates h = c(z₁) = c(x₁), exactly the forward's h (and net cache), so the
+        # forward cache (x₂, h) is at hand without a second pass through the net.
+        x, _ = self._inverse(z)
+        _, (_, h) = self._cache
+        self._remember("forward", z.shape[0], (x[:, self.idx2], h))
+        return x
+
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, (in2, h) = self._cache
         law = backend.coupling_law(self.law)

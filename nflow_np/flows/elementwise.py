@@ -42,6 +42,12 @@ class Rescale(Flow):
         self._remember("inverse", z.shape[0], x)
         return x, np.full(z.shape[0], -log_scale.sum(), dtype=z.dtype)
 
+    def _reconstruct(self, z: np.ndarray) -> np.ndarray:
+        # the forward cache is the output z itself
+        x = z * np.exp(-self.params["log_scale"])
+        self._remember("forward", z.shape[0], z)
+        return x
+
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, out = self._cache
         log_scale = self.params["log_scale"]
@@ -86,6 +92,10 @@ class Permutation(Flow):
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("inverse", z.shape[0])
         return z[:, self.inverse_perm], np.zeros(z.shape[0], dtype=z.dtype)
+
+    def _reconstruct(self, z: np.ndarray) -> np.ndarray:
+        self._remember("forward", z.shape[0])
+        return z[:, self.inverse_perm]
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, _ = self._cache

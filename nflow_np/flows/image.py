@@ -144,6 +144,10 @@ class FactorOut(Flow):
         The flow applied to the first ``flow.dim < D`` coordinates.
     """
 
+    @property
+    def invertible_in_backward(self) -> bool:
+        return self.flow.invertible_in_backward
+
     def __init__(self, dim: int, flow: Flow) -> None:
         super().__init__(dim)
         if not 1 <= flow.dim < self.dim:

@@ -75,6 +75,11 @@ class BatchNorm(Flow):
         images. Default: per coordinate (``C = D``).
     """
 
+    @property
+    def invertible_in_backward(self) -> bool:
+        # training mode normalises by the batch's own statistics, which the output does not carry
+        return not self.training
+
     def __init__(
         self,
         dim: int,

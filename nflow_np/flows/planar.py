@@ -151,6 +151,8 @@ class Planar(Flow):
     dtype : float32 or float64
     """
 
+    invertible_in_backward = False  # the inverse is an iterative solve, exact only to its tolerance
+
     def __init__(
         self,
         dim: int,

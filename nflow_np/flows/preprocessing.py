@@ -44,6 +44,8 @@ class Dequantize(Flow):
         Seeds the noise; :meth:`reseed` restarts the stream (e.g. for a reproducible test NLL).
     """
 
+    invertible_in_backward = False  # the forward draws fresh noise that the quantiser cannot recover
+
     def __init__(self, dim: int, levels: int, seed: int = 0) -> None:
         super().__init__(dim)
         if isinstance(levels, bool) or not isinstance(levels, int | np.integer) or levels < 2:
@@ -128,6 +130,8 @@ class Logit(Flow):
     alpha : float
         ``α`` in [0, 0.5); RealNVP uses 0.05.
     """
+
+    invertible_in_backward = False  # the logit loses the digits of inputs close to 0 and 1
 
     def __init__(self, dim: int, alpha: float = 0.05) -> None:
         super().__init__(dim)
