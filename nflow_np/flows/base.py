@@ -157,6 +157,8 @@ class Flow(Module):
 
 
 MEMORY_MODES = ("store", "invert")
+REMEASURE_EVERY = 100
+"""With a ``tolerance``, ``anchor_every`` is chosen again every this many forward calls."""
 
 
 class Sequential(Flow):
@@ -185,9 +187,12 @@ class Sequential(Flow):
         ``memory="invert"`` only: store the input of every ``anchor_every``-th layer. Default: only
         the first layer's (the caller holds it anyway), unless ``tolerance`` is given.
     tolerance : float, optional
-        ``memory="invert"`` only: choose ``anchor_every`` at the first forward call, by measuring
-        :meth:`reconstruction_errors` on that batch, as the longest run of inversions whose relative
-        error stays within ``tolerance``.
+        ``memory="invert"`` only: choose ``anchor_every`` at the first forward call and every
+        :data:`REMEASURE_EVERY` calls after it, by measuring :meth:`reconstruction_errors` on that
+        call's batch (one extra forward and inverse pass), as the longest run of inversions whose
+        relative error stays within ``tolerance`` (:func:`anchor_every_for`). The measuring pass
+        calls fallback layers' forward once more (a training-mode BatchNorm's running averages see
+        that batch twice; a Dequantize draws noise twice).
     """
 
     def __init__(
@@ -234,6 +239,7 @@ class Sequential(Flow):
         self.memory = memory
         self.anchor_every = None if anchor_every is None else int(anchor_every)
         self.tolerance = tolerance
+        self._forwards = 0
         self._cache = None
 
     @property
@@ -257,8 +263,10 @@ class Sequential(Flow):
         return x, logdet
 
     def _forward_invert(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.anchor_every is None and self.tolerance is not None:
+        if self.tolerance is not None and self._forwards % REMEASURE_EVERY == 0:
+            # training changes how well the layers invert (they start as the identity): measure again
             self.anchor_every = anchor_every_for(self.reconstruction_errors(x), self.tolerance)
+        self._forwards += 1
         every = self.anchor_every or len(self.flows)
         logdet = np.zeros(x.shape[0], dtype=x.dtype)
         stored: dict[int, np.ndarray] = {}
