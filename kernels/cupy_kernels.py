@@ -17,6 +17,7 @@ from pathlib import Path
 import cupy
 import numpy as np
 
+from kernels.gpu_laws import make_laws
 from kernels.validation import check_law_inputs
 
 SOURCE_PATH = Path(__file__).with_name("cuda") / "coupling.cu"
@@ -104,58 +105,5 @@ def _affine_backward(inp, h, scale, d_out, d_logdet, sign):  # noqa: ANN001, ANN
     return device.get(d_inp), device.get(d_h), device.get(d_scale)
 
 
-class AdditiveLaw:
-    """NICE's additive law on the GPU (CuPy); maths in :mod:`nflow_np.flows.coupling_law`."""
-
-    name = "additive"
-    has_scale = False
-
-    @staticmethod
-    def out_features(d2: int) -> int:
-        return d2
-
-    @staticmethod
-    def forward(x2, h, scale):  # noqa: ANN001, ANN205 (the reference's signature)
-        return _additive(x2, h, scale, 1.0)
-
-    @staticmethod
-    def inverse(z2, h, scale):  # noqa: ANN001, ANN205
-        return _additive(z2, h, scale, -1.0)
-
-    @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
-        return _additive_backward(d_z2, 1.0, (x2, h, scale, d_z2, d_logdet))
-
-    @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
-        return _additive_backward(d_x2, -1.0, (z2, h, scale, d_x2, d_logdet))
-
-
-class AffineLaw:
-    """RealNVP's affine law ``s = a ⊙ tanh(ŝ)`` on the GPU (CuPy)."""
-
-    name = "affine"
-    has_scale = True
-
-    @staticmethod
-    def out_features(d2: int) -> int:
-        return 2 * d2
-
-    @staticmethod
-    def forward(x2, h, scale):  # noqa: ANN001, ANN205
-        return _affine(x2, h, scale, 1.0)
-
-    @staticmethod
-    def inverse(z2, h, scale):  # noqa: ANN001, ANN205
-        return _affine(z2, h, scale, -1.0)
-
-    @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
-        return _affine_backward(x2, h, scale, d_z2, d_logdet, 1.0)
-
-    @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
-        return _affine_backward(z2, h, scale, d_x2, d_logdet, -1.0)
-
-
-COUPLING_LAWS: dict[str, type] = {"additive": AdditiveLaw, "affine": AffineLaw}
+COUPLING_LAWS: dict[str, type] = make_laws(_additive, _additive_backward, _affine, _affine_backward, "CuPy")
+AdditiveLaw, AffineLaw = COUPLING_LAWS["additive"], COUPLING_LAWS["affine"]
