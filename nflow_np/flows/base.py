@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nflow_np.allocator import keep_freed_memory
 from nflow_np.module import Module
 from nflow_np.validation import check_batch, check_result
 
@@ -236,6 +237,8 @@ class Sequential(Flow):
             raise ValueError("give anchor_every or tolerance, not both")
         if memory == "store" and (anchor_every is not None or tolerance is not None):
             raise ValueError('anchor_every and tolerance apply to memory="invert" only')
+        if memory == "invert":
+            keep_freed_memory()  # freeing layer by layer would otherwise page-fault every step (allocator.py)
         self.memory = memory
         self.anchor_every = None if anchor_every is None else int(anchor_every)
         self.tolerance = tolerance
