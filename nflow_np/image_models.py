@@ -134,22 +134,30 @@ def build_nice(
     hidden: Sequence[int] = (1000,) * 5,
     alpha: float | None = None,
     base: str = "logistic",
+    partition: str = "parity",
     dtype: object = np.float32,
     seed: int = 0,
 ) -> ImageFlowModel:
     """NICE (Dinh et al. 2014, §5.1): additive couplings with ReLU MLPs, a diagonal rescaling.
 
     Flow: preprocessing (dequantise, ``/L``, logit only if ``alpha`` is given: NICE itself models
-    the [0, 1] data), then ``couplings`` additive couplings on the odd/even partition of the
-    flattened image (alternating), then :class:`~nflow_np.flows.Rescale`; logistic prior.
-    The paper's MNIST nets are 5 hidden layers of 1000 units (the default).
+    the [0, 1] data), then ``couplings`` additive couplings, alternating which half of the
+    partition is transformed, then :class:`~nflow_np.flows.Rescale`; logistic prior. The partition
+    is the paper's odd/even one of the flattened image (``partition="parity"``; on an image of even
+    width that is alternate columns) or RealNVP's checkerboard (``"checkerboard"``: every pixel is
+    conditioned on its four neighbours). The paper's MNIST nets are 5 hidden layers of 1000 units
+    (the default).
     """
     shape = check_shape(shape)
+    if partition not in ("parity", "checkerboard"):
+        raise ValueError(f"partition must be 'parity' or 'checkerboard', got {partition!r}")
     dim = math.prod(shape)
     dtype = as_float_dtype(dtype)
     rng = np.random.default_rng(seed)
     flows = preprocessing(dim, levels, alpha, seed)
-    flows += [AdditiveCoupling(dim, parity=k % 2, hidden=hidden, rng=rng, dtype=dtype) for k in range(couplings)]
+    for k in range(couplings):
+        mask = checkerboard_mask(shape, k % 2) if partition == "checkerboard" else None
+        flows.append(AdditiveCoupling(dim, mask=mask, parity=k % 2, hidden=hidden, rng=rng, dtype=dtype))
     flows.append(Rescale(dim, dtype=dtype))
     return ImageFlowModel(Sequential(flows), BASE_DISTRIBUTIONS[base](), shape, levels)
 

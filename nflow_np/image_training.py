@@ -27,12 +27,15 @@ from nflow_np.train import cosine_lr, evaluate_nll, fit
 IMAGE_RECIPES: dict[tuple[str, str], dict] = {
     # digits: 1,347 training images overfit within ~20-80 epochs; early stopping on the 150
     # validation images (patience 30) and small nets with weight decay regularise
+    # NICE: checkerboard partition (every pixel given its 4 neighbours, not alternate columns),
+    # wider nets at a lower learning rate; 2.325 -> 2.245 bits/dim (README.md#image-flows)
     ("digits", "nice"): {
-        "hidden": (128, 128),
+        "hidden": (512, 512),
+        "partition": "checkerboard",
         "alpha": 0.05,
         "epochs": 300,
         "batch_size": 64,
-        "lr": 1e-3,
+        "lr": 2e-4,
         "weight_decay": 1e-2,
         "patience": 30,
         "time_limit": None,
@@ -51,6 +54,7 @@ IMAGE_RECIPES: dict[tuple[str, str], dict] = {
     # from 1000 to 400 units (3.8 M instead of 19 M parameters) so that ~50 epochs fit the budget.
     ("mnist", "nice"): {
         "hidden": (400,) * 5,
+        "partition": "parity",
         "alpha": None,
         "epochs": 1000,
         "batch_size": 100,
@@ -80,10 +84,14 @@ def build_image_model(
     alpha: float | None,
     dtype: object,
     seed: int,
+    partition: str = "parity",
 ) -> ImageFlowModel:
-    """:func:`build_nice` or :func:`build_realnvp` (``model``) with the given widths and logit ``α``."""
+    """:func:`build_nice` or :func:`build_realnvp` (``model``) with the given widths and logit ``α``.
+
+    ``partition`` is NICE's (``"parity"`` or ``"checkerboard"``); RealNVP's masks are fixed.
+    """
     if model == "nice":
-        return build_nice(shape, levels, hidden=hidden, alpha=alpha, dtype=dtype, seed=seed)
+        return build_nice(shape, levels, hidden=hidden, alpha=alpha, partition=partition, dtype=dtype, seed=seed)
     if model == "realnvp":
         return build_realnvp(
             shape, levels, hidden=hidden, alpha=0.05 if alpha is None else alpha, dtype=dtype, seed=seed
@@ -207,7 +215,14 @@ def train_image_model(
     recipe.update(overrides)
     splits = load_images(data, seed=seed, dtype=dtype)
     model = build_image_model(
-        model_name, splits.shape, splits.levels, tuple(recipe["hidden"]), recipe["alpha"], dtype, seed
+        model_name,
+        splits.shape,
+        splits.levels,
+        tuple(recipe["hidden"]),
+        recipe["alpha"],
+        dtype,
+        seed,
+        partition=recipe.get("partition", "parity"),
     )
     if model_name == "nice":
         initialize_rescale(model, splits.train[:1000])

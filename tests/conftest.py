@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -17,3 +19,10 @@ for path in (str(TESTS_DIR), str(REPO_ROOT)):
 # The tests' GEMMs are tiny: one BLAS thread is faster, and it keeps a split GEMM from stalling
 # while another process holds the second core (the suite's wall time then stays predictable).
 _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
+
+# Hypothesis draws the same examples on every run, so a CI run reproduces the run that was checked
+# here (the suite is a proof, not a lottery). `HYPOTHESIS_PROFILE=explore pytest` draws fresh examples
+# to hunt for new counterexamples.
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))

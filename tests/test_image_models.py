@@ -15,6 +15,7 @@ from nflow_np.cli import main
 from nflow_np.data import load_images
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows import AdditiveCoupling, BatchNorm, Dequantize, Logit, Rescale, Scale, training_mode
+from nflow_np.flows.image import checkerboard_mask
 from nflow_np.flows.normalization import recalibrate
 from nflow_np.image_models import build_nice, build_realnvp, initialize_rescale, load_image_model
 from nflow_np.image_plots import tile
@@ -39,6 +40,14 @@ def test_nice_is_the_papers_architecture() -> None:
     assert [bool(layer.mask[0]) for layer in layers[2:6]] == [True, False, True, False]  # odd/even alternate
     assert isinstance(model.base, StandardLogistic) and layers[1].factor == 1 / 256
     assert isinstance(build_nice((1, 8, 8), 17, hidden=(4,), alpha=0.05).flow.flows[2], Logit)
+
+
+def test_nice_checkerboard_partition() -> None:
+    layers = build_nice((1, 8, 8), 17, hidden=(4,), partition="checkerboard").flow.flows[2:6]
+    for k, layer in enumerate(layers):
+        assert np.array_equal(layer.mask, checkerboard_mask((1, 8, 8), k % 2))
+    with pytest.raises(ValueError, match="partition"):
+        build_nice((1, 8, 8), 17, partition="random")
 
 
 def test_realnvp_digits_scales() -> None:
