@@ -62,7 +62,7 @@ FD_EPS = 1e-6
 
 
 def numerical_gradient(f: Callable[[], float], array: np.ndarray, eps: float = FD_EPS) -> np.ndarray:
-    """Central-difference gradient of a scalar function w.r.t. every entry of ``array``.
+    """Central-difference gradient (five-point stencil) of a scalar function w.r.t. every entry of ``array``.
 
     Each entry is perturbed *in place* (``f`` must read ``array`` itself, e.g. a parameter or the
     input it closes over) and restored exactly afterwards.
@@ -70,11 +70,11 @@ def numerical_gradient(f: Callable[[], float], array: np.ndarray, eps: float = F
     Parameters
     ----------
     f : callable () -> float
-        The scalar function; called ``2 * array.size`` times.
+        The scalar function; called ``4 * array.size`` times.
     array : numpy.ndarray, float64
         The array to differentiate w.r.t.; modified during the call, unchanged after it.
     eps : float
-        Step: ``∂f/∂a_i ≈ (f(a_i + eps) − f(a_i − eps)) / (2 eps)``.
+        Step: ``∂f/∂a_i ≈ (−f(a_i + 2eps) + 8f(a_i + eps) − 8f(a_i − eps) + f(a_i − 2eps)) / (12 eps)``.
 
     Returns
     -------
@@ -86,12 +86,14 @@ def numerical_gradient(f: Callable[[], float], array: np.ndarray, eps: float = F
     grad = np.zeros(array.shape, dtype=np.float64)
     for index in np.ndindex(array.shape):
         old = array[index]
-        array[index] = old + eps
-        f_plus = f()
-        array[index] = old - eps
-        f_minus = f()
+        values = []
+        for step in (2 * eps, eps, -eps, -2 * eps):
+            array[index] = old + step
+            values.append(f())
         array[index] = old
-        grad[index] = (f_plus - f_minus) / (2 * eps)
+        # fourth-order central difference: truncation O(eps⁴ f⁽⁵⁾) instead of O(eps² f‴), which matters
+        # where the loss curves sharply (planar flows near wᵀû = −1); the rounding term is unchanged
+        grad[index] = (-values[0] + 8 * values[1] - 8 * values[2] + values[3]) / (12 * eps)
     return grad
 
 

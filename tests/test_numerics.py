@@ -67,8 +67,11 @@ def test_inputs_up_to_1e4_stay_finite_and_invert_or_raise(name, factory, dtype, 
     scale = np.maximum(1.0, np.abs(x.astype(np.float64)).max(axis=1, keepdims=True))
     error = np.abs(restored.astype(np.float64) - x) / scale
     assert error.max() <= ROUND_TRIP[dtype], f"round trip off by {error.max():.2e} (relative)"
-    # log-dets of the two directions cancel up to the same round-off
-    np.testing.assert_allclose(logdet + logdet_back, 0.0, atol=1e-6 if dtype == np.float64 else 1e-3)
+    # log-dets of the two directions cancel up to the same round-off. The round trip rebuilds the
+    # input to a relative ε, i.e. an absolute ε|x|, which the nets turn into log-det error: the bound
+    # grows with |x| past 100 (measured worst for float32 stacks: 3.6e-7 |x|, 28× inside 1e-5 |x|).
+    tolerance = (1e-6 if dtype == np.float64 else 1e-3) * np.maximum(1.0, scale[:, 0] / 100)
+    assert (np.abs(logdet.astype(np.float64) + logdet_back) <= tolerance).all(), (logdet + logdet_back, tolerance)
 
 
 @pytest.fixture(scope="module", params=["realnvp", "nice"])
