@@ -29,6 +29,7 @@ from threadpoolctl import threadpool_limits
 from nflow_np.architectures import MODELS, build_model
 from nflow_np.backend import BACKENDS, set_backend
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
+from nflow_np.cli_types import number, positive_ints
 from nflow_np.data import TOY_DATASETS, load_toy
 from nflow_np.data.images import IMAGE_DATASETS
 from nflow_np.data.toy2d import Splits
@@ -85,36 +86,13 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
-def _number(convert: type, minimum: float, strict: bool = False) -> object:
-    """An argparse type: ``convert(text)``, finite, at least (or, if ``strict``, above) ``minimum``."""
-    kind = "an integer" if convert is int else "a number"
-
-    def parse(text: str) -> float:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
-        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
-            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if strict else '>='} {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    """``"64,64"`` → ``(64, 64)``."""
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths like 64,64, got {text!r}")
-    return sizes
+_hidden = positive_ints("64,64", "widths")
+"""``--hidden``: ``"64,64"`` → ``(64, 64)``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nflow`` argument parser (defaults from :data:`TRAIN_DEFAULTS` and :data:`SAMPLE_DEFAULTS`)."""
-    positive, non_negative, above_zero = _number(int, 1), _number(int, 0), _number(float, 0, strict=True)
+    positive, non_negative, above_zero = number(int, 1), number(int, 0), number(float, 0, strict=True)
     default = " (default: %(default)s)"
     parser = _Parser(prog="nflow", description="Normalizing flows in NumPy: train, evaluate, sample.")
     parser.add_argument(
@@ -192,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruction error of 1e-12 in float64, 1e-6 in float32)",
     )
     image_only = " (image data only; default: the recipe's, nflow_np.image_training.IMAGE_RECIPES)"
-    train.add_argument("--weight-decay", type=_number(float, 0), help="AdamW weight decay" + image_only)
+    train.add_argument("--weight-decay", type=number(float, 0), help="AdamW weight decay" + image_only)
     train.add_argument("--time-limit", type=above_zero, help="training budget in seconds" + image_only)
-    train.add_argument("--alpha", type=_number(float, 0), help="logit transform's α, e.g. 0.05" + image_only)
+    train.add_argument("--alpha", type=number(float, 0), help="logit transform's α, e.g. 0.05" + image_only)
     add_gmm_arguments(train)
     train.set_defaults(handler=_train, progress=d["progress"])
 

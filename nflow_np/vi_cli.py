@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from nflow_np.cli_types import number, positive_ints
 from nflow_np.optim import Adam
 from nflow_np.targets import TARGETS, Target, log_partition
 from nflow_np.train import NonFiniteLossError
@@ -70,14 +70,7 @@ def _non_negative_int(text: str) -> int:
     return _integer(text, 0)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+_positive_float = number(float, 0, strict=True)
 
 
 def add_vi_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -218,15 +211,7 @@ def run_vi_command(args: argparse.Namespace) -> int:
 # -- the EM baseline ---------------------------------------------------------------------------
 
 
-def _components(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` → ``(1, 2, 4)``."""
-    try:
-        values = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 4,8,16, got {text!r}")
-    return values
+_components = positive_ints("4,8,16")
 
 
 def add_gmm_arguments(train_parser: argparse.ArgumentParser) -> None:
