@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=find_packages(include=["nflow_np", "nflow_np.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["nflow_np", "nflow_np.*", "kernels", "kernels.*", "benchmarks", "benchmarks.*"]),
     install_requires=["numpy>=1.26", "tqdm>=4.66", "matplotlib>=3.8", "threadpoolctl>=3.1"],
     extras_require={
         "test": [

@@ -58,9 +58,9 @@ def measure(call: Timer, repeats: int, sync: Timer = lambda: None, budget_s: flo
     return np.array(times)
 
 
-def copy_bandwidth(repeats: int) -> np.ndarray:
-    """GB/s of ``numpy.copyto`` on 512 MiB (bytes read + bytes written), one figure per call."""
-    src = np.ones(2**26)
+def copy_bandwidth(repeats: int, nbytes: int = 2**29) -> np.ndarray:
+    """GB/s of ``numpy.copyto`` on ``nbytes`` (default 512 MiB; bytes read + bytes written), one figure per call."""
+    src = np.ones(nbytes // 8)
     dst = np.empty_like(src)
     return 2 * src.nbytes / measure(lambda: np.copyto(dst, src), repeats) / 1e9
 

@@ -6,8 +6,9 @@ module compiles it once with NVRTC (CuPy caches the binary on disk), checks argu
 launches. In CI without a GPU, ``tests/kernels/test_ptx.py`` compiles the same file with
 ``nvcc --ptx`` for sm_80 and sm_90.
 
-Arrays: CuPy arrays in, CuPy arrays out (made C-contiguous first: the kernels index rows as
-``row · D₂``); NumPy arrays are copied to the device and the results back (correct, not fast).
+Arrays: CuPy arrays in, CuPy arrays out, no host copy (made C-contiguous on the device first: the
+kernels index rows as ``row · D₂``): what a model on the device (``to_device()``) passes. NumPy arrays
+are copied to the device and the results back (correct, not fast; see :mod:`kernels.gpu_laws`).
 """
 
 from __future__ import annotations

@@ -3,6 +3,18 @@
 ``kernels.numba_cuda`` and ``kernels.cupy_kernels`` differ only in how they launch their kernels;
 the classes that give those kernels the signatures of ``nflow_np.flows.coupling_law`` are the same
 and are made here once. ``sign`` is ``+1`` for the forward pass and ``−1`` for the inverse.
+
+Arrays (the choice, for both modules): a law returns the kind of array it was given.
+
+- Device arrays (CuPy, or anything with ``__cuda_array_interface__``): the kernels read and write them
+  where they are, with no host copy. This is the fast path: a model moved with ``to_device()`` passes
+  nothing else (``docs/kernels.md#gpu-backends``).
+- NumPy arrays (a model left on the host, the CUDA simulator, the law tests): copied to the device and
+  the results back on every call. Kept rather than refused, because it is correct and lets the same
+  law tests run with NumPy inputs; it is slower than the CPU backends, so it is for checking, not speed.
+
+All arrays of one call must be of one kind (the library guarantees it: a model's parameters and its
+data are on one device).
 """
 
 from __future__ import annotations

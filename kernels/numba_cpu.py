@@ -11,30 +11,36 @@ backward  ``∂L/∂s`` as in the reference, then ``∂L/∂ŝ = ∂L/∂s ⊙ a
 
 Design (``docs/kernels.md#numba-cpu``):
 
-- each ``*_rows`` function does rows ``start … stop−1``; its column loop is vectorised by LLVM
-  (AVX2/AVX-512), which works because ``exp``/``tanh`` are the branch-free
+- each ``*_rows`` function does rows ``start … stop−1``. Long rows run row by row, the column loop
+  vectorised by LLVM (AVX2/AVX-512), which works because ``exp``/``tanh`` are the branch-free
   :mod:`kernels.vecmath` versions, not libm calls, and because rows are taken as 1-d views
   (indexing ``h[i, d2 + j]`` directly makes Numba emit a negative-index check that turns every
-  load into a gather);
-- each element is read once and written once; ``s`` stays in a register, the row's log-det is a
-  register accumulator;
+  load into a gather). Short rows (:func:`short_rows`), which would run mostly in the loop's
+  one-vector-at-a-time remainder, run as flat blocks of many rows instead;
+- each element of the inputs and outputs is read once and written once (short rows go through
+  a few KiB of scratch that stays in L1);
+- every sum has an order fixed by the shape: the log-det by :func:`ordered_sum`, ``∂L/∂a``
+  column by column in row order. The kernels are compiled without ``reassoc``, so LLVM cannot
+  reorder anything differently in the serial and the parallel kernel;
 - ``*_parallel`` runs the rows over Numba's threads (``prange``); ``*_serial`` runs them on the
   calling thread. :func:`_run` takes the serial one below :data:`PARALLEL_MIN_ELEMENTS`, where
   waking the thread pool costs more than the work (and, on a busy machine, a parallel region can
   wait a whole scheduler time slice for its second thread);
-- ``∂L/∂a`` sums over rows, which threads would race on: rows are cut into
-  ``min(N, SCALE_CHUNKS)`` fixed chunks, each summing into its own row of a small buffer, and the
-  buffer's rows are added at the end. The chunks depend on ``N`` only, so serial, parallel and
-  any thread count give bit-for-bit the same result;
+- ``∂L/∂a`` sums over rows, which threads would race on: rows are cut into :func:`block_count`
+  fixed chunks (at most :data:`SCALE_CHUNKS`), each summing into its own row of a small buffer,
+  and the buffer's rows are added at the end. The chunks depend on the shape only, so serial,
+  parallel and any thread count give bit-for-bit the same result (tested);
 - the ``*_into`` functions write into caller-provided outputs (no page faults from fresh 100 MB
   allocations); the law classes allocate them, as the reference does;
 - inputs must be C-contiguous: the law classes copy other layouts (e.g. the coupling layer's
   column views ``x[:, ::2]``) with ``np.ascontiguousarray`` first, because a strided kernel
-  gathers every element and runs ~10× slower than that copy.
+  gathers every element and runs ~10× slower than that copy;
+- where NumPy is faster, the law classes use NumPy: always for the additive law (one pass
+  already), and for the affine law on one-column inputs of many rows (:func:`use_numpy`).
 
-``fastmath`` is ``{"reassoc", "contract", "nsz"}`` for the kernels (``reassoc`` lets LLVM
-vectorise the log-det sum) and never ``nnan``/``ninf``: NaN and ``inf`` propagate as in NumPy.
-The vecmath helpers are compiled with their own, stricter flags.
+``fastmath`` is ``{"contract", "nsz"}`` for the kernels, and never ``nnan``/``ninf``: NaN and
+``inf`` propagate as in NumPy. :func:`add_in_any_order` (``reassoc``) and the vecmath helpers are
+compiled with their own flags.
 
 Threads: unless the environment already says otherwise, importing this module sets
 ``OMP_WAIT_POLICY=PASSIVE`` (read by Numba's OpenMP thread pool when it starts), so that idle
@@ -53,73 +59,280 @@ from numba import njit, prange  # noqa: E402
 from kernels.validation import check_law_inputs  # noqa: E402
 from kernels.vecmath import vexp, vtanh  # noqa: E402
 
-_OPTIONS = {"fastmath": {"reassoc", "contract", "nsz"}, "error_model": "numpy", "cache": True}
+_OPTIONS = {"fastmath": {"contract", "nsz"}, "error_model": "numpy", "cache": True}
 rows_kernel = njit(**_OPTIONS)
 parallel_kernel = njit(parallel=True, **_OPTIONS)
+
+
+@njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
+def add_in_any_order(total, value):  # noqa: ANN001, ANN201
+    """``total + value`` with LLVM free to reorder the sum (its own flag: the kernels have none).
+
+    Only for sums whose value is thrown away: a loop with a reorderable sum is one LLVM vectorises
+    4 vectors deep (interleaved), which hides the latency of exp and tanh; the same loop without
+    one runs a single vector at a time, a third slower (docs/kernels.md#numba-cpu)."""
+    return total + value
+
+
+@njit(fastmath={"contract"}, error_model="numpy", cache=True)
+def ordered_sum(values):  # noqa: ANN001, ANN201
+    """``Σ values`` in an order fixed by the length alone: 8 running sums over ``values[l::8]``, added
+    as a tree, then the leftover in order. Written out, so that no compiler choice (and no
+    thread count) changes a log-det's bits; the 8 sums still run as one vector."""
+    n = values.shape[0]
+    total = values.dtype.type(0.0)
+    j = 0
+    if n >= 16:
+        s0, s1, s2, s3 = values[0], values[1], values[2], values[3]
+        s4, s5, s6, s7 = values[4], values[5], values[6], values[7]
+        j = 8
+        while j + 8 <= n:
+            s0, s1, s2, s3 = s0 + values[j], s1 + values[j + 1], s2 + values[j + 2], s3 + values[j + 3]
+            s4, s5, s6, s7 = s4 + values[j + 4], s5 + values[j + 5], s6 + values[j + 6], s7 + values[j + 7]
+            j += 8
+        total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for k in range(j, n):
+        total += values[k]
+    return total
+
+
 SCALE_CHUNKS = 64
 """Most row chunks ``∂L/∂a`` is summed in (one partial sum per chunk and column)."""
+NUMPY_ONE_COLUMN_ROWS = 512
+"""The affine law computes ``D₂ = 1`` calls of at least this many rows with NumPy (measured: there
+NumPy's 1-d ufuncs beat the kernels' per-row bookkeeping; with ``D₂ ≥ 2``, or fewer rows, the kernels
+win at every size, from 8 elements up: docs/kernels.md#when-numpy-is-faster)."""
+CHUNK_MIN_ELEMENTS = 16384
+"""Fewest ``N·D₂`` elements per chunk or parallel block (each has a fixed cost of ~0.5 µs)."""
 PARALLEL_MIN_ELEMENTS = 1 << 16
 """Calls on fewer than this many ``N·D₂`` elements run on the calling thread only."""
-
-
-# -- additive law: z₂ = x₂ + h, x₂ = z₂ − h (its backward is a copy or a negation: NumPy's) -------------------
-@rows_kernel
-def add_scaled_rows(a, b, factor, out, start, stop):  # noqa: ANN001, ANN201 (arrays; see module doc)
-    """``out = a + factor · b`` on rows ``start…stop−1`` (``factor = ±1`` is exact: ``a ± b``)."""
-    for i in range(start, stop):
-        a_row, b_row, out_row = a[i], b[i], out[i]
-        for j in range(out_row.shape[0]):
-            out_row[j] = a_row[j] + factor * b_row[j]
-
-
-@parallel_kernel
-def add_scaled_parallel(a, b, factor, out):  # noqa: ANN001, ANN201
-    n = out.shape[0]
-    blocks = min(n, 4 * SCALE_CHUNKS)
-    for c in prange(blocks):
-        add_scaled_rows(a, b, factor, out, c * n // blocks, (c + 1) * n // blocks)
+VECTOR_BODY_BYTES = 256
+"""Bytes of a row that LLVM's vectorised column loop does per iteration (64 float32, 32 float64)."""
+FLAT_BLOCK = 1024
+"""At most this many elements per flat block of short rows (a few KiB of scratch, in L1)."""
 
 
 @rows_kernel
-def add_scaled_serial(a, b, factor, out):  # noqa: ANN001, ANN201
-    add_scaled_rows(a, b, factor, out, 0, out.shape[0])
+def block_count(n, d2, most):  # noqa: ANN001, ANN201
+    """Blocks to cut ``N`` rows into: at most ``most``, at least 1, and of at least
+    :data:`CHUNK_MIN_ELEMENTS` elements each where there are that many. A function of the shape only."""
+    return max(1, min(n, most, n * d2 // CHUNK_MIN_ELEMENTS))
 
 
 # -- affine law: z₂ = x₂ ⊙ exp(s) + t, s = a ⊙ tanh(ŝ) --------------------------------------------------------
+# LLVM vectorises a row's column loop 64 float32 / 32 float64 elements at a time (16 or 8 lanes ×
+# 4 vectors in flight, which hides exp's and tanh's latency) and runs the columns left over one
+# vector, or one element, at a time: about twice as slow per element. So short rows (and rows
+# with a long leftover: :func:`short_rows`) do not run row by row: a block of them is one flat
+# run of x₂ and z₂ (C order), their ŝ and t are gathered from h into flat scratch arrays, one long
+# loop does the block, and the log-dets are summed row by row from the scratch ``s``.
+@rows_kernel
+def gather_columns(src, col0, width, start, stop, flat):  # noqa: ANN001, ANN201
+    """``flat[r·width + j] = src[start + r, col0 + j]`` for rows ``start…stop−1``."""
+    if width == 1:  # one strided loop instead of a loop per row (2-d data: D₂ = 1)
+        for r in range(stop - start):
+            flat[r] = src[start + r, col0]
+        return
+    for r in range(stop - start):
+        row, out = src[start + r, col0 : col0 + width], flat[r * width : (r + 1) * width]
+        for j in range(width):
+            out[j] = row[j]
+
+
+@rows_kernel
+def scatter_row(values, out, sign):  # noqa: ANN001, ANN201
+    """``out = sign · values`` (``sign = ±1``: exact)."""
+    for j in range(out.shape[0]):
+        out[j] = sign * values[j]
+
+
+@rows_kernel
+def add_row(values, total):  # noqa: ANN001, ANN201
+    """``total += values``."""
+    for j in range(total.shape[0]):
+        total[j] += values[j]
+
+
+@rows_kernel
+def short_rows(d2, itemsize):  # noqa: ANN001, ANN201
+    """Rows per flat block if rows of ``d2`` elements run faster in flat blocks, else 0.
+
+    Row by row, the ``d2 mod body`` columns past the vector body's multiples run about twice as
+    slow as the rest; a flat block runs everything ~20% slower than the body. So rows go flat when
+    the leftover is more than a quarter of the rest (every row shorter than the body)."""
+    body = VECTOR_BODY_BYTES // itemsize
+    left = d2 % body
+    return FLAT_BLOCK // d2 if 4 * left > d2 - left else 0
+
+
+@rows_kernel
+def affine_short_rows(inp, h, scale, out, logdet, start, stop, rows, inverse):  # noqa: ANN001, ANN201
+    """Forward or inverse on rows ``start…stop−1`` in flat blocks of ``rows`` rows (see above)."""
+    d2 = inp.shape[1]
+    rows = max(1, min(rows, stop - start))
+    m = rows * d2
+    s_hat, t, a, s_out = np.empty(m, inp.dtype), np.empty(m, inp.dtype), np.empty(m, inp.dtype), np.empty(m, inp.dtype)
+    spare = np.zeros(1, inp.dtype)
+    for r in range(rows):
+        a[r * d2 : (r + 1) * d2] = scale
+    one = inp.dtype.type(1.0)
+    inp_flat, out_flat = inp.reshape(-1), out.reshape(-1)
+    for b0 in range(start, stop, rows):
+        b1 = min(b0 + rows, stop)
+        gather_columns(h, 0, d2, b0, b1, s_hat)
+        gather_columns(h, d2, d2, b0, b1, t)
+        x, z = inp_flat[b0 * d2 : b1 * d2], out_flat[b0 * d2 : b1 * d2]
+        block_sum = inp.dtype.type(0.0)
+        if inverse:
+            for k in range((b1 - b0) * d2):
+                s = a[k] * vtanh(s_hat[k])
+                z[k] = (x[k] - t[k]) * vexp(-s)
+                s_out[k] = s
+                block_sum = add_in_any_order(block_sum, s)
+        else:
+            for k in range((b1 - b0) * d2):
+                s = a[k] * vtanh(s_hat[k])
+                z[k] = x[k] * vexp(s) + t[k]
+                s_out[k] = s
+                block_sum = add_in_any_order(block_sum, s)
+        spare[0] += block_sum  # see add_in_any_order
+        sign = -one if inverse else one
+        if d2 == 1:  # a loop per row costs more than the row itself
+            for r in range(b1 - b0):
+                logdet[b0 + r] = sign * s_out[r]
+            continue
+        if d2 < 16:  # ordered_sum's order (one running sum per row), with the rows as the vector lanes
+            block_logdet = logdet[b0:b1]
+            for r in range(b1 - b0):
+                block_logdet[r] = s_out[r * d2]
+            for j in range(1, d2):
+                for r in range(b1 - b0):
+                    block_logdet[r] += s_out[r * d2 + j]
+            for r in range(b1 - b0):
+                block_logdet[r] *= sign
+            continue
+        for r in range(b1 - b0):
+            logdet[b0 + r] = sign * ordered_sum(s_out[r * d2 : (r + 1) * d2])
+
+
 @rows_kernel
 def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):  # noqa: ANN001, ANN201
     d2 = x2.shape[1]
+    rows = short_rows(d2, x2.itemsize)
+    if rows > 0:
+        affine_short_rows(x2, h, scale, z2, logdet, start, stop, rows, False)
+        return
+    s_row, spare = np.empty(d2, x2.dtype), np.zeros(1, x2.dtype)
     for i in range(start, stop):
         x, s_hat, t, z = x2[i], h[i, :d2], h[i, d2:], z2[i]
-        row_sum = x.dtype.type(0.0)
+        row_sum = x2.dtype.type(0.0)
         for j in range(d2):
             s = scale[j] * vtanh(s_hat[j])
             z[j] = x[j] * vexp(s) + t[j]
-            row_sum += s
-        logdet[i] = row_sum
+            s_row[j] = s
+            row_sum = add_in_any_order(row_sum, s)
+        logdet[i] = ordered_sum(s_row)
+        spare[0] += row_sum  # see add_in_any_order
 
 
 @rows_kernel
 def affine_inverse_rows(z2, h, scale, x2, logdet, start, stop):  # noqa: ANN001, ANN201
     d2 = z2.shape[1]
+    rows = short_rows(d2, z2.itemsize)
+    if rows > 0:
+        affine_short_rows(z2, h, scale, x2, logdet, start, stop, rows, True)
+        return
+    s_row, spare = np.empty(d2, z2.dtype), np.zeros(1, z2.dtype)
     for i in range(start, stop):
         z, s_hat, t, x = z2[i], h[i, :d2], h[i, d2:], x2[i]
-        row_sum = z.dtype.type(0.0)
+        row_sum = z2.dtype.type(0.0)
         for j in range(d2):
             s = scale[j] * vtanh(s_hat[j])
             x[j] = (z[j] - t[j]) * vexp(-s)
-            row_sum += s
-        logdet[i] = -row_sum
+            s_row[j] = s
+            row_sum = add_in_any_order(row_sum, s)
+        logdet[i] = -ordered_sum(s_row)
+        spare[0] += row_sum  # see add_in_any_order
+
+
+@rows_kernel
+def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, start, stop, rows, inverse):  # noqa: ANN001, ANN201, PLR0913
+    """Backward of forward (or inverse) on rows ``start…stop−1`` in flat blocks of ``rows`` rows.
+
+    As :func:`affine_short_rows`; ``∂L/∂ŝ`` and ``∂L/∂s ⊙ g`` go to scratch first, and each
+    block's ``∂L/∂s ⊙ g`` is added to ``d_a`` row by row, in order (the sum the row loop makes)."""
+    d2 = inp.shape[1]
+    rows = max(1, min(rows, stop - start))
+    m = rows * d2
+    dtype = inp.dtype
+    s_hat, t, a, d_ld = np.empty(m, dtype), np.empty(m, dtype), np.empty(m, dtype), np.empty(m, dtype)
+    d_s_hat, d_s_g = np.empty(m, dtype), np.empty(m, dtype)
+    spare = np.zeros(1, dtype)
+    for r in range(rows):
+        a[r * d2 : (r + 1) * d2] = scale
+    one = dtype.type(1.0)
+    inp_flat, d_out_flat, d_inp_flat = inp.reshape(-1), d_out.reshape(-1), d_inp.reshape(-1)
+    for b0 in range(start, stop, rows):
+        b1 = min(b0 + rows, stop)
+        gather_columns(h, 0, d2, b0, b1, s_hat)
+        if inverse:
+            gather_columns(h, d2, d2, b0, b1, t)
+        if d2 == 1:
+            d_ld[: b1 - b0] = d_logdet[b0:b1]
+        else:
+            for r in range(b1 - b0):
+                d_ld[r * d2 : (r + 1) * d2] = d_logdet[b0 + r]
+        x, d_o, d_i = inp_flat[b0 * d2 : b1 * d2], d_out_flat[b0 * d2 : b1 * d2], d_inp_flat[b0 * d2 : b1 * d2]
+        block_sum = dtype.type(0.0)
+        if inverse:  # x holds z₂, d_o holds ∂L/∂x₂, d_i gets ∂L/∂z₂
+            for k in range((b1 - b0) * d2):
+                g = vtanh(s_hat[k])
+                e_inv = vexp(-(a[k] * g))
+                d_i_k = d_o[k] * e_inv
+                d_s = -d_o[k] * ((x[k] - t[k]) * e_inv) - d_ld[k]
+                d_i[k] = d_i_k
+                d_s_hat[k] = d_s * a[k] * (one - g * g)
+                d_s_g[k] = d_s * g
+                block_sum = add_in_any_order(block_sum, d_s)
+        else:
+            for k in range((b1 - b0) * d2):
+                g = vtanh(s_hat[k])
+                d_i_k = d_o[k] * vexp(a[k] * g)
+                d_s = d_i_k * x[k] + d_ld[k]
+                d_i[k] = d_i_k
+                d_s_hat[k] = d_s * a[k] * (one - g * g)
+                d_s_g[k] = d_s * g
+                block_sum = add_in_any_order(block_sum, d_s)
+        spare[0] += block_sum  # see add_in_any_order
+        sign = -one if inverse else one
+        d_t = d_i if inverse else d_o
+        if d2 == 1:  # as in affine_short_rows
+            for r in range(b1 - b0):
+                d_h[b0 + r, 0] = d_s_hat[r]
+                d_h[b0 + r, 1] = sign * d_t[r]
+                d_a[0] += d_s_g[r]
+            continue
+        for r in range(b1 - b0):
+            row = slice(r * d2, (r + 1) * d2)
+            scatter_row(d_s_hat[row], d_h[b0 + r, :d2], one)
+            scatter_row(d_t[row], d_h[b0 + r, d2:], sign)
+            add_row(d_s_g[row], d_a)
 
 
 @rows_kernel
 def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
     """Rows ``start…stop−1`` of the backward of forward; adds their ``Σ ∂L/∂s ⊙ g`` to ``d_a: (D₂,)``."""
     d2 = x2.shape[1]
+    rows = short_rows(d2, x2.itemsize)
+    if rows > 0:
+        affine_backward_short_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop, rows, False)
+        return
     one = x2.dtype.type(1.0)
+    spare = np.zeros(1, x2.dtype)
     for i in range(start, stop):
         x, s_hat, d_z, d_ld = x2[i], h[i, :d2], d_z2[i], d_logdet[i]
         d_x, d_s_hat, d_t = d_x2[i], d_h[i, :d2], d_h[i, d2:]
+        row_sum = x2.dtype.type(0.0)
         for j in range(d2):
             g = vtanh(s_hat[j])
             a = scale[j]
@@ -129,16 +342,24 @@ def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, s
             d_s_hat[j] = d_s * a * (one - g * g)
             d_t[j] = d_z[j]
             d_a[j] += d_s * g
+            row_sum = add_in_any_order(row_sum, d_s)
+        spare[0] += row_sum  # see add_in_any_order (measured 1.6 → 1.3 ns per float32 element)
 
 
 @rows_kernel
 def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
     """As :func:`affine_backward_forward_rows`, for the inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
     d2 = z2.shape[1]
+    rows = short_rows(d2, z2.itemsize)
+    if rows > 0:
+        affine_backward_short_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop, rows, True)
+        return
     one = z2.dtype.type(1.0)
+    spare = np.zeros(1, z2.dtype)
     for i in range(start, stop):
         z, s_hat, t, d_x, d_ld = z2[i], h[i, :d2], h[i, d2:], d_x2[i], d_logdet[i]
         d_z, d_s_hat, d_t = d_z2[i], d_h[i, :d2], d_h[i, d2:]
+        row_sum = z2.dtype.type(0.0)
         for j in range(d2):
             g = vtanh(s_hat[j])
             a = scale[j]
@@ -149,12 +370,14 @@ def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, s
             d_s_hat[j] = d_s * a * (one - g * g)
             d_t[j] = -d_z_j
             d_a[j] += d_s * g
+            row_sum = add_in_any_order(row_sum, d_s)
+        spare[0] += row_sum  # see add_in_any_order
 
 
 @parallel_kernel
 def affine_forward_parallel(x2, h, scale, out, logdet, inverse):  # noqa: ANN001, ANN201
-    n = x2.shape[0]
-    blocks = min(n, 4 * SCALE_CHUNKS)
+    n, d2 = x2.shape
+    blocks = block_count(n, d2, 4 * SCALE_CHUNKS)  # any split gives the same results here
     for c in prange(blocks):
         start, stop = c * n // blocks, (c + 1) * n // blocks
         if inverse:
@@ -198,11 +421,6 @@ def _run(serial, parallel, elements: int, *args) -> None:  # noqa: ANN001, ANN00
     (parallel if elements >= PARALLEL_MIN_ELEMENTS else serial)(*args)
 
 
-def additive_into(inp: np.ndarray, h: np.ndarray, sign: float, out: np.ndarray) -> None:
-    """``out = inp + sign · h`` (forward ``sign = 1``, inverse ``−1``); all C-contiguous, one dtype."""
-    _run(add_scaled_serial, add_scaled_parallel, out.size, inp, h, out.dtype.type(sign), out)
-
-
 def affine_forward_into(x2, h, scale, z2, logdet, inverse: bool = False) -> None:  # noqa: ANN001
     """Forward (or, with ``inverse=True`` and ``x2`` holding ``z₂``, inverse) into ``z2, logdet``."""
     _run(affine_forward_serial, affine_forward_parallel, x2.size, x2, h, scale, z2, logdet, inverse)
@@ -216,8 +434,8 @@ def affine_backward_into(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chu
 
 
 def scale_chunks(n: int, d2: int, dtype: np.dtype) -> np.ndarray:
-    """A zeroed ``(C, D₂)`` buffer for the ``∂L/∂a`` partial sums, ``C = min(N, 64)`` (≥ 1)."""
-    return np.zeros((max(1, min(n, SCALE_CHUNKS)), d2), dtype=dtype)
+    """A zeroed ``(C, D₂)`` buffer for the ``∂L/∂a`` partial sums, ``C`` = :func:`block_count` ≤ 64."""
+    return np.zeros((block_count(n, d2, SCALE_CHUNKS), d2), dtype=dtype)
 
 
 # -- the laws, with the reference's signatures ---------------------------------------------------------------
@@ -231,7 +449,10 @@ def require_device() -> None:
 
 
 class AdditiveLaw:
-    """NICE's additive law on Numba; see :mod:`nflow_np.flows.coupling_law` for the maths."""
+    """NICE's additive law; see :mod:`nflow_np.flows.coupling_law` for the maths.
+
+    Computed by NumPy: ``x₂ ± h`` is one pass already, and a Numba kernel for it was measured
+    slower than NumPy's at every size from 16 to 2.6·10⁷ elements (docs/kernels.md#numba-cpu)."""
 
     name = "additive"
     has_scale = False
@@ -243,21 +464,17 @@ class AdditiveLaw:
     @staticmethod
     def forward(x2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
         check_law_inputs("additive", x2, h, scale)
-        z2 = np.empty(x2.shape, x2.dtype)
-        additive_into(_c(x2), _c(h), 1.0, z2)
-        return z2, np.zeros(x2.shape[0], x2.dtype)
+        return x2 + h, np.zeros(x2.shape[0], x2.dtype)
 
     @staticmethod
     def inverse(z2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
         check_law_inputs("additive", z2, h, scale)
-        x2 = np.empty(z2.shape, z2.dtype)
-        additive_into(_c(z2), _c(h), -1.0, x2)
-        return x2, np.zeros(z2.shape[0], z2.dtype)
+        return z2 - h, np.zeros(z2.shape[0], z2.dtype)
 
     @staticmethod
     def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205 (the reference's signature)
         check_law_inputs("additive", x2, h, scale, d_z2, d_logdet)
-        return d_z2, d_z2.copy(), None  # a copy is already one pass (memcpy): nothing to fuse
+        return d_z2, d_z2.copy(), None
 
     @staticmethod
     def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
@@ -265,8 +482,53 @@ class AdditiveLaw:
         return d_x2, np.negative(d_x2), None
 
 
+# -- one-column inputs: NumPy -----------------------------------------------------------------------------
+# For D₂ = 1 (2-d data) and N ≥ NUMPY_ONE_COLUMN_ROWS, NumPy is faster than the kernels, so the law
+# computes there with NumPy, in the reference's order of operations (this package cannot import the
+# reference itself).
+def use_numpy(shape: tuple[int, int]) -> bool:
+    """Whether a call on ``x2: shape`` is faster in NumPy (``D₂ = 1`` and ``N ≥ 512``)."""
+    return shape[1] == 1 and shape[0] >= NUMPY_ONE_COLUMN_ROWS
+
+
+def numpy_affine(inp: np.ndarray, h: np.ndarray, scale: np.ndarray, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Forward ``(z₂, Σ s)`` or, with ``inverse``, ``(x₂, −Σ s)``, as the reference computes them."""
+    d2 = inp.shape[1]
+    s, t = scale * np.tanh(h[:, :d2]), h[:, d2:]
+    if inverse:
+        out = inp - t
+        out *= np.exp(-s)
+        return out, -s.sum(axis=1)
+    out = inp * np.exp(s)
+    out += t
+    return out, s.sum(axis=1)
+
+
+def numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse: bool):  # noqa: ANN001, ANN201
+    """``(∂L/∂inp, ∂L/∂h, ∂L/∂a)`` of :func:`numpy_affine`, as the reference computes them."""
+    d2 = inp.shape[1]
+    g = np.tanh(h[:, :d2])
+    s = scale * g
+    if inverse:
+        e_inv = np.exp(-s)
+        d_inp = d_out * e_inv
+        d_s = -d_out * ((inp - h[:, d2:]) * e_inv)
+        d_s -= d_logdet[:, None]
+        d_t = -d_inp
+    else:
+        d_inp = d_out * np.exp(s)
+        d_s = d_inp * inp
+        d_s += d_logdet[:, None]
+        d_t = d_out
+    d_h = np.empty((inp.shape[0], 2 * d2), inp.dtype)
+    np.multiply(d_s * scale, 1 - g * g, out=d_h[:, :d2])
+    d_h[:, d2:] = d_t
+    return d_inp, d_h, (d_s * g).sum(axis=0)
+
+
 class AffineLaw:
-    """RealNVP's affine law with ``s = a ⊙ tanh(ŝ)`` on Numba; maths in the module docstring."""
+    """RealNVP's affine law with ``s = a ⊙ tanh(ŝ)`` on Numba (on NumPy where that is faster:
+    :func:`use_numpy`); maths in the module docstring."""
 
     name = "affine"
     has_scale = True
@@ -277,17 +539,11 @@ class AffineLaw:
 
     @staticmethod
     def forward(x2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        check_law_inputs("affine", x2, h, scale)
-        z2, logdet = np.empty(x2.shape, x2.dtype), np.empty(x2.shape[0], x2.dtype)
-        affine_forward_into(_c(x2), _c(h), _c(scale), z2, logdet)
-        return z2, logdet
+        return AffineLaw._forward(x2, h, scale, inverse=False)
 
     @staticmethod
     def inverse(z2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        check_law_inputs("affine", z2, h, scale)
-        x2, logdet = np.empty(z2.shape, z2.dtype), np.empty(z2.shape[0], z2.dtype)
-        affine_forward_into(_c(z2), _c(h), _c(scale), x2, logdet, inverse=True)
-        return x2, logdet
+        return AffineLaw._forward(z2, h, scale, inverse=True)
 
     @staticmethod
     def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
@@ -298,8 +554,19 @@ class AffineLaw:
         return AffineLaw._backward(z2, h, scale, d_x2, d_logdet, inverse=True)
 
     @staticmethod
+    def _forward(inp, h, scale, inverse: bool):  # noqa: ANN001, ANN205
+        check_law_inputs("affine", inp, h, scale)
+        if use_numpy(inp.shape):
+            return numpy_affine(inp, h, scale, inverse)
+        out, logdet = np.empty(inp.shape, inp.dtype), np.empty(inp.shape[0], inp.dtype)
+        affine_forward_into(_c(inp), _c(h), _c(scale), out, logdet, inverse)
+        return out, logdet
+
+    @staticmethod
     def _backward(inp, h, scale, d_out, d_logdet, inverse: bool):  # noqa: ANN001, ANN205
         check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
+        if use_numpy(inp.shape):
+            return numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse)
         (n, d2), dtype = inp.shape, inp.dtype
         d_inp, d_h, chunks = np.empty((n, d2), dtype), np.empty((n, 2 * d2), dtype), scale_chunks(n, d2, dtype)
         affine_backward_into(_c(inp), _c(h), _c(scale), _c(d_out), _c(d_logdet), d_inp, d_h, chunks, inverse)

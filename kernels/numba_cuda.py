@@ -16,10 +16,11 @@ coalesced 128-byte pieces.
 ``exp``/``tanh`` are CUDA's libdevice functions (accurate to 1–2 ulp; not ``fastmath``). Shared
 memory and the log-det are float64 for both dtypes (32 additions per row: negligible cost).
 
-Arrays: each law accepts NumPy arrays (copied to the device and the results back: correct, not
-fast; for tests and the simulator) or arrays with ``__cuda_array_interface__`` (CuPy, Numba device
-arrays; no copy), and returns the same kind: CuPy arrays for CuPy inputs, else Numba device
-arrays. Inputs should be C-contiguous on the device (strided ones work, uncoalesced).
+Arrays: each law accepts arrays with ``__cuda_array_interface__`` (CuPy, Numba device arrays; no
+copy: what a model on the device, ``to_device()``, passes) or NumPy arrays (copied to the device and
+the results back: correct, not fast; for a model left on the host, tests and the simulator), and
+returns the kind it was given: CuPy arrays for CuPy inputs, NumPy for NumPy, else Numba device arrays.
+Inputs should be C-contiguous on the device (strided ones work, uncoalesced).
 """
 
 from __future__ import annotations

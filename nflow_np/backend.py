@@ -16,9 +16,20 @@ name                    implementation                       needs
 ======================  ===================================  =============================================
 
 A kernel module is imported only when its backend is selected, so the reference runs with NumPy
-alone. ``"auto"`` means ``"numba"`` when Numba imports, else ``"numpy"``: the GPU backends are
-left out until the library's arrays live on the GPU (with NumPy arrays they copy every call to
-the device and back; see ``docs/kernels.md#gpu-backends``).
+alone. ``"auto"`` means ``"numba"`` when Numba imports, else ``"numpy"`` (the GPU backends pay
+only once the model is moved to the device, which ``"auto"`` cannot decide for the caller).
+
+**The array-module seam** (``docs/kernels.md#gpu-backends``). Each backend also names the array
+module (``xp``) its model should live in: ``numpy``, or ``cupy`` for the GPU backends. The
+library has one code path for both. Code that takes arrays calls ufuncs, methods and NumPy
+functions that dispatch on their argument (``np.exp(x)``, ``x.sum()``, ``np.empty_like(x)``,
+``np.zeros_like(x, shape=n)``: CuPy implements ``__array_ufunc__``/``__array_function__``), so it
+runs on whichever array it is given. Only code that makes arrays with no array at hand asks for
+``xp``: :func:`array_module` (of an array, or of the active backend). A model is moved with
+:meth:`~nflow_np.module.Module.to_device` / :meth:`~nflow_np.module.Module.to_host`; its
+``state_dict`` is always host NumPy, and :class:`~nflow_np.model.FlowModel` takes host data,
+moves it, and returns results where the input was. The GPU laws take device arrays without a
+copy; given NumPy arrays (a model left on the host) they copy to the device and back per call.
 """
 
 from __future__ import annotations
@@ -26,6 +37,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
 
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 
@@ -36,7 +52,11 @@ _REQUIREMENTS = {
     "numba-cuda": "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)",
     "cupy": "a CUDA GPU and pip install cupy-cuda12x",
 }
-_GPU_BACKENDS = frozenset({"numba-cuda", "cupy"})
+_ARRAY_MODULE_NAMES = {"numba-cuda": "cupy", "cupy": "cupy"}
+"""The array module each backend's model lives in, by name (every other backend: ``numpy``)."""
+_DEVICE_MODULES: dict[str, ModuleType | None] = {"cupy": None}
+"""Array modules other than NumPy, by the top-level name of their array type's module; ``None``:
+import on first use (an array of that module exists, so the module is imported already)."""
 _AUTO_ORDER = ("numba", _REFERENCE)
 """What ``"auto"`` tries, fastest first (measured: ``docs/kernels.md#measured``)."""
 BACKENDS = (_REFERENCE, *_KERNEL_MODULES)
@@ -110,17 +130,79 @@ def get_backend() -> str:
     return _active
 
 
-def array_module() -> object:
-    """The array module (``xp``) the active backend computes with: ``numpy``, or ``cupy`` on the GPU backends
-    (``numpy`` for numba-cuda without CuPy installed).
+def register_backend(name: str, laws: dict[str, type], array_module: ModuleType) -> None:
+    """Make ``name`` a backend: law classes ``laws`` computing on arrays of ``array_module``.
 
-    The seam for library code that must allocate arrays (``xp.empty_like``, ``xp.zeros``): with
-    the GPU backends the whole model is meant to live in CuPy arrays (see the module doc; the
-    library does not do that yet, so today their laws take NumPy arrays and copy them).
+    For tests and experiments: the suite registers a fake device (``tests/fake_device.py``) whose
+    laws are the NumPy reference running on arrays that behave like CuPy's.
+
+    Parameters
+    ----------
+    name : str
+        The name :func:`set_backend` will accept; must not be one of :data:`BACKENDS`.
+    laws : dict
+        ``{"additive": ..., "affine": ...}`` with the reference's static methods.
+    array_module : module
+        The ``xp`` of the backend; its array type must be defined in it (``type(a).__module__``).
     """
-    if _active in _GPU_BACKENDS and importlib.util.find_spec("cupy") is not None:
-        return importlib.import_module("cupy")
-    return importlib.import_module("numpy")  # numba-cuda without CuPy (e.g. the simulator) copies NumPy arrays
+    if name in BACKENDS or name == "auto":
+        raise ValueError(f"{name!r} is a built-in backend")
+    _loaded[name] = laws
+    _ARRAY_MODULE_NAMES[name] = array_module.__name__
+    if array_module is not np:
+        _DEVICE_MODULES[array_module.__name__] = array_module
+
+
+def array_module(like: object = None) -> ModuleType:
+    """The array module (``xp``) of the array ``like``, or, without it, of the active backend.
+
+    Parameters
+    ----------
+    like : array, optional
+        A CuPy array (or one of a registered device module) gives that module; anything else,
+        NumPy arrays, scalars and lists included, gives ``numpy``. CuPy is never imported here
+        unless ``like`` is a CuPy array (which means it is imported already).
+
+    Returns
+    -------
+    module
+        With ``like``: its module. Without: ``numpy`` on the CPU backends, ``cupy`` on the GPU
+        backends (``numpy`` for numba-cuda without CuPy installed, e.g. the simulator: its laws
+        then copy NumPy arrays to the device and back on every call).
+    """
+    if like is None:
+        name = _ARRAY_MODULE_NAMES.get(_active, "numpy")
+        if name == "numpy" or (name == "cupy" and importlib.util.find_spec("cupy") is None):
+            return np
+        return _DEVICE_MODULES.get(name) or importlib.import_module(name)
+    if isinstance(like, np.ndarray | np.generic):
+        return np
+    top = type(like).__module__.partition(".")[0]
+    if top in _DEVICE_MODULES:
+        return _DEVICE_MODULES[top] or sys.modules.get(top) or importlib.import_module(top)
+    return np
+
+
+def is_array(x: object) -> bool:
+    """Whether ``x`` is a NumPy array or an array of a device module (CuPy, a registered one)."""
+    if isinstance(x, np.ndarray):
+        return True
+    return x is not None and array_module(x) is not np  # (array_module(None) would be the active backend's)
+
+
+def to_host(array: object, copy: bool = False) -> np.ndarray:
+    """``array`` as a host NumPy array: a device array is copied to the host (``.get()``).
+
+    Parameters
+    ----------
+    array : array or array-like
+        A device array, a NumPy array, or anything ``numpy.asarray`` takes.
+    copy : bool
+        Copy a NumPy array too (a device array is always copied).
+    """
+    if array is not None and array_module(array) is not np:
+        return array.get()
+    return np.array(array) if copy else np.asarray(array)
 
 
 def coupling_law(name: str) -> type:
@@ -132,6 +214,31 @@ def coupling_law(name: str) -> type:
         return _active_laws[name]
     except KeyError:
         raise ValueError(f"unknown coupling law {name!r}; choose from {sorted(_active_laws)}") from None
+
+
+_FUSED_MODULES = {"numba": ("kernels.numba_nn", "kernels.numba_optim")}
+"""Per backend, the kernel modules whose ``FUSED`` tables replace reference functions other than the
+coupling laws: the hidden layers' bias + activation and the Adam update. Backends not listed use the
+references."""
+_fused: dict[str, dict[str, Callable]] = {}
+
+
+def fused(name: str, reference: Callable) -> Callable:
+    """The active backend's fused version of the reference function ``name``, else ``reference`` itself.
+
+    ``name`` is one of ``"bias_activation"``, ``"bias_activation_backward"``
+    (:mod:`nflow_np.nn.bias_activation`) and ``"adam_update"`` (:func:`nflow_np.optim.adam_update`).
+    A fused version has the reference's signature and is tested against it (``tests/kernels``).
+    Called on every use, so after the first call per backend it is two dictionary lookups.
+    """
+    table = _fused.get(_active)
+    if table is None:
+        table = {}
+        for module_name in _FUSED_MODULES.get(_active, ()):
+            table.update(importlib.import_module(module_name).FUSED)
+        _fused[_active] = table
+    return table.get(name, reference)
+
 
 
 if os.environ.get("NFLOW_BACKEND"):

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLAS threads (default: 1; the GEMMs of these models are too small to gain from splitting, and a "
         "split GEMM stalls whenever another process holds the second core: 4 ms vs 140 ms per step measured)",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi,bench}")
 
     d = TRAIN_DEFAULTS
     train = commands.add_parser("train", help="fit a model to a toy data set")
@@ -193,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(handler=_sample)
 
     add_vi_subcommand(commands)
+    # every argument after `bench` goes to the suite's own parser: no prefix chars here, so none is an option
+    bench = commands.add_parser("bench", help="run the benchmark suite (nflow bench --help)", add_help=False,
+                                prefix_chars="\0")
+    bench.add_argument("bench_args", nargs="*")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -302,7 +307,7 @@ def _train(args: argparse.Namespace) -> int:
         activation=args.activation,
         dtype=args.dtype,
         seed=args.seed,
-    )
+    ).to_device()  # the active backend's array module: on a GPU backend the whole model lives on the device
     if args.anchor_every is not None and args.memory != "invert":
         raise ValueError("--anchor-every applies to --memory invert only")
     tolerance = INVERT_TOLERANCE[args.dtype] if args.memory == "invert" and args.anchor_every is None else None
@@ -415,7 +420,7 @@ def evaluate_model(
         raise ValueError(f"{model_dir} records no data set; pass --data")
     seed = metadata.get("seed", 0) if seed is None else seed
     n_test = n_test or metadata.get("n_test", TRAIN_DEFAULTS["n_test"])
-    model = load_model(model_dir)
+    model = load_model(model_dir).to_device()
     # the test split has its own random stream, so one training point is enough to get it unchanged
     splits = load_toy(data, n_train=1, n_val=1, n_test=n_test, seed=seed, dtype=model.dtype or np.float64)
     return evaluate_nll(model, splits.test), data, seed, n_test
@@ -449,11 +454,18 @@ def _eval_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """``nflow bench ARGS``: ``python -m benchmarks ARGS`` (the suite lives in the repository, beside the package)."""
+    from benchmarks import suite
+
+    return suite.main(args.bench_args)
+
+
 def _sample(args: argparse.Namespace) -> int:
     out = args.out or args.model_dir / "samples.npy"
     if out.suffix not in (".npy", ".csv"):
         raise ValueError(f"--out must end in .npy or .csv, got {str(out)!r}")
-    model = load_model(args.model_dir)
+    model = load_model(args.model_dir).to_device()
     x = model.sample(args.n, np.random.default_rng(args.seed), temperature=args.temperature)
     if out.suffix == ".npy":
         buffer = io.BytesIO()

@@ -1,7 +1,9 @@
 """Base distributions ``p(z)`` of a flow, with the gradient of their log-density.
 
 Both factorise over coordinates, ``log p(z) = Σ_i log p(z_i)``, and are written so that no
-intermediate overflows at large ``|z|`` (``docs/distributions.md``).
+intermediate overflows at large ``|z|`` (``docs/distributions.md``). They run on whichever arrays they
+are given (host or device), and ``sample`` draws with the generator it is given: a NumPy
+``Generator`` on the host, ``cupy.random.default_rng()`` on the GPU (same method names).
 """
 
 from __future__ import annotations

@@ -61,12 +61,13 @@ class ImageFlowModel(FlowModel):
         self.dequantize = found[0]
 
     def _check(self, x: np.ndarray, name: str) -> np.ndarray:
-        """Rows ``(N, D)`` of ``x`` (a view of an ``(N, C, H, W)`` batch), checked."""
-        if isinstance(x, np.ndarray) and x.ndim == 4:
+        """Rows ``(N, D)`` of ``x`` (a view of an ``(N, C, H, W)`` batch), on the parameters' device, checked."""
+        x = self._to_model(x)
+        if getattr(x, "ndim", None) == 4:
             if x.shape[1:] != self.shape:
                 raise ValueError(f"{name} has images of shape {x.shape[1:]}; this model's are {self.shape}")
             x = x.reshape(x.shape[0], -1)
-        x = check_batch(x, name, self.dim, self.dtype)
+        x = check_batch(x, name, self.dim, self.dtype, self.array_module)
         if name == "x" and (x.min() < 0 or x.max() > self.levels - 1):
             raise ValueError(f"x must hold levels 0 … {self.levels - 1}, got values in [{x.min()}, {x.max()}]")
         return x

@@ -6,12 +6,18 @@ representation by ``z = f(x)``, sampling by ``x = f⁻¹(z)``, ``z ~ p_Z``.
 Every public method checks its input and its result: a point so far out that its log-density or
 its image overflows raises :class:`~nflow_np.validation.NonFiniteError` naming the row, rather than
 returning a silent ``-inf`` or NaN (README, "Reliability").
+
+Device (``docs/kernels.md#gpu-backends``): after ``model.to_device()`` the parameters are device
+(CuPy) arrays. Every method still takes host NumPy data: it is moved to the device once, at the
+entry, and results go back where their input was (a host ``x`` gives a host ``log_prob``; a
+device ``x`` stays on the device); losses are Python floats.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from nflow_np import backend
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows.base import Flow, Sequential
 from nflow_np.module import Module
@@ -56,13 +62,21 @@ class FlowModel(Module):
             raise ValueError(f'memory="{memory}" needs a Sequential flow, got {type(self.flow).__name__}')
         self.flow.set_memory(memory, anchor_every, tolerance)
 
+    def _to_model(self, x: object) -> object:
+        """``x`` on the parameters' device: a host array is copied there (once), anything else left as it is."""
+        xp = self.array_module
+        if xp is not None and xp is not np and isinstance(x, np.ndarray):
+            return xp.asarray(x)
+        return x
+
     def _check(self, x: np.ndarray, name: str) -> np.ndarray:
-        return check_batch(x, name, self.dim, self.dtype)
+        """``x`` moved to the parameters' device and checked."""
+        return check_batch(self._to_model(x), name, self.dim, self.dtype, self.array_module)
 
     def log_prob(self, x: np.ndarray) -> np.ndarray:
-        """``log p(x)`` per row (nats), ``x: (N, D)`` → ``(N,)``."""
+        """``log p(x)`` per row (nats), ``x: (N, D)`` → ``(N,)``, on the device of ``x``."""
         z, logdet = self.flow._forward(self._check(x, "x"))
-        return check_result(self.base.log_prob(z) + logdet, "log_prob", x)
+        return _like(check_result(self.base.log_prob(z) + logdet, "log_prob", x), x)
 
     def nll(self, x: np.ndarray) -> float:
         """Mean negative log-likelihood of the rows of ``x`` (nats)."""
@@ -79,21 +93,22 @@ class FlowModel(Module):
         float
             The loss ``L`` before the update.
         """
-        z, logdet = self.flow._forward(self._check(x, "x"))
+        x = self._check(x, "x")
+        z, logdet = self.flow._forward(x)
         n = x.shape[0]
         loss = -(self.base.log_prob(z) + logdet).mean()
         d_z = self.base.grad_log_prob(z)
         d_z *= -1.0 / n
-        self.flow._backward(d_z, np.full(n, -1.0 / n, dtype=x.dtype))
+        self.flow._backward(d_z, np.full_like(x, -1.0 / n, shape=n))
         return float(loss)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """Latent representation ``z = f(x)``, ``(N, D)``."""
-        return check_result(self.flow._forward(self._check(x, "x"))[0], "encode", x)
+        """Latent representation ``z = f(x)``, ``(N, D)``, on the device of ``x``."""
+        return _like(check_result(self.flow._forward(self._check(x, "x"))[0], "encode", x), x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        """Data point ``x = f⁻¹(z)``, ``(N, D)``."""
-        return check_result(self.flow._inverse(self._check(z, "z"))[0], "decode", z)
+        """Data point ``x = f⁻¹(z)``, ``(N, D)``, on the device of ``z``."""
+        return _like(check_result(self.flow._inverse(self._check(z, "z"))[0], "decode", z), z)
 
     def sample(self, n: int, rng: np.random.Generator | None = None, temperature: float = 1.0) -> np.ndarray:
         """Draw ``n`` samples ``x = f⁻¹(T · z)``, ``z ~ p_Z``.
@@ -102,14 +117,17 @@ class FlowModel(Module):
         ----------
         n : int
             Number of samples.
-        rng : numpy.random.Generator, optional
-            Randomness (default: a fresh unseeded generator).
+        rng : numpy.random.Generator or a device module's Generator, optional
+            Randomness. A NumPy generator draws ``z`` on the host (the same samples on every
+            device for a given seed); ``cupy.random.default_rng(seed)`` draws on the GPU. Default:
+            a fresh unseeded generator of the parameters' array module.
         temperature : float
             ``T > 0`` scales the base draws; ``T < 1`` trades diversity for typicality.
 
         Returns
         -------
-        numpy.ndarray, shape (n, D)
+        array, shape (n, D)
+            On the device the draws were made on: host NumPy for a NumPy generator.
 
         Raises
         ------
@@ -122,8 +140,15 @@ class FlowModel(Module):
             raise ValueError(f"n must be a positive number of samples, got {n}")
         if not np.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-        rng = np.random.default_rng() if rng is None else rng
-        z = self.base.sample(int(n), self.dim, rng, self.dtype)
+        xp = self.array_module or backend.array_module()
+        rng = xp.random.default_rng() if rng is None else rng
+        drawn = self.base.sample(int(n), self.dim, rng, self.dtype)
+        z = self._to_model(drawn)
         if temperature != 1.0:
             z *= z.dtype.type(temperature)
-        return check_result(self.flow._inverse(z)[0], "sample", z)
+        return _like(check_result(self.flow._inverse(z)[0], "sample", z), drawn)
+
+
+def _like(result: np.ndarray, given: object) -> np.ndarray:
+    """``result`` on the host if ``given`` (the caller's input) was a host array, else as it is."""
+    return backend.to_host(result) if isinstance(given, np.ndarray) else result

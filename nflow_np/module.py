@@ -6,13 +6,21 @@ names and with the same shapes, in ``grads``. Modules built from other modules l
 layer it is updating; saving a model is writing :meth:`Module.state_dict`.
 
 Gradients *accumulate*: every backward pass adds to ``grads`` until :meth:`Module.zero_grad`.
+
+Device: the parameters live in one array module (``numpy`` on the host, ``cupy`` on a GPU);
+:meth:`Module.to_device` and :meth:`Module.to_host` move them (``docs/kernels.md#gpu-backends``).
+:meth:`Module.state_dict` is always host NumPy, whatever the device, so saved files never hold
+device arrays; :meth:`Module.load_state_dict` puts the values back on the module's device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import numpy as np
+
+from nflow_np import backend
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -93,8 +101,8 @@ class Module:
         pending = [getattr(m, name, None) for m in self.modules() for name in m.cache_attributes]
         while pending:
             item = pending.pop()
-            if isinstance(item, np.ndarray):
-                while isinstance(item.base, np.ndarray):
+            if backend.is_array(item):
+                while backend.is_array(item.base):
                     item = item.base
                 buffers[id(item)] = item
             elif isinstance(item, tuple | list):
@@ -117,6 +125,38 @@ class Module:
         return sum(value.size for _, value, _ in self.named_parameters())
 
     @property
+    def array_module(self) -> ModuleType | None:
+        """The array module (``xp``) holding the parameters: ``numpy`` or a device module such as
+        ``cupy``; ``None`` for a module without any."""
+        for _, value, _ in self.named_parameters():
+            return backend.array_module(value)
+        return None
+
+    def to_device(self, xp: ModuleType | None = None) -> Module:
+        """Move every parameter and gradient (this module and children) to ``xp``, in place; return self.
+
+        Parameters
+        ----------
+        xp : module, optional
+            The array module to move to; default: the active backend's
+            (:func:`nflow_np.backend.array_module`), so on a CPU backend this leaves the model on the host.
+
+        Caches of the last call are dropped (they live on the old device). Build the optimizer
+        after the move: its state is allocated like the parameters.
+        """
+        xp = backend.array_module() if xp is None else xp
+        for module in self.modules():
+            for name in module.params:
+                module.params[name] = _move(module.params[name], xp)
+                module.grads[name] = _move(module.grads[name], xp)
+        self.free_caches()
+        return self
+
+    def to_host(self) -> Module:
+        """Move every parameter and gradient to host NumPy arrays (:meth:`to_device` with ``numpy``)."""
+        return self.to_device(np)
+
+    @property
     def dtype(self) -> np.dtype | None:
         """The dtype of the parameters, or ``None`` for a module without any."""
         for _, value, _ in self.named_parameters():
@@ -124,13 +164,15 @@ class Module:
         return None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Copies of all parameters under their qualified names."""
-        return {name: value.copy() for name, value, _ in self.named_parameters()}
+        """Host NumPy copies of all parameters under their qualified names (on any device)."""
+        return {name: backend.to_host(value, copy=True) for name, value, _ in self.named_parameters()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Copy ``state`` into the parameters, in place, after checking every name and shape.
 
-        Nothing is written unless every entry matches, so a bad state never half-loads.
+        Nothing is written unless every entry matches, so a bad state never half-loads. ``state``
+        holds host arrays (or arrays of the module's device); they are copied to the parameters'
+        device.
         """
         own = {name: value for name, value, _ in self.named_parameters()}
         missing = sorted(set(own) - set(state))
@@ -138,13 +180,13 @@ class Module:
         if missing or unexpected:
             raise ValueError(f"state does not match the module: missing {missing}, unexpected {unexpected}")
         for name, value in own.items():
-            new = np.asarray(state[name])
+            new = state[name] if backend.is_array(state[name]) else np.asarray(state[name])
             if new.shape != value.shape:
                 raise ValueError(f"parameter {name!r}: shape {new.shape} in state, {value.shape} in module")
             if new.dtype.kind != "f":
                 raise TypeError(f"parameter {name!r}: dtype {new.dtype} in state is not floating point")
         for name, value in own.items():
-            value[...] = state[name]
+            value[...] = _move(state[name], backend.array_module(value))
 
     def astype(self, dtype: object) -> Module:
         """Convert every parameter and gradient to ``dtype`` (float32/float64), in place; return self."""
@@ -158,3 +200,11 @@ class Module:
         for name in self.params:
             self.params[name] = self.params[name].astype(dtype)
             self.grads[name] = self.grads[name].astype(dtype)
+
+
+def _move(array: object, xp: ModuleType) -> object:
+    """``array`` in the array module ``xp``: itself if it is there already, else a copy."""
+    if backend.array_module(array) is xp:
+        return array
+    host = backend.to_host(array)
+    return host if xp is np else xp.asarray(host)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nflow_np import backend
+from nflow_np.backend import array_module, to_host
 from nflow_np.module import Module
 
 
@@ -34,6 +36,50 @@ def clip_grad_norm(module: Module, max_norm: float) -> float:
         for _, _, grad in module.named_parameters():
             grad *= grad.dtype.type(factor)
     return norm
+
+
+def adam_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step_size: float,
+    bias2: float,
+    decay: float,
+) -> None:
+    """One Adam update of ``param``, ``m`` and ``v`` in place: the reference the fused kernels match.
+
+    ``θ ← θ · decay``;  ``m ← β₁m + (1 − β₁)g``;  ``v ← β₂v + (1 − β₂)g²``;
+    ``θ ← θ − η̂ · m / (√(v / b₂) + ε)``, with ``η̂ = η / (1 − β₁ᵗ)`` and ``b₂ = 1 − β₂ᵗ`` the bias
+    corrections (dividing ``m`` by ``1 − β₁ᵗ`` is folded into the step size).
+
+    Each line is rounded to the parameters' dtype in this order; ``kernels.numba_optim`` does the
+    same operations in one pass and gives the same bits.
+
+    Parameters
+    ----------
+    param, grad, m, v : arrays of one shape and dtype
+    beta1, beta2, eps : float
+    step_size : float
+        ``η / (1 − β₁ᵗ)``.
+    bias2 : float
+        ``1 − β₂ᵗ``.
+    decay : float
+        ``1 − ηλ`` for decoupled weight decay, ``1.0`` for none.
+    """
+    if decay != 1.0:
+        param *= param.dtype.type(decay)
+    m *= beta1
+    m += (1 - beta1) * grad
+    v *= beta2
+    v += (1 - beta2) * (grad * grad)
+    denominator = np.sqrt(v / bias2)
+    denominator += eps
+    param -= param.dtype.type(step_size) * (m / denominator)
 
 
 class Optimizer:
@@ -69,7 +115,7 @@ class Optimizer:
         flat = {"step": np.array(self.step_count, dtype=np.int64), "lr": np.array(self.lr)}
         for buffer, arrays in self.state.items():
             for name, value in arrays.items():
-                flat[f"{buffer}/{name}"] = value.copy()
+                flat[f"{buffer}/{name}"] = to_host(value, copy=True)
         return flat
 
     def load_state_dict(self, flat: dict[str, np.ndarray]) -> None:
@@ -86,7 +132,7 @@ class Optimizer:
         self.lr = float(flat["lr"])
         for buffer, arrays in self.state.items():
             for name, value in arrays.items():
-                value[...] = flat[f"{buffer}/{name}"]
+                value[...] = array_module(value).asarray(flat[f"{buffer}/{name}"])
 
 
 class SGD(Optimizer):
@@ -161,15 +207,16 @@ class Adam(Optimizer):
         super().__init__(module, lr, weight_decay)
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
-        m, v = self.state["m"][name], self.state["v"][name]
-        m *= self.beta1
-        m += (1 - self.beta1) * grad
-        v *= self.beta2
-        v += (1 - self.beta2) * (grad * grad)
         t = self.step_count
-        step_size = self.lr / (1 - self.beta1**t)
-        denominator = np.sqrt(v / (1 - self.beta2**t))
-        denominator += self.eps
-        if self.weight_decay:
-            param *= param.dtype.type(1 - self.lr * self.weight_decay)
-        param -= param.dtype.type(step_size) * (m / denominator)
+        backend.fused("adam_update", adam_update)(
+            param,
+            grad,
+            self.state["m"][name],
+            self.state["v"][name],
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            step_size=self.lr / (1 - self.beta1**t),
+            bias2=1 - self.beta2**t,
+            decay=1 - self.lr * self.weight_decay,
+        )

@@ -8,6 +8,10 @@ Reliability (README, "Reliability"): the data are checked before the first step;
 checkpoints and be resumed from them, reproducing the uninterrupted run bit for bit (its whole
 position is a :class:`~nflow_np.checkpoint.TrainState`); a non-finite loss stops the run with the
 best parameters restored and the last checkpoint untouched, or, if asked, skips the batch.
+
+Device (``docs/kernels.md#gpu-backends``): the data stay on the host; a model moved with
+``model.to_device()`` receives each batch once, moved by the model's own entry point. Everything
+kept across steps (the best parameters, checkpoints) is host NumPy.
 """
 
 from __future__ import annotations
@@ -124,14 +128,17 @@ def fit(
     Parameters
     ----------
     model : FlowModel
-        Trained in place; at the end it holds the parameters with the best validation NLL.
+        Trained in place, on the device its parameters are on; at the end it holds the parameters
+        with the best validation NLL.
     train : numpy.ndarray, shape (N, D)
-        Training data in the model's dtype (integer data is converted, with a warning; see
-        :func:`~nflow_np.validation.check_data`). Checked completely before the first step.
+        Training data (host) in the model's dtype (integer data is converted, with a warning; see
+        :func:`~nflow_np.validation.check_data`). Checked completely before the first step; each
+        batch is copied to the model's device once.
     val : numpy.ndarray, shape (M, D), optional
         Validation data; without it the last parameters are kept and there is no early stop.
     optimizer : Optimizer, optional
-        Default: ``Adam(model, lr=1e-3)``.
+        Default: ``Adam(model, lr=1e-3)``. Built after the model was moved (its state must be on
+        the parameters' device).
     epochs : int
         Maximum number of passes over ``train``.
     batch_size : int
@@ -198,6 +205,7 @@ def fit(
     if memory is not None:
         model.set_memory(memory)
     optimizer = Adam(model, lr=1e-3) if optimizer is None else optimizer
+    _check_same_device(model, optimizer)
     base_lr = optimizer.lr
     steps_per_epoch = train.shape[0] // batch_size
     total_steps = epochs * steps_per_epoch
@@ -298,6 +306,19 @@ def fit(
     result.stopped_early = state.stopped_early
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_same_device(model: FlowModel, optimizer: Optimizer) -> None:
+    """Refuse an optimizer whose state is not on the model's device (built before ``to_device``)."""
+    xp = model.array_module
+    for arrays in optimizer.state.values():
+        for name, value in arrays.items():
+            where = backend.array_module(value)
+            if where is not xp:
+                raise ValueError(
+                    f"the optimizer's state for {name!r} is a {where.__name__} array but the model's parameters are "
+                    f"{xp.__name__} arrays: build the optimizer after moving the model (model.to_device())"
+                )
 
 
 def _end_epoch(

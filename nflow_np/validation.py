@@ -9,8 +9,11 @@ passes they call do not check again, so the hot path pays nothing. Training data
 from __future__ import annotations
 
 import warnings
+from types import ModuleType
 
 import numpy as np
+
+from nflow_np import backend
 
 
 class NonFiniteError(ValueError):
@@ -21,8 +24,10 @@ class DataConversionWarning(UserWarning):
     """Integer training data was converted to the model's float dtype (exactly)."""
 
 
-def check_batch(x: object, name: str, dim: int | None, dtype: np.dtype | None) -> np.ndarray:
-    """Check that ``x`` is a finite float batch of shape ``(N, dim)`` and dtype ``dtype``.
+def check_batch(
+    x: object, name: str, dim: int | None, dtype: np.dtype | None, xp: ModuleType | None = np
+) -> np.ndarray:
+    """Check that ``x`` is a finite float batch of shape ``(N, dim)`` and dtype ``dtype``, an array of ``xp``.
 
     Parameters
     ----------
@@ -34,21 +39,27 @@ def check_batch(x: object, name: str, dim: int | None, dtype: np.dtype | None) -
         Required number of columns; ``None`` accepts any.
     dtype : numpy.dtype or None
         Required dtype (the dtype of the parameters it meets); ``None`` accepts float32 or float64.
+    xp : module or None
+        The array module ``x`` must belong to (the parameters' module: ``numpy``, or ``cupy``
+        on the device); ``None`` accepts a NumPy array or a device array alike.
 
     Returns
     -------
-    numpy.ndarray
-        ``x`` itself (never a silent copy or cast).
+    array
+        ``x`` itself (never a silent copy, cast or move between host and device).
 
     Raises
     ------
     TypeError
-        Not a NumPy array, or an integer/object/other-precision dtype.
+        Not an array of ``xp`` (a host array for a model on the device, or the other way
+        round, is named as such), or an integer/object/other-precision dtype.
     ValueError
         Wrong number of dimensions or columns, no rows, or a NaN/Inf (the first one is named).
     """
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if xp is None:
+        xp = backend.array_module(x)
+    if not isinstance(x, xp.ndarray):
+        raise TypeError(_not_an_array_of(x, name, xp))
     if x.dtype.kind != "f" or x.dtype not in (np.float32, np.float64):
         raise TypeError(
             f"{name} has dtype {x.dtype}; expected float32 or float64 (convert explicitly, e.g. x.astype(np.float64))"
@@ -66,6 +77,29 @@ def check_batch(x: object, name: str, dim: int | None, dtype: np.dtype | None) -
         raise ValueError(f"{name} is empty: shape {x.shape}")
     check_finite(x, name)
     return x
+
+
+def is_array_of(x: object, xp: ModuleType | None) -> bool:
+    """Whether ``x`` is an array of the module ``xp`` (``None``: of NumPy or of any device module)."""
+    return backend.is_array(x) if xp is None else isinstance(x, xp.ndarray)
+
+
+def _not_an_array_of(x: object, name: str, xp: ModuleType) -> str:
+    """The message for an ``x`` that is not an array of ``xp``, saying where it and the parameters live."""
+    message = f"{name} must be a {xp.__name__}.ndarray, got {type(x).__name__}"
+    given = backend.array_module(x)
+    if xp is np and given is not np:
+        return (
+            f"{message}: a {given.__name__} (device) array, but the parameters are on the host; pass "
+            f"{given.__name__}.asnumpy({name}), or move the model with .to_device() first"
+        )
+    if xp is not np and isinstance(x, np.ndarray):
+        return (
+            f"{message}: a host array, but the parameters are on the device ({xp.__name__}); pass "
+            f"{xp.__name__}.asarray({name}) (FlowModel's methods move host data themselves), or move the "
+            "model with .to_host()"
+        )
+    return message
 
 
 def check_finite(x: np.ndarray, name: str) -> None:

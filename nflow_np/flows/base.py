@@ -15,6 +15,11 @@ The public methods check their input (shape, dtype, finiteness) and then call th
 :class:`Sequential` call directly, so a deep stack validates once, at its entry. They also check
 their result once, at the exit: an input so large that some layer overflows raises
 :class:`~nflow_np.validation.NonFiniteError` naming the row, instead of returning a silent Inf/NaN.
+
+Arrays: the same code runs on NumPy arrays and on device (CuPy) arrays. Inputs must be arrays of
+the parameters' module (:attr:`~nflow_np.module.Module.array_module`; a flow without parameters
+takes either); arrays are made from the input (``np.zeros_like(x, shape=n)``), never from
+scratch, so they land on its device (``docs/kernels.md#gpu-backends``).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 
 from nflow_np.allocator import keep_freed_memory
 from nflow_np.module import Module
-from nflow_np.validation import check_batch, check_result
+from nflow_np.validation import check_batch, check_result, is_array_of
 
 
 class Flow(Module):
@@ -69,7 +74,7 @@ class Flow(Module):
         NonFiniteError
             A row of ``z`` or ``logdet`` overflowed (the input is too large for this flow and dtype).
         """
-        check_batch(x, "x", self.dim, self.dtype)
+        check_batch(x, "x", self.dim, self.dtype, self.array_module)
         z, logdet = self._forward(x)
         check_result(z, f"{type(self).__name__}.forward", x)
         check_result(logdet, f"{type(self).__name__}.forward (log-det)", x)
@@ -93,7 +98,7 @@ class Flow(Module):
         NonFiniteError
             A row of ``x`` or ``logdet`` overflowed (the input is too large for this flow and dtype).
         """
-        check_batch(z, "z", self.dim, self.dtype)
+        check_batch(z, "z", self.dim, self.dtype, self.array_module)
         x, logdet = self._inverse(z)
         check_result(x, f"{type(self).__name__}.inverse", z)
         check_result(logdet, f"{type(self).__name__}.inverse (log-det)", z)
@@ -117,12 +122,13 @@ class Flow(Module):
         if self._cache is None:
             raise RuntimeError("backward called before forward or inverse")
         n = self._batch_size()
-        if not isinstance(d_out, np.ndarray) or d_out.shape != (n, self.dim):
+        xp = self.array_module
+        if not is_array_of(d_out, xp) or d_out.shape != (n, self.dim):
             shape = getattr(d_out, "shape", type(d_out).__name__)
             raise ValueError(f"d_out must have shape {(n, self.dim)} like the last output, got {shape}")
         if d_logdet is None:
-            d_logdet = np.zeros(n, dtype=d_out.dtype)
-        elif not isinstance(d_logdet, np.ndarray) or d_logdet.shape != (n,):
+            d_logdet = np.zeros_like(d_out, shape=n)
+        elif not is_array_of(d_logdet, xp) or d_logdet.shape != (n,):
             shape = getattr(d_logdet, "shape", type(d_logdet).__name__)
             raise ValueError(f"d_logdet must have shape {(n,)}, got {shape}")
         return self._backward(d_out, d_logdet)
@@ -258,7 +264,7 @@ class Sequential(Flow):
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.memory == "invert":
             return self._forward_invert(x)
-        logdet = np.zeros(x.shape[0], dtype=x.dtype)
+        logdet = np.zeros_like(x, shape=x.shape[0])
         for flow in self.flows:
             x, layer_logdet = flow._forward(x)
             logdet += layer_logdet
@@ -271,7 +277,7 @@ class Sequential(Flow):
             self.anchor_every = anchor_every_for(self.reconstruction_errors(x), self.tolerance)
         self._forwards += 1
         every = self.anchor_every or len(self.flows)
-        logdet = np.zeros(x.shape[0], dtype=x.dtype)
+        logdet = np.zeros_like(x, shape=x.shape[0])
         stored: dict[int, np.ndarray] = {}
         for k, flow in enumerate(self.flows):
             exact = flow.invertible_in_backward
@@ -285,7 +291,7 @@ class Sequential(Flow):
         return x, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logdet = np.zeros(z.shape[0], dtype=z.dtype)
+        logdet = np.zeros_like(z, shape=z.shape[0])
         for flow in reversed(self.flows):
             z, layer_logdet = flow._inverse(z)
             logdet += layer_logdet

@@ -13,6 +13,9 @@ signatures and are tested against these functions. Every law offers
 with ``x2, z2: (N, D₂)`` and ``h: (N, out_features(D₂))``. The backward functions take the same
 *input* as the pass they differentiate (and recompute the rest), so a kernel can do a whole
 backward in one sweep over memory. Derivations: ``docs/flows.md#coupling-laws``.
+
+The functions run unchanged on device (CuPy) arrays: they only call ufuncs, methods and
+``np.*_like``, which dispatch on their argument.
 """
 
 from __future__ import annotations
@@ -38,11 +41,11 @@ class AdditiveLaw:
 
     @staticmethod
     def forward(x2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
-        return x2 + h, np.zeros(x2.shape[0], dtype=x2.dtype)
+        return x2 + h, np.zeros_like(x2, shape=x2.shape[0])
 
     @staticmethod
     def inverse(z2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
-        return z2 - h, np.zeros(z2.shape[0], dtype=z2.dtype)
+        return z2 - h, np.zeros_like(z2, shape=z2.shape[0])
 
     @staticmethod
     def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205 (signature in module doc)
@@ -128,7 +131,7 @@ class AffineLaw:
     def _d_h(d_s: np.ndarray, g: np.ndarray, scale: np.ndarray, d_t: np.ndarray) -> np.ndarray:
         """Stack ``[∂L/∂ŝ, ∂L/∂t]`` with ``∂L/∂ŝ = ∂L/∂s ⊙ a ⊙ (1 − g²)``."""
         d2 = g.shape[1]
-        d_h = np.empty((g.shape[0], 2 * d2), dtype=g.dtype)
+        d_h = np.empty_like(g, shape=(g.shape[0], 2 * d2))
         np.multiply(d_s * scale, 1 - g * g, out=d_h[:, :d2])
         d_h[:, d2:] = d_t
         return d_h

@@ -34,13 +34,13 @@ class Rescale(Flow):
         log_scale = self.params["log_scale"]
         z = x * np.exp(log_scale)
         self._remember("forward", x.shape[0], z)
-        return z, np.full(x.shape[0], log_scale.sum(), dtype=x.dtype)
+        return z, np.zeros_like(x, shape=x.shape[0]) + log_scale.sum()
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         log_scale = self.params["log_scale"]
         x = z * np.exp(-log_scale)
         self._remember("inverse", z.shape[0], x)
-        return x, np.full(z.shape[0], -log_scale.sum(), dtype=z.dtype)
+        return x, np.zeros_like(z, shape=z.shape[0]) - log_scale.sum()
 
     def _reconstruct(self, z: np.ndarray) -> np.ndarray:
         # the forward cache is the output z itself
@@ -87,11 +87,11 @@ class Permutation(Flow):
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
-        return x[:, self.perm], np.zeros(x.shape[0], dtype=x.dtype)
+        return x[:, self.perm], np.zeros_like(x, shape=x.shape[0])
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("inverse", z.shape[0])
-        return z[:, self.inverse_perm], np.zeros(z.shape[0], dtype=z.dtype)
+        return z[:, self.inverse_perm], np.zeros_like(z, shape=z.shape[0])
 
     def _reconstruct(self, z: np.ndarray) -> np.ndarray:
         self._remember("forward", z.shape[0])

@@ -107,11 +107,11 @@ class Squeeze(Flow):
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
-        return self.squeeze(x), np.zeros(x.shape[0], dtype=x.dtype)
+        return self.squeeze(x), np.zeros_like(x, shape=x.shape[0])
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("inverse", z.shape[0])
-        return self.unsqueeze(z), np.zeros(z.shape[0], dtype=z.dtype)
+        return self.unsqueeze(z), np.zeros_like(z, shape=z.shape[0])
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, _ = self._cache
@@ -136,6 +136,9 @@ class FactorOut(Flow):
 
     Backward: ``∂L/∂x_a = f.backward(d_z_a, d_logdet)``, ``∂L/∂x_b = d_z_b``.
 
+    The inner flow gets a C-contiguous copy of the first ``k`` columns (``.copy()``, which works on
+    device arrays too; ``np.ascontiguousarray`` would try to convert a CuPy array to NumPy).
+
     Parameters
     ----------
     dim : int
@@ -157,7 +160,7 @@ class FactorOut(Flow):
         self.children = {"flow": flow}
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        z_a, logdet = self.flow._forward(np.ascontiguousarray(x[:, : self.keep]))
+        z_a, logdet = self.flow._forward(x[:, : self.keep].copy())
         z = np.empty_like(x)
         z[:, : self.keep] = z_a
         z[:, self.keep :] = x[:, self.keep :]
@@ -165,7 +168,7 @@ class FactorOut(Flow):
         return z, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x_a, logdet = self.flow._inverse(np.ascontiguousarray(z[:, : self.keep]))
+        x_a, logdet = self.flow._inverse(z[:, : self.keep].copy())
         x = np.empty_like(z)
         x[:, : self.keep] = x_a
         x[:, self.keep :] = z[:, self.keep :]
@@ -174,6 +177,6 @@ class FactorOut(Flow):
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         d_in = np.empty_like(d_out)
-        d_in[:, : self.keep] = self.flow._backward(np.ascontiguousarray(d_out[:, : self.keep]), d_logdet)
+        d_in[:, : self.keep] = self.flow._backward(d_out[:, : self.keep].copy(), d_logdet)
         d_in[:, self.keep :] = d_out[:, self.keep :]
         return d_in

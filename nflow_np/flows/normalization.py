@@ -115,8 +115,10 @@ class BatchNorm(Flow):
         """A per-group array ``(C,)`` shaped to broadcast against ``(N, C, P)``."""
         return v[:, None]
 
-    def _logdet(self, inv_std: np.ndarray, n: int, dtype: np.dtype) -> np.ndarray:
-        return np.full(n, self.pixels * (self.params["log_gamma"] + np.log(inv_std)).sum(), dtype=dtype)
+    def _logdet(self, inv_std: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """The log-det, the same for each of the rows of ``like``, on its device."""
+        logdet = self.pixels * (self.params["log_gamma"] + np.log(inv_std)).sum()
+        return np.zeros_like(like, shape=like.shape[0]) + logdet
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p, g = self.params, self._group
@@ -134,7 +136,7 @@ class BatchNorm(Flow):
         x_hat = (xv - g(mean)) * g(inv_std)
         z = x_hat * g(np.exp(p["log_gamma"])) + g(p["beta"])
         self._remember("forward", x.shape[0], (self.training, x_hat, inv_std))
-        return z.reshape(x.shape), self._logdet(inv_std, x.shape[0], x.dtype)
+        return z.reshape(x.shape), self._logdet(inv_std, x)
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.training:
@@ -147,7 +149,7 @@ class BatchNorm(Flow):
         x_hat = (self._view(z) - g(p["beta"])) * g(np.exp(-p["log_gamma"]))
         x = x_hat / g(inv_std) + g(p["running_mean"])
         self._remember("inverse", z.shape[0], (False, x_hat, inv_std))
-        return x.reshape(z.shape), -self._logdet(inv_std, z.shape[0], z.dtype)
+        return x.reshape(z.shape), -self._logdet(inv_std, z)
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, (training, x_hat, inv_std) = self._cache
@@ -222,13 +224,13 @@ class ActNorm(Flow):
         log_scale = self.params["log_scale"]
         z = (x + self.params["bias"]) * np.exp(log_scale)
         self._remember("forward", x.shape[0], z)
-        return z, np.full(x.shape[0], log_scale.sum(), dtype=x.dtype)
+        return z, np.zeros_like(x, shape=x.shape[0]) + log_scale.sum()
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         log_scale = self.params["log_scale"]
         shifted = z * np.exp(-log_scale)  # x + b
         self._remember("inverse", z.shape[0], shifted)
-        return shifted - self.params["bias"], np.full(z.shape[0], -log_scale.sum(), dtype=z.dtype)
+        return shifted - self.params["bias"], np.zeros_like(z, shape=z.shape[0]) - log_scale.sum()
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, cached = self._cache

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from nflow_np import backend
 from nflow_np.flows.base import Flow
 from nflow_np.validation import check_batch
 
@@ -60,11 +61,13 @@ class Dequantize(Flow):
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
-        return x + self.rng.random(x.shape, dtype=x.dtype), np.zeros(x.shape[0], dtype=x.dtype)
+        # drawn on the host, so the stream (and a checkpoint of it) is the same on every device
+        noise = backend.array_module(x).asarray(self.rng.random(x.shape, dtype=x.dtype))
+        return x + noise, np.zeros_like(x, shape=x.shape[0])
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("inverse", z.shape[0])
-        return np.clip(np.floor(z), 0, self.levels - 1), np.zeros(z.shape[0], dtype=z.dtype)
+        return np.clip(np.floor(z), 0, self.levels - 1), np.zeros_like(z, shape=z.shape[0])
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, _ = self._cache
@@ -92,16 +95,16 @@ class Scale(Flow):
             raise ValueError(f"Scale needs a finite non-zero factor, got {factor}")
         self.factor = factor
 
-    def _log_factor(self, n: int, dtype: np.dtype) -> np.ndarray:
-        return np.full(n, self.dim * np.log(abs(self.factor)), dtype=dtype)
+    def _log_factor(self, like: np.ndarray) -> np.ndarray:
+        return np.full_like(like, self.dim * np.log(abs(self.factor)), shape=like.shape[0])
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
-        return x * x.dtype.type(self.factor), self._log_factor(x.shape[0], x.dtype)
+        return x * x.dtype.type(self.factor), self._log_factor(x)
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("inverse", z.shape[0])
-        return z / z.dtype.type(self.factor), -self._log_factor(z.shape[0], z.dtype)
+        return z / z.dtype.type(self.factor), -self._log_factor(z)
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, _ = self._cache

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from nflow_np import backend
 from nflow_np.module import Module, as_float_dtype
+from nflow_np.nn import bias_activation
 
 
 class Layer(Module):
@@ -75,6 +77,61 @@ class Linear(Layer):
         self.grads["W"] += x.T @ d_y
         self.grads["b"] += d_y.sum(axis=0)
         return d_y @ self.params["W"].T
+
+
+class Dense(Linear):
+    """A hidden layer ``out = φ(x W + b)``: a GEMM, then bias and activation in one elementwise step.
+
+    Equals ``Linear`` followed by ``ReLU``/``LeakyReLU``/``Tanh`` (``tests/nn/test_layers.py`` checks
+    that), computed as ``y = x W`` (BLAS) and ``y ← φ(y + b)`` in place on that fresh product, by
+    :func:`nflow_np.nn.bias_activation.forward` or the active backend's fused kernel for it.
+
+    Backward (``docs/nn.md#dense``): ``d_u = d_out ⊙ φ′`` with ``φ′`` read off the cached output
+    (``[out > 0]``, ``1 | slope``, ``1 − out²``), ``∂L/∂b = Σ_n d_u[n]``, then the Linear rules
+    with ``d_u`` for ``d_y``: ``∂L/∂W = xᵀ d_u``, ``∂L/∂x = d_u Wᵀ``.
+
+    Parameters
+    ----------
+    in_features, out_features, rng, dtype, zero_init
+        As for :class:`Linear`.
+    activation : {"relu", "leaky_relu", "tanh"}
+    slope : float
+        The leaky ReLU's slope (ignored by the others), in [0, 1).
+    """
+
+    cache_attributes = ("_x", "_out")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rng: np.random.Generator,
+        dtype: object = np.float64,
+        zero_init: bool = False,
+        activation: str = "relu",
+        slope: float = 0.01,
+    ) -> None:
+        super().__init__(in_features, out_features, rng, dtype, zero_init)
+        if activation not in bias_activation.ACTIVATION_NAMES:
+            raise ValueError(f"unknown activation {activation!r}; choose from {list(bias_activation.ACTIVATION_NAMES)}")
+        if not 0.0 <= slope < 1.0:
+            raise ValueError(f"leaky ReLU slope must be in [0, 1), got {slope}")
+        self.activation = activation
+        self.slope = float(slope)
+        self._out: np.ndarray | None = None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self._x = x
+        out = x @ self.params["W"]
+        backend.fused("bias_activation", bias_activation.forward)(out, self.params["b"], self.activation, self.slope)
+        self._out = out
+        return out
+
+    def backward(self, d_out: np.ndarray) -> np.ndarray:
+        fused_backward = backend.fused("bias_activation_backward", bias_activation.backward)
+        d_u = fused_backward(d_out, self._out, self.activation, self.slope, self.grads["b"])
+        self.grads["W"] += self._x.T @ d_u
+        return d_u @ self.params["W"].T
 
 
 class ReLU(Layer):

@@ -6,13 +6,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nflow_np.nn.layers import ACTIVATIONS, Layer, Linear
+from nflow_np.nn.layers import ACTIVATIONS, Dense, Layer, Linear
 
 
 class MLP(Layer):
-    """``Linear → act → … → Linear``: ``sizes = (D_in, H_1, …, H_k, D_out)``.
+    """``Dense → … → Dense → Linear``: ``sizes = (D_in, H_1, …, H_k, D_out)``.
 
-    Backward is the chain rule through the layers in reverse order (``docs/nn.md#mlp``).
+    Each hidden layer is ``φ(x W + b)`` (:class:`nflow_np.nn.layers.Dense`: the same maps as a
+    ``Linear`` followed by an activation layer, with bias and ``φ`` in one elementwise step); the
+    last layer is a plain ``Linear``. Backward is the chain rule through the layers in reverse
+    order (``docs/nn.md#mlp``).
 
     Parameters
     ----------
@@ -44,13 +47,12 @@ class MLP(Layer):
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         self.sizes = sizes
         self.activation = activation
-        self.layers: list[Layer] = []
-        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-            last = i == len(sizes) - 2
-            self.layers.append(Linear(n_in, n_out, rng, dtype, zero_init=last and zero_last))
-            if not last:
-                self.layers.append(ACTIVATIONS[activation]())
-        self.children = {str(i): layer for i, layer in enumerate(self.layers)}
+        hidden = zip(sizes[:-2], sizes[1:-1], strict=True)
+        self.layers: list[Layer] = [Dense(n_in, n_out, rng, dtype, activation=activation) for n_in, n_out in hidden]
+        self.layers.append(Linear(sizes[-2], sizes[-1], rng, dtype, zero_init=zero_last))
+        # Layer i's parameters are named "2i.W", "2i.b": the slots the linear maps had when each
+        # activation was a layer of its own, so model files saved then still load.
+        self.children = {str(2 * i): layer for i, layer in enumerate(self.layers)}
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:

@@ -122,3 +122,32 @@ def test_array_module_is_numpy_on_the_cpu_backends() -> None:
     if "numba" in backend.available_backends():
         with use("numba"):
             assert backend.array_module() is np
+
+
+def test_array_module_of_an_array_never_imports_cupy() -> None:
+    """NumPy arrays, scalars and lists are NumPy's; asking costs no import of CuPy (``sys.modules`` unchanged)."""
+    code = (
+        "import sys, numpy as np; from nflow_np import backend; "
+        "assert all(backend.array_module(a) is np for a in (np.zeros(2), np.float32(1), [1.0], 2.0)); "
+        "assert backend.to_host([1.0, 2.0]).tolist() == [1.0, 2.0]; print('cupy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_gpu_backends_name_cupy_as_their_array_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without CuPy installed (e.g. numba-cuda under the simulator) the model stays NumPy and the laws copy."""
+    monkeypatch.setattr(backend, "_active", "numba-cuda")
+    monkeypatch.setattr(backend.importlib.util, "find_spec", lambda name: None)
+    assert backend.array_module() is np
+
+
+def test_built_in_backends_cannot_be_registered_again() -> None:
+    with pytest.raises(ValueError, match="built-in backend"):
+        backend.register_backend("cupy", COUPLING_LAWS, np)
+
+
+def test_a_model_on_the_cpu_backends_stays_numpy() -> None:
+    model = build_model("realnvp", 2, layers=2, hidden=(4,), seed=0)
+    assert model.to_device() is model and model.array_module is np
+    assert all(type(p) is np.ndarray for _, p, _ in model.named_parameters())

@@ -1,7 +1,9 @@
 """The GPU backends on a real GPU against the NumPy reference; skipped, with the reason, without one.
 
 Same draws and error metric as the CPU test (``law_check``), with NumPy inputs (copied through the
-device) and with CuPy inputs (results stay on the device: CuPy arrays).
+device) and with CuPy inputs (results stay on the device: CuPy arrays); and whole models trained with
+every array on the device (``model.to_device()``) against the NumPy backend. Without a GPU the same
+seam is proven on a fake device (``tests/test_device.py``).
 """
 
 from __future__ import annotations
@@ -59,3 +61,52 @@ def test_cupy_arrays_stay_on_the_device(module_name: str) -> None:
         want = call(REFERENCE["affine"], function, inputs)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_allclose(cupy.asnumpy(g), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("backend_name", ["cupy", "numba-cuda"])
+def test_whole_model_trains_on_the_device(backend_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RealNVP and NICE with every array on the GPU (CuPy; cuBLAS GEMMs) train like the NumPy reference.
+
+    The laws must take the CuPy arrays as they are: their host-copy paths are made to fail here.
+    """
+    cupy = pytest.importorskip("cupy", reason="the model on the device needs CuPy arrays")
+    from nflow_np import backend
+    from nflow_np.architectures import build_model
+    from nflow_np.data.toy2d import make_two_moons
+    from nflow_np.optim import Adam
+    from nflow_np.train import fit
+
+    if backend_name not in backend.available_backends():
+        pytest.skip(f"backend {backend_name!r} cannot run here")
+    module = importlib.import_module(backend._KERNEL_MODULES[backend_name])
+
+    def no_host_copy(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a GPU law copied between host and device")
+
+    if backend_name == "cupy":
+        monkeypatch.setattr(module.cupy, "asnumpy", no_host_copy)
+    else:
+        monkeypatch.setattr(module.cuda, "to_device", no_host_copy)
+    data = make_two_moons(1024, np.random.default_rng(0))
+    before = backend.get_backend()
+    for kind in ("realnvp", "nice"):
+        histories, states = {}, {}
+        for name in ("numpy", backend_name):
+            backend.set_backend(name)
+            try:
+                model = build_model(kind, 2, layers=4, hidden=(32, 32), seed=0).to_device()
+                assert model.array_module is (cupy if name != "numpy" else np)
+                optimizer = Adam(model, lr=3e-3)
+                result = fit(
+                    model, data[:768], data[768:], optimizer=optimizer, epochs=2, batch_size=128, progress=False
+                )
+                if name != "numpy":
+                    assert all(isinstance(p, cupy.ndarray) for _, p, _ in model.named_parameters())
+                    assert all(isinstance(v, cupy.ndarray) for a in optimizer.state.values() for v in a.values())
+            finally:
+                backend.set_backend(before)
+            histories[name] = np.array([[h["train_nll"], h["val_nll"]] for h in result.history])
+            states[name] = model.state_dict()
+        np.testing.assert_allclose(histories[backend_name], histories["numpy"], rtol=1e-8)
+        for key, value in states["numpy"].items():
+            np.testing.assert_allclose(states[backend_name][key], value, rtol=1e-7, atol=1e-9, err_msg=key)

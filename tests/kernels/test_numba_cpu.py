@@ -114,10 +114,56 @@ def test_overflow_and_nan_propagate_like_the_reference(function: str, dtype: typ
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-def test_results_do_not_depend_on_threads(function: str) -> None:
-    """``∂L/∂a`` is summed in chunks fixed by N (not by threads): serial, parallel on all threads and
-    parallel on one thread agree bit for bit."""
-    inputs = draw("affine", 1000, 33, np.float32, np.random.default_rng(3))
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("d2", [1, 7, 31, 32, 33, 63, 64, 65, 96, 100, 129, 392])
+def test_row_loop_and_flat_blocks_match_reference(function: str, dtype: type, d2: int) -> None:
+    """Widths on both sides of the row-loop / flat-block split (``short_rows``), in both kernels."""
+    for n, parallel in [(37, False), (301, True)]:
+        inputs = draw("affine", n, d2, dtype, np.random.default_rng(d2), s_hat_scale=2.0)
+        with always_parallel() if parallel else contextlib.nullcontext():
+            assert_matches_reference(KERNEL, REFERENCE, "affine", function, inputs)
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+@pytest.mark.parametrize("n", [1, 511, 512, 2000])
+def test_one_column_on_both_sides_of_the_numpy_threshold(function: str, n: int) -> None:
+    """``D₂ = 1`` runs in NumPy from ``NUMPY_ONE_COLUMN_ROWS`` rows up, in the kernels below."""
+    assert numba_cpu.use_numpy((n, 1)) == (n >= numba_cpu.NUMPY_ONE_COLUMN_ROWS)
+    for dtype in (np.float64, np.float32):
+        inputs = draw("affine", n, 1, dtype, np.random.default_rng(n), s_hat_scale=2.0)
+        assert_matches_reference(KERNEL, REFERENCE, "affine", function, inputs)
+
+
+@pytest.mark.parametrize("d2", [1, 5, 40])
+def test_numpy_path_matches_reference(d2: int) -> None:
+    """The NumPy path itself (used only for ``D₂ = 1``), on other widths too."""
+    for dtype in (np.float64, np.float32):
+        inputs = draw("affine", 23, d2, dtype, np.random.default_rng(d2), s_hat_scale=4.0)
+        args = (inputs["inp"], inputs["h"], inputs["scale"])
+        for inverse, function in [(False, "forward"), (True, "inverse")]:
+            got = numba_cpu.numpy_affine(*args, inverse)
+            assert_matches_reference({"affine": _Fixed(got)}, REFERENCE, "affine", function, inputs)
+        for inverse, function in [(False, "backward_forward"), (True, "backward_inverse")]:
+            got = numba_cpu.numpy_affine_backward(*args, inputs["d_out"], inputs["d_logdet"], inverse)
+            assert_matches_reference({"affine": _Fixed(got)}, REFERENCE, "affine", function, inputs)
+
+
+class _Fixed:
+    """A law whose every function returns ``result`` (to feed a precomputed result to the checker)."""
+
+    def __init__(self, result: tuple) -> None:
+        self.result = result
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return lambda *args: self.result
+
+
+@pytest.mark.parametrize("function", FUNCTIONS)
+@pytest.mark.parametrize(("n", "d2"), [(1000, 33), (300, 1), (700, 100), (40, 392)])
+def test_results_do_not_depend_on_threads(function: str, n: int, d2: int) -> None:
+    """``∂L/∂a`` is summed in chunks fixed by the shape (not by threads), flat blocks start where the
+    chunks do: serial, parallel on all threads and parallel on one thread agree bit for bit."""
+    inputs = draw("affine", n, d2, np.float32, np.random.default_rng(3))
     serial = call(KERNEL["affine"], function, inputs)
     with always_parallel():
         everyone = call(KERNEL["affine"], function, inputs)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from nflow_np import AffineCoupling, Inverse, Rescale, Reverse, Sequential
 from nflow_np.module import as_float_dtype
-from nflow_np.nn import ACTIVATIONS, MLP, LeakyReLU, Linear, ReLU, Tanh
+from nflow_np.nn import ACTIVATIONS, MLP, Dense, LeakyReLU, Linear, ReLU, Tanh
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -61,6 +61,43 @@ def test_mlp_gradients(activation: str, n: int, sizes: list[int], seed: int) -> 
     rng = np.random.default_rng(seed)
     mlp = randomise(MLP(sizes, rng, activation=activation, zero_last=False), rng)
     check_layer_gradients(mlp, rng.standard_normal((n, sizes[0])), rng)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@FAST
+@given(n=rows, d_in=widths, d_out=widths, seed=seeds)
+def test_dense_gradients(activation: str, n: int, d_in: int, d_out: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    layer = randomise(Dense(d_in, d_out, rng, activation=activation), rng)
+    check_layer_gradients(layer, rng.standard_normal((n, d_in)), rng)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_is_linear_then_activation(activation: str, dtype: type) -> None:
+    """The fused hidden layer computes exactly what the two layers it replaces compute."""
+    rng = np.random.default_rng(5)
+    dense = randomise(Dense(6, 7, rng, dtype=dtype, activation=activation), rng)
+    linear = Linear(6, 7, rng, dtype=dtype)
+    linear.load_state_dict(dense.state_dict())
+    act = ACTIVATIONS[activation]()
+    x = rng.standard_normal((9, 6)).astype(dtype)
+    d_y = rng.standard_normal((9, 7)).astype(dtype)
+    y = dense.forward(x)
+    np.testing.assert_array_equal(y, act.forward(linear.forward(x)))
+    d_x = dense.backward(d_y)
+    np.testing.assert_allclose(d_x, linear.backward(act.backward(d_y)), rtol=0, atol=8 * np.finfo(dtype).eps)
+    for name in ("W", "b"):
+        np.testing.assert_allclose(dense.grads[name], linear.grads[name], rtol=0, atol=8 * np.finfo(dtype).eps * 9)
+    assert y.dtype == d_x.dtype == dtype
+
+
+def test_dense_refuses_unknown_activation_and_slope() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        Dense(2, 2, rng, activation="gelu")
+    with pytest.raises(ValueError, match=r"slope must be in \[0, 1\)"):
+        Dense(2, 2, rng, activation="leaky_relu", slope=1.5)
 
 
 def test_activation_values() -> None:
@@ -128,7 +165,7 @@ def test_layer_gradient_check_catches_wrong_gradients() -> None:
     with pytest.raises(AssertionError, match="'input'"):
         check_layer_gradients(_WrongTanh(), rng.standard_normal((4, 3)), rng)
     mlp = MLP([3, 2, 2], rng, zero_last=False)
-    mlp.layers[2] = mlp.children["2"] = _WrongBiasGradient(2, 2, rng)  # the last Linear, inside the MLP
+    mlp.layers[-1] = mlp.children["2"] = _WrongBiasGradient(2, 2, rng)  # the last Linear, inside the MLP
     with pytest.raises(AssertionError, match=r"'2\.b'"):
         check_layer_gradients(randomise(mlp, rng), rng.standard_normal((4, 3)), rng)
 

@@ -1,0 +1,139 @@
+"""Do float32 subnormals cost time here? A NICE training step on normal vs subnormal-range numbers.
+
+float32's smallest normal number is ``2⁻¹²⁶ ≈ 1.18e-38``; below it, down to ``1.4e-45``, lie the
+subnormals, which many x86 cores handle with a slow microcode assist unless the FTZ/DAZ flags of
+MXCSR flush them to zero (NumPy leaves those flags alone; some libraries built with ``-ffast-math``
+set them when loaded). Variants of one float32 step of ``build_model("nice", 64, layers=8,
+hidden=(256, 256))`` (zero_grad, nll_and_backward, Adam step), every parameter first moved off its
+initial value (N(0, 0.01) added) so no net is exactly zero:
+
+- ``normal``: ``x ~ N(0, 1)``;
+- ``subnormal data``: the same ``x`` times ``1e-39`` (each net's first GEMM and its weight gradient
+  see subnormal inputs);
+- ``subnormal weights``: every coupling net's ``W`` and ``b`` times ``1e-39``, so every hidden
+  activation and most products of the step are subnormal.
+
+Parameters and the optimizer's state are restored before every timed step (outside the clock), so
+every repetition sees the same numbers, and the variants are timed in turn, repetition by
+repetition, so that the machine's load drifts across all of them alike. Two micro-figures isolate
+where a cost would come from: a GEMM with a subnormal left operand, and an elementwise multiply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from benchmarks.sections import Settings, figure
+from nflow_np.architectures import build_model
+from nflow_np.optim import Adam
+
+SCALE = np.float32(1e-39)
+TINY = np.finfo(np.float32).tiny
+
+
+def subnormal_fraction(arrays: list[np.ndarray]) -> float:
+    """Share of the nonzero elements of ``arrays`` that are subnormal."""
+    nonzero = sum(int(np.count_nonzero(a)) for a in arrays)
+    subnormal = sum(int(np.count_nonzero((a != 0) & (np.abs(a) < TINY))) for a in arrays)
+    return subnormal / max(nonzero, 1)
+
+
+def flush_flags() -> dict[str, bool]:
+    """Whether the CPU flushes subnormal inputs (DAZ) or outputs (FTZ) to zero in this process right now."""
+    one = np.ones(1, np.float32)
+    return {
+        "daz": bool((np.full(1, 1e-39, np.float32) * one)[0] == 0),
+        "ftz": bool((np.full(1, 1e-38, np.float32) * np.float32(0.5) * one)[0] == 0),
+    }
+
+
+def interleaved(calls: dict[str, Callable[[], None]], repeats: int, before: dict[str, Callable[[], None]]) -> dict:
+    """Seconds per call of each of ``calls``, timed in turn; ``before[name]`` runs untimed before each call."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for repeat in range(repeats + 1):
+        for name, call in calls.items():
+            before[name]()
+            t0 = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - t0
+            if repeat:  # the first round is the warm-up
+                times[name].append(elapsed)
+    return {name: np.array(values) for name, values in times.items()}
+
+
+def nice_step_variants(s: Settings) -> dict:
+    """Time the three variants of the float32 NICE training step (module doc)."""
+    rng = np.random.default_rng(s.seed)
+    model = build_model("nice", s.dim, layers=s.layers, hidden=s.hidden, dtype=np.float32, seed=s.seed)
+    for _, param, _ in model.named_parameters():
+        param += rng.normal(0.0, 0.01, size=param.shape).astype(np.float32)
+    optimizer = Adam(model, lr=s.lr)
+    x = rng.standard_normal((s.batch, s.dim)).astype(np.float32)
+    data = {"normal": x, "subnormal data": x * SCALE, "subnormal weights": x}
+    params = {name: param.copy() for name, param, _ in model.named_parameters()}
+    tiny_params = {name: value * SCALE if ".net." in f".{name}" else value for name, value in params.items()}
+    weights = {"normal": params, "subnormal data": params, "subnormal weights": tiny_params}
+    optimizer_state = optimizer.state_dict()
+
+    def restore(variant: str) -> Callable[[], None]:
+        def call() -> None:
+            for name, param, _ in model.named_parameters():
+                np.copyto(param, weights[variant][name])
+            optimizer.load_state_dict(optimizer_state)
+
+        return call
+
+    def step(variant: str) -> Callable[[], None]:
+        def call() -> None:
+            model.zero_grad()
+            model.nll_and_backward(data[variant])
+            optimizer.step()
+
+        return call
+
+    times = interleaved({v: step(v) for v in data}, s.repeats, {v: restore(v) for v in data})
+    rows = []
+    for variant in data:
+        nets = [value for name, value in weights[variant].items() if ".net." in f".{name}"]
+        rows.append({"case": f"NICE step: {variant}", "ms": figure(1e3 * times[variant]),
+                     "subnormal_share_of_data": subnormal_fraction([data[variant]]),
+                     "subnormal_share_of_net_weights": subnormal_fraction(nets),
+                     "slowdown": float(np.median(times[variant]) / np.median(times["normal"]))})
+    return {"model": {"kind": "nice", "dim": s.dim, "layers": s.layers, "hidden": list(s.hidden),
+                      "batch": s.batch, "dtype": "float32"}, "rows": rows}
+
+
+def micro(s: Settings) -> list[dict]:
+    """A ``(512, 256) × (256, 256)`` GEMM and a 2²⁰-element multiply, each on normal vs subnormal operands."""
+    rng = np.random.default_rng(s.seed)
+    a = rng.standard_normal((512, 256)).astype(np.float32)
+    b = rng.standard_normal((256, 256)).astype(np.float32)
+    gemm_out = np.empty((512, 256), np.float32)
+    v = rng.standard_normal(2**20).astype(np.float32)
+    mul_out = np.empty_like(v)
+    tiny_a, tiny_v = a * SCALE, v * SCALE
+    calls = {
+        "GEMM (512×256)·(256×256): normal": lambda: np.matmul(a, b, out=gemm_out),
+        "GEMM (512×256)·(256×256): subnormal left operand": lambda: np.matmul(tiny_a, b, out=gemm_out),
+        "multiply 2^20 elements by 0.5: normal": lambda: np.multiply(v, np.float32(0.5), out=mul_out),
+        "multiply 2^20 elements by 0.5: subnormal": lambda: np.multiply(tiny_v, np.float32(0.5), out=mul_out),
+    }
+    times = interleaved(calls, 5 * s.repeats, {name: lambda: None for name in calls})
+    names = list(calls)
+    rows = []
+    for i, name in enumerate(names):
+        baseline = names[i - i % 2]
+        rows.append({"case": name, "ms": figure(1e3 * times[name]),
+                     "slowdown": float(np.median(times[name]) / np.median(times[baseline]))})
+    return rows
+
+
+def subnormal(s: Settings) -> dict:
+    """The NICE step variants and the micro-figures, with the FTZ/DAZ state they ran under."""
+    result = nice_step_variants(s)
+    result["rows"] += micro(s)
+    result["flush_flags"] = flush_flags()
+    return result

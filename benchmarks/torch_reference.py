@@ -1,0 +1,167 @@
+"""The benchmark's RealNVP written in plain PyTorch: the yardstick for nflow_np's training step.
+
+Imported only when PyTorch is installed (``import torch`` below raises ``ImportError`` otherwise, and
+the suite leaves the PyTorch columns out). The model is the one ``build_model("realnvp", D, layers=K,
+hidden=H)`` builds, written the way a PyTorch user would write it, with autograd for the backward pass:
+
+- ``K`` affine couplings with alternating parity: layer ``k`` passes ``x₁ = x[:, p::2]`` through and
+  transforms ``x₂ = x[:, 1−p::2]``, ``p = k mod 2`` (nflow_np's ``parity_mask``);
+- the coupling net ``c: D₁ → H… → 2·D₂`` (ReLU), last layer zero-initialised, ``[ŝ, t] = c(x₁)``;
+- ``s = a ⊙ tanh(ŝ)`` with a learned ``a`` initialised to 1; ``z₂ = x₂ ⊙ exp(s) + t``, ``logdet = Σ s``;
+- standard normal base, ``log p(x) = Σ_i (−z_i²/2 − log(2π)/2) + Σ_k logdet_k``; Adam.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+VERSION = torch.__version__
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def mlp(sizes: Sequence[int], dtype: torch.dtype, zero_last: bool = True) -> nn.Sequential:
+    """``Linear → ReLU → … → Linear`` with ``sizes = (D_in, H_1, …, D_out)``; last layer zeroed if asked."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out, dtype=dtype))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    if zero_last:
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+    return nn.Sequential(*layers)
+
+
+class AffineCoupling(nn.Module):
+    """``z₁ = x₁``, ``z₂ = x₂ ⊙ exp(a ⊙ tanh(ŝ)) + t``, ``[ŝ, t] = c(x₁)``; ``x: (N, D)``."""
+
+    def __init__(self, dim: int, parity: int, hidden: Sequence[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.parity = parity
+        d1, d2 = len(range(parity, dim, 2)), len(range(1 - parity, dim, 2))
+        self.net = mlp([d1, *hidden, 2 * d2], dtype)
+        self.scale = nn.Parameter(torch.ones(d2, dtype=dtype))
+
+    def _s_t(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s_hat, t = self.net(x1).chunk(2, dim=1)
+        return self.scale * torch.tanh(s_hat), t
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, logdet)``, ``logdet: (N,)``."""
+        p = self.parity
+        x1, x2 = x[:, p::2], x[:, 1 - p :: 2]
+        s, t = self._s_t(x1)
+        z = torch.empty_like(x)
+        z[:, p::2] = x1
+        z[:, 1 - p :: 2] = x2 * torch.exp(s) + t
+        return z, s.sum(dim=1)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """``x = f⁻¹(z)``: ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
+        p = self.parity
+        z1, z2 = z[:, p::2], z[:, 1 - p :: 2]
+        s, t = self._s_t(z1)
+        x = torch.empty_like(z)
+        x[:, p::2] = z1
+        x[:, 1 - p :: 2] = (z2 - t) * torch.exp(-s)
+        return x
+
+
+class RealNVP(nn.Module):
+    """``K`` affine couplings of alternating parity over a standard normal base."""
+
+    def __init__(self, dim: int, layers: int, hidden: Sequence[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dim = dim
+        self.couplings = nn.ModuleList([AffineCoupling(dim, k % 2, hidden, dtype) for k in range(layers)])
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` per row, ``(N,)``."""
+        logdet = torch.zeros(x.shape[0], dtype=x.dtype)
+        for coupling in self.couplings:
+            x, layer_logdet = coupling(x)
+            logdet = logdet + layer_logdet
+        return -0.5 * (x * x).sum(dim=1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``x = f⁻¹(z)``, ``z ~ N(0, I)``: ``(n, D)``."""
+        x = torch.randn(n, self.dim, dtype=self.couplings[0].scale.dtype, generator=generator)
+        for coupling in reversed(self.couplings):
+            x = coupling.inverse(x)
+        return x
+
+
+def set_threads(n: int) -> int:
+    """Use ``n`` intra-op threads; returns the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return previous
+
+
+def training_step(
+    x: np.ndarray, dim: int, layers: int, hidden: Sequence[int], lr: float = 1e-3, seed: int = 0
+) -> tuple[RealNVP, Callable[[], None]]:
+    """A model and its training step ``zero_grad; loss = −mean log p(x); loss.backward(); Adam step``.
+
+    Parameters
+    ----------
+    x : numpy.ndarray, shape (N, D)
+        The batch (its dtype chooses the model's).
+    dim, layers, hidden
+        As :func:`nflow_np.architectures.build_model`.
+    lr : float
+        Adam's learning rate.
+    seed : int
+        Seeds the initialisation.
+
+    Returns
+    -------
+    (RealNVP, callable)
+    """
+    torch.manual_seed(seed)
+    model = RealNVP(dim, layers, hidden, _DTYPES[str(x.dtype)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    batch = torch.from_numpy(x)
+
+    def step() -> None:
+        optimizer.zero_grad()
+        loss = -model.log_prob(batch).mean()
+        loss.backward()
+        optimizer.step()
+
+    return model, step
+
+
+def inference_calls(model: RealNVP, x: np.ndarray, seed: int = 0) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(log_prob, sample)`` calls on a batch the size of ``x``, without autograd's bookkeeping."""
+    batch = torch.from_numpy(x)
+    generator = torch.Generator().manual_seed(seed)
+
+    def log_prob() -> None:
+        with torch.inference_mode():
+            model.log_prob(batch)
+
+    def sample() -> None:
+        with torch.inference_mode():
+            model.sample(batch.shape[0], generator)
+
+    return log_prob, sample
+
+
+def mlp_step(x: np.ndarray, d_y: np.ndarray, sizes: Sequence[int]) -> Callable[[], None]:
+    """Forward and backward of an MLP (``x`` requires a gradient, so the input-gradient GEMMs run too)."""
+    torch.manual_seed(0)
+    net = mlp(sizes, _DTYPES[str(x.dtype)], zero_last=False)
+    batch = torch.from_numpy(x).requires_grad_(True)
+    d_out = torch.from_numpy(d_y)
+
+    def step() -> None:
+        net(batch).backward(d_out)
+
+    return step
