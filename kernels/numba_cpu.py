@@ -98,7 +98,7 @@ def ordered_sum(values):  # noqa: ANN001, ANN201
 
 SCALE_CHUNKS = 64
 """Most row chunks ``∂L/∂a`` is summed in (one partial sum per chunk and column)."""
-NUMPY_ONE_COLUMN_ROWS = 512
+NUMPY_ONE_COLUMN_ROWS = 2048
 """The affine law computes ``D₂ = 1`` calls of at least this many rows with NumPy (measured: there
 NumPy's 1-d ufuncs beat the kernels' per-row bookkeeping; with ``D₂ ≥ 2``, or fewer rows, the kernels
 win at every size, from 8 elements up: docs/kernels.md#when-numpy-is-faster)."""
@@ -107,9 +107,12 @@ CHUNK_MIN_ELEMENTS = 16384
 PARALLEL_MIN_ELEMENTS = 1 << 16
 """Calls on fewer than this many ``N·D₂`` elements run on the calling thread only."""
 VECTOR_BODY_BYTES = 256
-"""Bytes of a row that LLVM's vectorised column loop does per iteration (64 float32, 32 float64)."""
-FLAT_BLOCK = 1024
-"""At most this many elements per flat block of short rows (a few KiB of scratch, in L1)."""
+"""Bytes of a row that LLVM's vectorised column loop does per iteration (64 float32, 32 float64:
+16 or 8 lanes × 4 vectors on AVX-512); LLVM interleaves the inverse's loop 2 deep: half that."""
+FLAT_BLOCK = 256
+"""At most this many elements per flat block of short rows (1 KiB of scratch per array, in L1).
+Small on purpose: with 1024, the block's separate gather and compute phases left the hardware
+prefetcher behind at N = 65536 (1.7–2.0 against 1.3 ns per float32 element, one core)."""
 
 
 @rows_kernel
@@ -154,13 +157,13 @@ def add_row(values, total):  # noqa: ANN001, ANN201
 
 
 @rows_kernel
-def short_rows(d2, itemsize):  # noqa: ANN001, ANN201
+def short_rows(d2, itemsize, body_bytes):  # noqa: ANN001, ANN201
     """Rows per flat block if rows of ``d2`` elements run faster in flat blocks, else 0.
 
     Row by row, the ``d2 mod body`` columns past the vector body's multiples run about twice as
     slow as the rest; a flat block runs everything ~20% slower than the body. So rows go flat when
     the leftover is more than a quarter of the rest (every row shorter than the body)."""
-    body = VECTOR_BODY_BYTES // itemsize
+    body = body_bytes // itemsize
     left = d2 % body
     return FLAT_BLOCK // d2 if 4 * left > d2 - left else 0
 
@@ -218,7 +221,7 @@ def affine_short_rows(inp, h, scale, out, logdet, start, stop, rows, inverse):  
 @rows_kernel
 def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):  # noqa: ANN001, ANN201
     d2 = x2.shape[1]
-    rows = short_rows(d2, x2.itemsize)
+    rows = short_rows(d2, x2.itemsize, VECTOR_BODY_BYTES)
     if rows > 0:
         affine_short_rows(x2, h, scale, z2, logdet, start, stop, rows, False)
         return
@@ -238,7 +241,7 @@ def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):  # noqa: ANN001,
 @rows_kernel
 def affine_inverse_rows(z2, h, scale, x2, logdet, start, stop):  # noqa: ANN001, ANN201
     d2 = z2.shape[1]
-    rows = short_rows(d2, z2.itemsize)
+    rows = short_rows(d2, z2.itemsize, VECTOR_BODY_BYTES // 2)
     if rows > 0:
         affine_short_rows(z2, h, scale, x2, logdet, start, stop, rows, True)
         return
@@ -323,7 +326,7 @@ def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, 
 def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
     """Rows ``start…stop−1`` of the backward of forward; adds their ``Σ ∂L/∂s ⊙ g`` to ``d_a: (D₂,)``."""
     d2 = x2.shape[1]
-    rows = short_rows(d2, x2.itemsize)
+    rows = short_rows(d2, x2.itemsize, VECTOR_BODY_BYTES)
     if rows > 0:
         affine_backward_short_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop, rows, False)
         return
@@ -350,7 +353,7 @@ def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, s
 def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
     """As :func:`affine_backward_forward_rows`, for the inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
     d2 = z2.shape[1]
-    rows = short_rows(d2, z2.itemsize)
+    rows = short_rows(d2, z2.itemsize, VECTOR_BODY_BYTES)
     if rows > 0:
         affine_backward_short_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop, rows, True)
         return
@@ -487,7 +490,7 @@ class AdditiveLaw:
 # computes there with NumPy, in the reference's order of operations (this package cannot import the
 # reference itself).
 def use_numpy(shape: tuple[int, int]) -> bool:
-    """Whether a call on ``x2: shape`` is faster in NumPy (``D₂ = 1`` and ``N ≥ 512``)."""
+    """Whether a call on ``x2: shape`` is faster in NumPy (``D₂ = 1`` and ``N ≥ 2048``)."""
     return shape[1] == 1 and shape[0] >= NUMPY_ONE_COLUMN_ROWS
 
 

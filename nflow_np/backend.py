@@ -3,21 +3,24 @@
 The NumPy reference in :mod:`nflow_np.flows.coupling_law` is the specification; other backends
 (fused kernels from the top-level ``kernels`` package) replace exactly those functions and
 nothing else. The choice is made here, in one place: :func:`set_backend`, or the environment
-variable ``NFLOW_BACKEND`` read at import.
+variable ``NFLOW_BACKEND`` read at import. Without either, the backend is ``"auto"``, the fastest
+that loads, resolved on first use (so ``import nflow_np`` never imports Numba).
 
 ======================  ===================================  =============================================
 name                    implementation                       needs
 ======================  ===================================  =============================================
-``"numpy"`` (default)   :mod:`nflow_np.flows.coupling_law`   nothing
+``"numpy"``             :mod:`nflow_np.flows.coupling_law`   nothing
 ``"numba"``             :mod:`kernels.numba_cpu`             ``pip install numba``
 ``"numba-cuda"``        :mod:`kernels.numba_cuda`            a CUDA GPU, ``pip install numba numba-cuda``
 ``"cupy"``              :mod:`kernels.cupy_kernels`          a CUDA GPU, ``pip install cupy-cuda12x``
-``"auto"``              the fastest of the above that loads  (resolved when selected)
+``"auto"`` (default)    the fastest of the above that loads  (resolved when selected or first used)
 ======================  ===================================  =============================================
 
 A kernel module is imported only when its backend is selected, so the reference runs with NumPy
 alone. ``"auto"`` means ``"numba"`` when Numba imports, else ``"numpy"`` (the GPU backends pay
-only once the model is moved to the device, which ``"auto"`` cannot decide for the caller).
+only once the model is moved to the device, which ``"auto"`` cannot decide for the caller). The
+numba backend is never slower than the reference (measured: ``docs/kernels.md#measured``); its first
+use compiles the kernels (about 20 s), cached on disk for later processes (about 1 s to load).
 
 **The array-module seam** (``docs/kernels.md#gpu-backends``). Each backend also names the array
 module (``xp``) its model should live in: ``numpy``, or ``cupy`` for the GPU backends. The
@@ -63,8 +66,9 @@ BACKENDS = (_REFERENCE, *_KERNEL_MODULES)
 """Every backend name :func:`set_backend` knows (whether or not it can load on this machine)."""
 
 _loaded: dict[str, dict[str, type]] = {_REFERENCE: COUPLING_LAWS}
-_active = _REFERENCE
-_active_laws = COUPLING_LAWS
+_active: str | None = None
+"""The active backend's name; ``None`` until the default ``"auto"`` is resolved on first use."""
+_active_laws: dict[str, type] | None = None
 
 
 class BackendUnavailableError(ValueError):
@@ -126,7 +130,9 @@ def set_backend(name: str) -> None:
 
 
 def get_backend() -> str:
-    """Name of the active backend."""
+    """Name of the active backend (resolving the default ``"auto"`` on the first call)."""
+    if _active is None:
+        set_backend("auto")
     return _active
 
 
@@ -171,7 +177,7 @@ def array_module(like: object = None) -> ModuleType:
         then copy NumPy arrays to the device and back on every call).
     """
     if like is None:
-        name = _ARRAY_MODULE_NAMES.get(_active, "numpy")
+        name = _ARRAY_MODULE_NAMES.get(get_backend(), "numpy")
         if name == "numpy" or (name == "cupy" and importlib.util.find_spec("cupy") is None):
             return np
         return _DEVICE_MODULES.get(name) or importlib.import_module(name)
@@ -211,7 +217,7 @@ def coupling_law(name: str) -> type:
     Called by every coupling layer on every call, so it is one dictionary lookup.
     """
     try:
-        return _active_laws[name]
+        return (_active_laws if _active_laws is not None else _loaded[get_backend()])[name]
     except KeyError:
         raise ValueError(f"unknown coupling law {name!r}; choose from {sorted(_active_laws)}") from None
 
@@ -231,12 +237,13 @@ def fused(name: str, reference: Callable) -> Callable:
     A fused version has the reference's signature and is tested against it (``tests/kernels``).
     Called on every use, so after the first call per backend it is two dictionary lookups.
     """
-    table = _fused.get(_active)
+    active = get_backend()
+    table = _fused.get(active)
     if table is None:
         table = {}
-        for module_name in _FUSED_MODULES.get(_active, ()):
+        for module_name in _FUSED_MODULES.get(active, ()):
             table.update(importlib.import_module(module_name).FUSED)
-        _fused[_active] = table
+        _fused[active] = table
     return table.get(name, reference)
 
 

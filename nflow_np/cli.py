@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*BACKENDS, "auto"],
         default=None,
         help="coupling-law implementation, before the command: nflow --backend numba train ... "
-        "(default: $NFLOW_BACKEND or numpy)",
+        "(default: $NFLOW_BACKEND, else auto: numba when it is installed, else numpy)",
     )
     parser.add_argument(
         "--threads",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from threadpoolctl import threadpool_limits
 
@@ -26,3 +28,20 @@ _BLAS_LIMIT = threadpool_limits(limits=1, user_api="blas")
 settings.register_profile("reproducible", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
+
+
+@pytest.fixture
+def reference_backend() -> Iterator[None]:
+    """Run the test on the NumPy reference backend, then restore the one before.
+
+    The suite otherwise runs on the default backend (``"auto"``: numba when it imports), which is
+    what users get; tests *of the reference* ask for it explicitly with this fixture.
+    """
+    from nflow_np import backend
+
+    before = backend.get_backend()
+    backend.set_backend("numpy")
+    try:
+        yield
+    finally:
+        backend.set_backend(before)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from nflow_np.architectures import build_model
+from nflow_np.backend import get_backend
 from nflow_np.checkpoint import (
     KEEP,
     CheckpointError,
@@ -113,7 +114,7 @@ def test_checkpoint_holds_model_optimizer_and_position(data, tmp_path, monkeypat
     assert int(checkpoint.optimizer_state["step"]) == 9
     assert checkpoint.optimizer == {"kind": "adam", "lr": 5e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0}
     assert checkpoint.run["batch_size"] == 32 and checkpoint.run["train"]["shape"] == [200, 2]
-    assert checkpoint.metadata == {"note": "x"} and checkpoint.backend == "numpy"
+    assert checkpoint.metadata == {"note": "x"} and checkpoint.backend == get_backend()
     assert set(checkpoint.state.best_params) == set(checkpoint.model.state_dict())
     # the model inside is usable on its own
     assert np.isfinite(checkpoint.model.log_prob(data.test)).all()
@@ -440,7 +441,7 @@ def test_resuming_on_another_backend_warns(data, tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             run(data, tmp_path, checkpoint_every=3)
     assert load_checkpoint(list_checkpoints(tmp_path)[0]).backend == "some_kernel"
-    with pytest.warns(UserWarning, match="'some_kernel' backend, this run uses 'numpy'.*not be bit for bit"):
+    with pytest.warns(UserWarning, match=f"'some_kernel' backend, this run uses '{get_backend()}'.*not be bit for bit"):
         run(data, tmp_path, checkpoint_every=3, resume=True)
 
 

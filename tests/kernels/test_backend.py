@@ -7,6 +7,7 @@ of the suite runs on the default.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -39,24 +40,40 @@ def use(name: str) -> Iterator[None]:
         backend.set_backend(before)
 
 
-def test_default_is_the_reference() -> None:
+def test_reference_backend_uses_the_reference_laws(reference_backend: None) -> None:
     assert backend.get_backend() == "numpy"
     assert backend.coupling_law("affine") is COUPLING_LAWS["affine"]
 
 
+def test_default_is_the_fastest_available_resolved_on_first_use() -> None:
+    """No NFLOW_BACKEND: importing nflow_np imports no kernel module; the first use picks "auto"."""
+    code = (
+        "import sys, nflow_np\n"
+        "print('kernels.numba_cpu' in sys.modules)\n"
+        "print(nflow_np.get_backend())\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "NFLOW_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    imported_at_import, chosen = out.stdout.split()
+    assert imported_at_import == "False"
+    assert chosen == ("numba" if importlib.util.find_spec("numba") is not None else "numpy")
+
+
 def test_unknown_backend_and_law_are_errors() -> None:
+    before = backend.get_backend()
     with pytest.raises(ValueError, match="unknown backend 'torch'"):
         backend.set_backend("torch")
     with pytest.raises(ValueError, match="unknown coupling law 'spline'"):
         backend.coupling_law("spline")
-    assert backend.get_backend() == "numpy"
+    assert backend.get_backend() == before
 
 
 def test_unavailable_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = backend.get_backend()
     monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", "kernels.not_installed_here")
     with pytest.raises(backend.BackendUnavailableError, match="pip install cupy-cuda12x"):
         backend.set_backend("cupy")
-    assert backend.get_backend() == "numpy"
+    assert backend.get_backend() == before
     assert "cupy" not in backend.available_backends()
 
 

@@ -125,7 +125,7 @@ def test_row_loop_and_flat_blocks_match_reference(function: str, dtype: type, d2
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
-@pytest.mark.parametrize("n", [1, 511, 512, 2000])
+@pytest.mark.parametrize("n", [1, 2047, 2048, 3000])
 def test_one_column_on_both_sides_of_the_numpy_threshold(function: str, n: int) -> None:
     """``D₂ = 1`` runs in NumPy from ``NUMPY_ONE_COLUMN_ROWS`` rows up, in the kernels below."""
     assert numba_cpu.use_numpy((n, 1)) == (n >= numba_cpu.NUMPY_ONE_COLUMN_ROWS)

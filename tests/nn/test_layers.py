@@ -74,8 +74,9 @@ def test_dense_gradients(activation: str, n: int, d_in: int, d_out: int, seed: i
 
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_dense_is_linear_then_activation(activation: str, dtype: type) -> None:
-    """The fused hidden layer computes exactly what the two layers it replaces compute."""
+def test_dense_is_linear_then_activation(activation: str, dtype: type, reference_backend: None) -> None:
+    """The hidden layer computes exactly what the two layers it replaces compute (the reference;
+    the numba kernels are held to the reference in ``tests/kernels/test_numba_nn.py``)."""
     rng = np.random.default_rng(5)
     dense = randomise(Dense(6, 7, rng, dtype=dtype, activation=activation), rng)
     linear = Linear(6, 7, rng, dtype=dtype)
