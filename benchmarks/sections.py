@@ -98,22 +98,13 @@ def cpu_backends() -> list[str]:
 @contextlib.contextmanager
 def limit_threads(n: int, torch_ref: ModuleType | None) -> Iterator[None]:
     """Give BLAS (threadpoolctl), Numba and PyTorch ``n`` threads each for the duration."""
-    undo: list[Callable[[], None]] = []
-    with threadpool_limits(limits=n, user_api="blas"):
-        if numba_ready() is None:
-            import numba
-
-            previous = numba.get_num_threads()
-            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-            undo.append(lambda: numba.set_num_threads(previous))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
+        stack.enter_context(numba_threads(n))
         if torch_ref is not None:
             previous_torch = torch_ref.set_threads(n)
-            undo.append(lambda: torch_ref.set_threads(previous_torch))
-        try:
-            yield
-        finally:
-            for step in undo:
-                step()
+            stack.callback(torch_ref.set_threads, previous_torch)
+        yield
 
 
 @contextlib.contextmanager
@@ -142,7 +133,32 @@ def attempt(row: dict, measure: Callable[..., dict], *args: object) -> dict:
 
 # -- kernels -------------------------------------------------------------------------------------------------------
 def kernels(s: Settings) -> dict:
-    """The affine coupling law's forward and backward per backend, in ms and GB/s, beside the copy bandwidth."""
+    """The affine coupling law's forward and backward per backend, in ms and GB/s, beside the copy bandwidth.
+
+    The numba kernels run as the backend runs them by default, on all of Numba's threads (their row
+    loops are ``prange``); ``--threads`` applies to the sections that compare whole models with PyTorch.
+    """
+    with numba_threads(None) as threads:
+        return _kernels(s) | {"numba_threads": threads}
+
+
+@contextlib.contextmanager
+def numba_threads(n: int | None) -> Iterator[int | None]:
+    """Numba's thread count set to ``n`` (``None``: all it started with) for the duration; yields the count."""
+    if numba_ready() is not None:
+        yield None
+        return
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS if n is None else min(n, numba.config.NUMBA_NUM_THREADS))
+    try:
+        yield numba.get_num_threads()
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _kernels(s: Settings) -> dict:
     copies = copy_bandwidth(s.repeats, s.copy_bytes)
     copy_median = float(np.median(copies))
     backends = ["numpy"] + (["numba", "numba (law)"] if numba_ready() is None else [])

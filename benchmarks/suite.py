@@ -115,8 +115,9 @@ def kernels_table(r: dict) -> str:
             rows.append([*cells, "error", row["error"][:40], ""])
             continue
         rows.append([*cells, fig(row["ms"], digits=3), fig(row["gbs"], digits=1), f"{row['percent_of_copy']:.0f}"])
+    threads = f"; numba on {r['numba_threads']} threads (its default)" if r.get("numba_threads") else ""
     title = (f"coupling law (affine), copy bandwidth {fig(r['copy_gbs'], digits=1)} GB/s "
-             f"(numpy.copyto of {r['copy_bytes'] // 2**20} MiB, read + write)")
+             f"(numpy.copyto of {r['copy_bytes'] // 2**20} MiB, read + write){threads}")
     return table(title, ["op", "dtype", "N", "D2", "backend", "ms", "GB/s", "% copy"], rows)
 
 
