@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import tracemalloc
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -132,14 +133,18 @@ def attempt(row: dict, measure: Callable[..., dict], *args: object) -> dict:
 
 
 # -- kernels -------------------------------------------------------------------------------------------------------
-def kernels(s: Settings) -> dict:
+def kernels(s: Settings, torch_ref: ModuleType | None) -> dict:
     """The affine coupling law's forward and backward per backend, in ms and GB/s, beside the copy bandwidth.
 
     The numba kernels run as the backend runs them by default, on all of Numba's threads (their row
-    loops are ``prange``); ``--threads`` applies to the sections that compare whole models with PyTorch.
+    loops are ``prange``), and PyTorch's versions (eager ops into preallocated buffers, and
+    ``torch.compile``) get as many threads; ``--threads`` applies to the sections that compare whole
+    models.
     """
-    with numba_threads(None) as threads:
-        return _kernels(s) | {"numba_threads": threads}
+    with numba_threads(None) as threads, contextlib.ExitStack() as stack:
+        if torch_ref is not None:
+            stack.callback(torch_ref.set_threads, torch_ref.set_threads(threads or os.cpu_count() or 1))
+        return _kernels(s, torch_ref) | {"numba_threads": threads}
 
 
 @contextlib.contextmanager
@@ -158,10 +163,11 @@ def numba_threads(n: int | None) -> Iterator[int | None]:
         numba.set_num_threads(previous)
 
 
-def _kernels(s: Settings) -> dict:
+def _kernels(s: Settings, torch_ref: ModuleType | None) -> dict:
     copies = copy_bandwidth(s.repeats, s.copy_bytes)
     copy_median = float(np.median(copies))
     backends = ["numpy"] + (["numba", "numba (law)"] if numba_ready() is None else [])
+    backends += [*TORCH_LAWS] if torch_ref is not None else []
     gpus = gpu_backends()
     rows = []
     for dtype_name in s.dtypes:
@@ -173,7 +179,7 @@ def _kernels(s: Settings) -> dict:
                 for backend in [*backends, *gpus]:
                     row = {"op": op, "dtype": dtype_name, "N": s.kernel_rows, "D2": d2, "backend": backend,
                            "bytes": nbytes}
-                    row = attempt(row, _kernel_figures, backend, op, a, gpus.get(backend), nbytes, s.repeats)
+                    row = attempt(row, _kernel_figures, backend, op, a, gpus.get(backend), nbytes, s.repeats, torch_ref)
                     if "gbs" in row:
                         row["percent_of_copy"] = 100 * row["gbs"]["median"] / copy_median
                     rows.append(row)
@@ -181,10 +187,19 @@ def _kernels(s: Settings) -> dict:
     return {"copy_bytes": s.copy_bytes, "copy_gbs": figure(copies), "rows": rows}
 
 
-def _kernel_figures(backend: str, op: str, a: dict, gpu: tuple | None, nbytes: int, repeats: int) -> dict:
+TORCH_LAWS = {"torch (eager, out=)": False, "torch.compile": True}
+"""PyTorch's rows in the kernels section: name → ``compiled`` argument of ``coupling_law_calls``."""
+
+
+def _kernel_figures(
+    backend: str, op: str, a: dict, gpu: tuple | None, nbytes: int, repeats: int, torch_ref: ModuleType | None
+) -> dict:
     if gpu is not None:  # the device is synchronised before every clock read
         call, sync = gpu_calls(*gpu, op, a)
         times = measure(call, repeats, sync)
+    elif backend in TORCH_LAWS:
+        forward, backward = torch_ref.coupling_law_calls(a, compiled=TORCH_LAWS[backend])
+        times = measure(forward if op == "forward" else backward, repeats)
     else:
         times = measure(cpu_calls(backend, op, a), repeats)
     return {"ms": figure(1e3 * times), "gbs": figure(nbytes / times / 1e9)}

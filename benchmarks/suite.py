@@ -194,7 +194,7 @@ def header(info: dict, settings: dict, load: tuple[float, ...]) -> str:
 
 RUNNERS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], bool]] = {
     # section: (measure, format, takes the PyTorch reference)
-    "kernels": (sections.kernels, kernels_table, False),
+    "kernels": (sections.kernels, kernels_table, True),
     "mlp": (sections.mlp, mlp_table, True),
     "train": (sections.train, train_table, True),
     "sample": (sections.sample, sample_table, True),

@@ -165,3 +165,64 @@ def mlp_step(x: np.ndarray, d_y: np.ndarray, sizes: Sequence[int]) -> Callable[[
         net(batch).backward(d_out)
 
     return step
+
+
+# -- the coupling law alone, for the kernels section ---------------------------------------------------------------
+def _affine_forward(x2: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z₂ = x₂ ⊙ exp(s) + t``, ``logdet = Σ s``, ``s = a ⊙ tanh(ŝ)``: what ``torch.compile`` is given."""
+    d2 = x2.shape[1]
+    s = a * torch.tanh(h[:, :d2])
+    return x2 * torch.exp(s) + h[:, d2:], s.sum(dim=1)
+
+
+def _affine_backward(
+    x2: torch.Tensor, h: torch.Tensor, a: torch.Tensor, d_z2: torch.Tensor, d_logdet: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``∂L/∂x₂``, ``∂L/∂h = [∂L/∂ŝ, ∂L/∂t]``, ``∂L/∂a``, written out (no autograd), as the kernels compute them."""
+    d2 = x2.shape[1]
+    g = torch.tanh(h[:, :d2])
+    d_x2 = d_z2 * torch.exp(a * g)
+    d_s = d_x2 * x2 + d_logdet[:, None]
+    d_h = torch.cat([d_s * a * (1 - g * g), d_z2], dim=1)
+    return d_x2, d_h, (d_s * g).sum(dim=0)
+
+
+def coupling_law_calls(arrays: dict[str, np.ndarray], compiled: bool) -> tuple[Callable[[], None], Callable[[], None]]:
+    """``(forward, backward)`` calls of the affine law on the benchmark's inputs.
+
+    ``compiled=False``: PyTorch's eager ops writing into buffers allocated once (``out=`` and in-place
+    ops: no allocation in the timed call), the fastest way to write it without a compiler.
+    ``compiled=True``: the same maths through ``torch.compile`` (Inductor's generated C++ loops), fresh
+    outputs each call as the compiled graph returns them. Compilation happens at the warm-up call.
+    """
+    t = {name: torch.from_numpy(value) for name, value in arrays.items()}
+    x2, h, a, d_z2, d_logdet = t["x2"], t["h"], t["scale"], t["d_z2"], t["d_logdet"]
+    if compiled:
+        forward_graph, backward_graph = torch.compile(_affine_forward), torch.compile(_affine_backward)
+        return (lambda: forward_graph(x2, h, a)), (lambda: backward_graph(x2, h, a, d_z2, d_logdet))
+    n, d2 = x2.shape
+    s_hat, shift = h[:, :d2], h[:, d2:]
+    s, z2, logdet = torch.empty_like(x2), torch.empty_like(x2), torch.empty(n, dtype=x2.dtype)
+    g, d_x2, d_s = torch.empty_like(x2), torch.empty_like(x2), torch.empty_like(x2)
+    d_h, d_a = torch.empty_like(h), torch.empty(d2, dtype=x2.dtype)
+
+    def forward() -> None:
+        torch.tanh(s_hat, out=s)
+        s.mul_(a)
+        torch.sum(s, dim=1, out=logdet)
+        torch.exp(s, out=z2)
+        z2.mul_(x2).add_(shift)
+
+    def backward() -> None:
+        torch.tanh(s_hat, out=g)
+        torch.mul(g, a, out=d_s)
+        torch.exp(d_s, out=d_x2)
+        d_x2.mul_(d_z2)  # ∂L/∂x₂ = ∂L/∂z₂ ⊙ exp(s)
+        torch.mul(d_x2, x2, out=d_s)
+        d_s.add_(d_logdet[:, None])  # ∂L/∂s
+        torch.sum(torch.mul(d_s, g, out=s), dim=0, out=d_a)
+        torch.mul(g, g, out=s)
+        torch.mul(d_s, a, out=d_h[:, :d2]).mul_(s.neg_().add_(1))  # ∂L/∂ŝ = ∂L/∂s ⊙ a ⊙ (1 − g²)
+        d_h[:, d2:].copy_(d_z2)  # ∂L/∂t
+
+    return forward, backward
