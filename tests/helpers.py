@@ -42,6 +42,8 @@ from nflow_np import (
     Sequential,
 )
 from nflow_np.flows.coupling import parity_mask
+from nflow_np.flows.normalization import ActNorm, BatchNorm
+from nflow_np.flows.preprocessing import Scale
 from nflow_np.module import Module
 from nflow_np.nn import MLP, Layer
 
@@ -428,6 +430,25 @@ def _radial(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return randomise(Radial(dim, rng=rng, dtype=dtype), rng)
 
 
+def _batch_norm(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    """Evaluation mode (training mode couples the rows of a batch: ``tests/flows/test_normalization.py``),
+    per channel when ``dim`` is even (two channels of ``dim / 2`` pixels), else per coordinate."""
+    flow = randomise(BatchNorm(dim, dtype=dtype, channels=2 if dim % 2 == 0 else None), rng)
+    flow.params["running_var"][...] = rng.uniform(0.25, 4.0, size=flow.params["running_var"].shape)
+    return flow
+
+
+def _act_norm(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    """Initialised already, so the checks see a fixed map (the data-dependent start is tested apart)."""
+    flow = randomise(ActNorm(dim, dtype=dtype), rng)
+    flow.initialized = True
+    return flow
+
+
+def _scale(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    return Scale(dim, float(rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 4.0)))
+
+
 FlowFactory = Callable[[int, np.random.Generator, object], Flow]
 
 FLOW_CASES: list[tuple[str, FlowFactory]] = [
@@ -444,6 +465,9 @@ FLOW_CASES: list[tuple[str, FlowFactory]] = [
     ("inverse_sequential", _inverse_sequential),
     ("planar", _planar),
     ("radial", _radial),
+    ("batch_norm_eval", _batch_norm),
+    ("act_norm", _act_norm),
+    ("scale", _scale),
 ]
 """``(name, factory(dim, rng, dtype) -> Flow)`` for every kind of flow layer, all parameters random.
 
