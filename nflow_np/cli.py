@@ -20,6 +20,7 @@ import io
 import json
 import math
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from nflow_np.cli_types import number, positive_ints
 from nflow_np.data import TOY_DATASETS, load_toy
 from nflow_np.data.images import IMAGE_DATASETS
 from nflow_np.data.toy2d import Splits
+from nflow_np.image_models import load_image_model
 from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, atomic_write, load_model, read_config, save_model
 from nflow_np.model import FlowModel
 from nflow_np.nn import ACTIVATIONS
@@ -189,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("-n", type=positive, default=s["n"], help="number of samples" + default)
     sample.add_argument("--temperature", type=above_zero, default=s["temperature"], help="scales z" + default)
     sample.add_argument("--seed", type=non_negative, default=s["seed"], help=default)
-    sample.add_argument("--out", type=Path, default=s["out"], help=".npy or .csv file (default: DIR/samples.npy)")
+    sample.add_argument(
+        "--out",
+        type=Path,
+        default=s["out"],
+        help=".npy or .csv file, or .png for an image model's grid (default: DIR/samples.npy; an image model's .npy "
+        "holds (N, C, H, W) images, its .csv one flattened image per row)",
+    )
     sample.set_defaults(handler=_sample)
 
     add_vi_subcommand(commands)
@@ -463,21 +471,34 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     out = args.out or args.model_dir / "samples.npy"
-    if out.suffix not in (".npy", ".csv"):
-        raise ValueError(f"--out must end in .npy or .csv, got {str(out)!r}")
-    model = load_model(args.model_dir).to_device()
+    if out.suffix not in (".npy", ".csv", ".png"):
+        raise ValueError(f"--out must end in .npy, .csv or .png, got {str(out)!r}")
+    images = "image_shape" in read_config(args.model_dir)["metadata"]  # written by nflow train --data digits|mnist
+    if out.suffix == ".png" and not images:
+        raise ValueError(f"--out {out.name}: a PNG grid is for image models; {args.model_dir} holds rows (.npy, .csv)")
+    model = (load_image_model(args.model_dir) if images else load_model(args.model_dir)).to_device()
+    # an image model's samples are (N, C, H, W) integer levels; a toy model's (N, D) rows
     x = model.sample(args.n, np.random.default_rng(args.seed), temperature=args.temperature)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".png":
+        from nflow_np.image_plots import save_grid
+
+        with tempfile.TemporaryDirectory(dir=out.parent) as scratch:  # drawn aside, then moved in whole
+            drawn = save_grid(x, model.levels, Path(scratch) / out.name, f"{args.n} samples, T = {args.temperature:g}")
+            atomic_write(out, drawn.read_bytes())
+        print(f"wrote a grid of {args.n} samples to {out}")
+        return 0
     if out.suffix == ".npy":
         buffer = io.BytesIO()
         np.save(buffer, x)
         content = buffer.getvalue()
     else:
+        rows = x.reshape(x.shape[0], -1)  # a CSV row per sample: images flattened in C order
         text = io.StringIO()
-        digits = 17 if x.dtype == np.float64 else 9  # enough to read back the exact value
-        header = ",".join(f"x{j}" for j in range(x.shape[1]))
-        np.savetxt(text, x, fmt=f"%.{digits}g", delimiter=",", header=header, comments="")
+        digits = 17 if rows.dtype == np.float64 else 9  # enough to read back the exact value
+        header = ",".join(f"x{j}" for j in range(rows.shape[1]))
+        np.savetxt(text, rows, fmt=f"%.{digits}g", delimiter=",", header=header, comments="")
         content = text.getvalue().encode("utf-8")
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, content)
     print(f"wrote {args.n} samples to {out}")
     return 0

@@ -51,6 +51,11 @@ def _save(panels: list[tuple[str, np.ndarray]], levels: int, path: str | os.Path
     return Path(path)
 
 
+def save_grid(images: np.ndarray, levels: int, path: str | os.PathLike, title: str) -> Path:
+    """Save ``images: (N, 1, H, W)`` (integer levels ``0 … levels−1``) as one titled grid, about square."""
+    return _save([(title, tile(images, int(np.ceil(np.sqrt(images.shape[0])))))], levels, path)
+
+
 def plot_samples(
     model: ImageFlowModel,
     path: str | os.PathLike,

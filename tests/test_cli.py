@@ -66,6 +66,14 @@ def test_sample_writes_reproducible_samples(run: Path, tmp_path: Path, suffix: s
     np.testing.assert_array_equal(first, expected)  # csv keeps 17 significant digits: exact
 
 
+def test_sample_png_is_for_image_models(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["sample", str(run), "--out", str(tmp_path / "grid.png")]) == 2
+    assert "a PNG grid is for image models" in capsys.readouterr().err
+    assert not (tmp_path / "grid.png").exists()
+    assert main(["sample", str(run), "--out", str(tmp_path / "x.txt")]) == 2
+    assert "--out must end in .npy, .csv or .png" in capsys.readouterr().err
+
+
 def test_parser_defaults_are_train_defaults() -> None:
     args = vars(build_parser().parse_args(["train"]))
     for key, value in TRAIN_DEFAULTS.items():
@@ -86,7 +94,7 @@ def test_parser_defaults_are_train_defaults() -> None:
         ([], "required"),
         (["eval", "/no/such/model"], "model.json: no such file"),
         (["sample", "/no/such/model"], "model.json: no such file"),
-        (["sample", "/no/such/model", "--out", "x.txt"], "--out must end in .npy or .csv"),
+        (["sample", "/no/such/model", "--out", "x.txt"], "--out must end in .npy, .csv or .png"),
     ],
 )
 def test_errors_are_one_line_and_exit_2(

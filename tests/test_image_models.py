@@ -177,6 +177,16 @@ def test_cli_trains_an_image_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"test NLL {summary['test_nll']:.2f} nats per image" in capsys.readouterr().out
     assert main(["eval", str(out), "--n-test", "5"]) == 2
     assert "apply to toy models" in capsys.readouterr().err
+    # nflow sample: images (N, C, H, W) of integer levels in .npy, flattened rows in .csv, a grid in .png
+    argv = ["sample", str(out), "-n", "12", "--seed", "3", "--temperature", "0.7", "--out"]
+    assert main([*argv, str(tmp_path / "s.npy")]) == 0 and main([*argv, str(tmp_path / "s.csv")]) == 0
+    expected = load_image_model(out).sample(12, np.random.default_rng(3), temperature=0.7)
+    assert expected.shape == (12, 1, 8, 8) and np.array_equal(expected, np.round(expected))
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), expected)
+    csv = np.loadtxt(tmp_path / "s.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(csv, expected.reshape(12, 64))
+    assert main([*argv, str(tmp_path / "grid.png")]) == 0
+    assert (tmp_path / "grid.png").read_bytes().startswith(PNG_SIGNATURE)
     assert main(["train", "--data", "digits", "--layers", "3", "--out", str(out)]) == 2
     assert "--layers applies to toy data only" in capsys.readouterr().err
     assert main(["train", "--data", "two_moons", "--time-limit", "3", "--out", str(out)]) == 2
