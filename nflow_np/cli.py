@@ -435,10 +435,32 @@ def evaluate_model(
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if (args.model_dir / "gmm.npz").exists() and not (args.model_dir / CONFIG_FILE).exists():
+        return _eval_gmm(args)
     if "image_shape" in read_config(args.model_dir)["metadata"]:
         return _eval_images(args)
     nll, data, seed, n_test = evaluate_model(args.model_dir, args.data, args.seed, args.n_test)
     print(f"test NLL {nll:.4f} nats on {data} ({n_test} points, seed {seed})")
+    return 0
+
+
+def _eval_gmm(args: argparse.Namespace) -> int:
+    """``nflow eval DIR`` for a folder written by ``nflow train --model gmm`` (``gmm.npz``, ``summary.json``)."""
+    from nflow_np.gmm import GaussianMixture
+
+    try:
+        summary = json.loads((args.model_dir / "summary.json").read_text())
+        with np.load(args.model_dir / "gmm.npz", allow_pickle=False) as saved:
+            gmm = GaussianMixture.from_parameters(saved["weights"], saved["means"], saved["covariances"])
+    except (OSError, ValueError, KeyError) as error:  # unreadable, not JSON, missing arrays, bad parameters
+        raise ModelFileError(f"{args.model_dir}: not a readable Gaussian-mixture folder ({error})") from error
+    data = args.data or summary.get("data")
+    if data is None:
+        raise ValueError(f"{args.model_dir} records no data set; pass --data")
+    seed = summary.get("seed", 0) if args.seed is None else args.seed  # folders from before seed was recorded: 0
+    n_test = args.n_test or summary.get("n_test", TRAIN_DEFAULTS["n_test"])
+    splits = load_toy(data, n_train=1, n_val=1, n_test=n_test, seed=seed)
+    print(f"test NLL {gmm.nll(splits.test):.4f} nats on {data} ({n_test} points, seed {seed})")
     return 0
 
 

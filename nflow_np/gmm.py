@@ -112,6 +112,36 @@ class GaussianMixture:
         self.n_iter = 0
         self.converged = False
 
+    @classmethod
+    def from_parameters(cls, weights: np.ndarray, means: np.ndarray, covariances: np.ndarray) -> GaussianMixture:
+        """A fitted mixture with the given ``π: (K,)``, ``μ: (K, D)``, ``Σ: (K, D, D)`` (e.g. a saved ``gmm.npz``).
+
+        Raises
+        ------
+        ValueError
+            Shapes that do not fit together, non-finite values, weights that are negative or do
+            not sum to 1, or a covariance that is not symmetric positive definite.
+        """
+        weights, means, covariances = (np.asarray(a, dtype=np.float64) for a in (weights, means, covariances))
+        if means.ndim != 2 or weights.shape != means.shape[:1] or covariances.shape != (*means.shape, means.shape[1]):
+            raise ValueError(
+                f"mixture parameters do not fit together: weights {weights.shape}, means {means.shape}, "
+                f"covariances {covariances.shape} (expected (K,), (K, D), (K, D, D))"
+            )
+        if not all(np.isfinite(a).all() for a in (weights, means, covariances)):
+            raise ValueError("mixture parameters hold non-finite values")
+        if (weights < 0).any() or not np.isclose(weights.sum(), 1.0, rtol=0, atol=1e-9):
+            raise ValueError(f"mixture weights must be non-negative and sum to 1, got sum {weights.sum()!r}")
+        if not np.allclose(covariances, np.swapaxes(covariances, 1, 2)):
+            raise ValueError("mixture covariances must be symmetric")
+        try:
+            np.linalg.cholesky(covariances)
+        except np.linalg.LinAlgError:
+            raise ValueError("mixture covariances must be positive definite") from None
+        mixture = cls(weights.shape[0])
+        mixture.weights, mixture.means, mixture.covariances = weights, means, covariances
+        return mixture
+
     # -- the model -------------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:

@@ -254,6 +254,8 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     summary = {
         "data": args.data,
         "model": "gmm",
+        "seed": args.seed,
+        "n_test": args.n_test,
         "components": gmm.n_components,
         "nll_unit": "nats",
         "train_nll": nll["train"],

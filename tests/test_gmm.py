@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nflow_np.cli import main
 from nflow_np.gmm import GaussianMixture, log_sum_exp
 from nflow_np.vi_cli import add_gmm_arguments, run_gmm_command
 
@@ -161,5 +162,28 @@ def test_train_command(tmp_path, capsys) -> None:
     assert [row["components"] for row in summary["tried"]] == [1, 4]
     assert summary["test_nll"] < summary["tried"][0]["val_nll"]
     assert np.load(tmp_path / "gmm.npz")["means"].shape == (4, 2)
+    # nflow eval reads the folder back: the same test NLL, on the split recorded in summary.json
+    assert main(["eval", str(tmp_path)]) == 0
+    assert f"test NLL {summary['test_nll']:.4f} nats on two_moons" in capsys.readouterr().out
+    saved = dict(np.load(tmp_path / "gmm.npz"))
+    np.savez(tmp_path / "gmm.npz", **(saved | {"weights": saved["weights"] * 2}))
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a readable Gaussian-mixture folder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--components", "0,2"])
+
+
+def test_from_parameters_refuses_what_is_not_a_mixture() -> None:
+    weights, means, covariances = np.array([0.25, 0.75]), np.zeros((2, 3)), np.stack([np.eye(3)] * 2)
+    mixture = GaussianMixture.from_parameters(weights, means, covariances)
+    np.testing.assert_allclose(mixture.log_prob(np.zeros((1, 3))), -1.5 * math.log(2 * math.pi))
+    with pytest.raises(ValueError, match="do not fit together"):
+        GaussianMixture.from_parameters(weights, means, covariances[:, :2, :2])
+    with pytest.raises(ValueError, match="sum to 1"):
+        GaussianMixture.from_parameters(np.array([0.5, 0.6]), means, covariances)
+    with pytest.raises(ValueError, match="non-finite"):
+        GaussianMixture.from_parameters(weights, means + np.nan, covariances)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianMixture.from_parameters(weights, means, -covariances)
+    with pytest.raises(ValueError, match="symmetric"):
+        GaussianMixture.from_parameters(weights, means, covariances + np.triu(np.ones((3, 3)), 1))
