@@ -297,8 +297,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         args = _resumed_arguments(args)
     if args.data in IMAGE_DATASETS:
-        if args.checkpoint_every or args.resume or args.skip_nonfinite or args.memory != "store":
-            raise ValueError("--checkpoint-every, --resume, --skip-nonfinite and --memory apply to toy data only")
+        if args.checkpoint_every or args.resume or args.skip_nonfinite:
+            raise ValueError("--checkpoint-every, --resume and --skip-nonfinite apply to toy data only")
         return _train_images(args)
     if args.weight_decay is not None or args.time_limit is not None or args.alpha is not None:
         raise ValueError("--weight-decay, --time-limit and --alpha apply to image data (digits, mnist) only")
@@ -390,8 +390,15 @@ def _train_images(args: argparse.Namespace) -> int:
     overrides |= {
         name: getattr(args, name) for name in ("weight_decay", "time_limit", "alpha") if getattr(args, name) is not None
     }
+    if args.anchor_every is not None and args.memory != "invert":
+        raise ValueError("--anchor-every applies to --memory invert only")
+    memory = {"memory": args.memory, "anchor_every": args.anchor_every}
+    if args.memory == "invert" and args.anchor_every is None:
+        memory["tolerance"] = INVERT_TOLERANCE["float32"]  # image models train in float32
     out = args.out or Path("runs") / f"{args.data}-{args.model}"
-    summary = train_image_model(args.data, args.model, out, seed=args.seed, progress=args.progress, **overrides)
+    summary = train_image_model(
+        args.data, args.model, out, seed=args.seed, progress=args.progress, **memory, **overrides
+    )
     print(
         f"{args.data} / {args.model}: test NLL {summary['test_nll']:.2f} nats per image, "
         f"{summary['test_bits_per_dim']:.4f} bits/dim (log-likelihood on [0, 1]: "

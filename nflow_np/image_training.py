@@ -191,9 +191,16 @@ def train_image_model(
     seed: int = 0,
     dtype: object = np.float32,
     progress: bool = False,
+    memory: str = "store",
+    anchor_every: int | None = None,
+    tolerance: float | None = None,
     **overrides: object,
 ) -> dict:
     """Train ``model_name`` on ``data`` with :data:`IMAGE_RECIPES` (and ``overrides``); write ``out``.
+
+    ``memory``, ``anchor_every`` and ``tolerance`` choose how the backward pass gets each layer's
+    input (:meth:`~nflow_np.model.FlowModel.set_memory`; ``docs/memory.md``): ``"invert"`` recomputes
+    it with the layer's inverse instead of storing it (the batch norms, in training mode, store theirs).
 
     Writes ``model.npz``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
@@ -226,6 +233,7 @@ def train_image_model(
     )
     if model_name == "nice":
         initialize_rescale(model, splits.train[:1000])
+    model.set_memory(memory, anchor_every, tolerance)
     run = fit_for(
         model,
         splits.train,
@@ -256,7 +264,8 @@ def train_image_model(
     summary = {
         "data": data,
         "model": model_name,
-        "settings": recipe | {"seed": seed, "dtype": str(np.dtype(dtype))},
+        "settings": recipe
+        | {"seed": seed, "dtype": str(np.dtype(dtype)), "memory": memory, "anchor_every": anchor_every},
         "n_params": model.num_parameters(),
         "dim": model.dim,
         "levels": splits.levels,

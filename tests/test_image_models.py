@@ -193,6 +193,18 @@ def test_cli_trains_an_image_model(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "apply to image data (digits, mnist) only" in capsys.readouterr().err
 
 
+def test_cli_image_training_with_memory_invert_matches_the_standard_run(tmp_path: Path) -> None:
+    """--memory invert on image data: the same training (float32: equal to rounding), layer inputs recomputed."""
+    argv = ["train", "--data", "digits", "--model", "realnvp", "--hidden", "16", "--epochs", "2", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "store")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "invert"), "--memory", "invert", "--anchor-every", "3"]) == 0
+    store, invert = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("store", "invert"))
+    assert invert["settings"]["memory"] == "invert" and invert["settings"]["anchor_every"] == 3
+    assert invert["test_nll"] == pytest.approx(store["test_nll"], rel=1e-3)
+    assert main([*argv, "--out", str(tmp_path / "x"), "--anchor-every", "3"]) == 2
+    assert main([*argv, "--out", str(tmp_path / "x"), "--checkpoint-every", "5"]) == 2
+
+
 def test_every_image_layer_kind_round_trips_through_the_model_format() -> None:
     from nflow_np.flows import ActNorm, AffineCoupling, FactorOut, Sequential, Squeeze
     from nflow_np.io import ModelFileError, flow_from_spec, flow_to_spec
