@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from benchmarks.bench_kernels import affine_bytes, copy_bandwidth, cpu_calls, gpu_backends, gpu_calls, inputs, measure
 from nflow_np.architectures import build_model
-from nflow_np.backend import get_backend, set_backend
+from nflow_np.backend import get_backend, using
 from nflow_np.model import FlowModel
 from nflow_np.nn import MLP
 from nflow_np.optim import Adam
@@ -106,17 +106,6 @@ def limit_threads(n: int, torch_ref: ModuleType | None) -> Iterator[None]:
             previous_torch = torch_ref.set_threads(n)
             stack.callback(torch_ref.set_threads, previous_torch)
         yield
-
-
-@contextlib.contextmanager
-def using_backend(name: str) -> Iterator[None]:
-    """``set_backend(name)`` for the duration, then the previous backend again."""
-    previous = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
 
 
 def attempt(row: dict, measure: Callable[..., dict], *args: object) -> dict:
@@ -229,7 +218,7 @@ def _mlp_figures(impl: str, sizes: Sequence[int], x: np.ndarray, d_y: np.ndarray
     if impl == "torch":
         times = timed(torch_ref.mlp_step(x, d_y, sizes), s.repeats)
     else:
-        with using_backend(impl):  # the backend chooses the hidden layers' bias + activation (fused on numba)
+        with using(impl):  # the backend chooses the hidden layers' bias + activation (fused on numba)
             net = MLP(sizes, np.random.default_rng(s.seed), activation="relu", dtype=x.dtype, zero_last=False)
             times = timed(lambda: (net.forward(x), net.backward(d_y)), s.repeats)
     return {"ms": figure(1e3 * times), "gflops": figure(mlp_flops(x.shape[0], sizes) / times / 1e9)}
@@ -313,7 +302,7 @@ def step_gemms(model: FlowModel, batch: int, dtype: str, seed: int = 0) -> tuple
 
 
 def _step_figures(backend: str, dtype: str, x: np.ndarray, s: Settings) -> dict:
-    with using_backend(backend):
+    with using(backend):
         step = training_step(realnvp(s, dtype), x, s.lr)
         times = timed(step, s.repeats)
         memory = peak_mib(step)  # separate, untimed: tracemalloc slows every allocation
@@ -354,7 +343,7 @@ def train(s: Settings, torch_ref: ModuleType | None) -> dict:
 
 def _curve(backend: str, dtype: str, batches: list[np.ndarray], s: Settings, repeats: int) -> dict:
     model = realnvp(s, dtype)
-    with using_backend(backend):
+    with using(backend):
         return {"ms": [figure(1e3 * timed(training_step(model, x, s.lr), repeats)) for x in batches]}
 
 
@@ -381,7 +370,7 @@ def batch_sweep(s: Settings, torch_ref: ModuleType | None) -> dict:
 def _warmed_calls(backend: str, s: Settings, dtype: str, x: np.ndarray) -> dict[str, Callable[[], object]]:
     """``log_prob`` and ``sample`` calls of a model that took three Adam steps (so no coupling is the identity)."""
     model = realnvp(s, dtype)
-    with using_backend(backend):
+    with using(backend):
         step = training_step(model, x[: s.batch], s.lr)
         for _ in range(3):
             step()
@@ -400,7 +389,7 @@ def _torch_warmed_calls(torch_ref: ModuleType, s: Settings, x: np.ndarray) -> di
 def _throughput(impl: str, calls: dict | Exception, op: str, s: Settings) -> dict:
     if isinstance(calls, Exception):
         raise calls
-    with using_backend(impl if impl != "torch" else get_backend()):
+    with using(impl if impl != "torch" else get_backend()):
         times = timed(calls[op], s.repeats)
     return {"ms": figure(1e3 * times), "samples_per_s": figure(s.sample_batch / times)}
 

@@ -1,6 +1,6 @@
 """nflow_np: normalizing flows written from scratch in NumPy, every gradient by hand."""
 
-from nflow_np.backend import available_backends, get_backend, set_backend
+from nflow_np.backend import available_backends, get_backend, set_backend, using
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows import (
     AdditiveCoupling,
@@ -41,4 +41,5 @@ __all__ = [
     "available_backends",
     "get_backend",
     "set_backend",
+    "using",
 ]

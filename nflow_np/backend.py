@@ -37,11 +37,12 @@ copy; given NumPy arrays (a model left on the host) they copy to the device and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import numpy as np
@@ -127,6 +128,21 @@ def set_backend(name: str) -> None:
                 continue
     laws = _load(name)
     _active, _active_laws = name, laws
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """``with using("numba"): ...``: :func:`set_backend` for the block, then the backend before it again.
+
+    The backend is restored however the block ends; an unknown or unavailable ``name`` raises before
+    anything changes (as :func:`set_backend` does).
+    """
+    before = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def get_backend() -> str:

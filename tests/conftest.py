@@ -39,9 +39,5 @@ def reference_backend() -> Iterator[None]:
     """
     from nflow_np import backend
 
-    before = backend.get_backend()
-    backend.set_backend("numpy")
-    try:
+    with backend.using("numpy"):
         yield
-    finally:
-        backend.set_backend(before)

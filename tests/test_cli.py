@@ -129,16 +129,13 @@ def test_python_dash_m_runs_the_cli() -> None:
 def test_backend_flag_selects_and_refuses_clearly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from nflow_np import backend
 
-    before = backend.get_backend()
-    try:
+    with backend.using(backend.get_backend()):  # whatever the flags below select is undone after
         argv = ["--backend", "numba", "train", "--epochs", "1", "--n-train", "300", "--layers", "2", "--hidden", "8",
                 "--no-progress", "--no-plots", "--out", str(tmp_path / "run")]
         assert main(argv) == 0
         assert backend.get_backend() == "numba"
         assert main(["--backend", "cupy", "eval", str(tmp_path / "run")]) == 2
         assert "cupy" in capsys.readouterr().err
-    finally:
-        backend.set_backend(before)
 
 
 def test_train_with_memory_invert_matches_the_standard_run(run: Path, tmp_path: Path) -> None:

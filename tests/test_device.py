@@ -49,12 +49,8 @@ def fake_backend(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     for registry in ("_loaded", "_ARRAY_MODULE_NAMES", "_DEVICE_MODULES"):
         monkeypatch.setattr(backend, registry, dict(getattr(backend, registry)))
     backend.register_backend("fake-device", COUPLING_LAWS, fake_device)
-    before = backend.get_backend()
-    backend.set_backend("fake-device")
-    try:
+    with backend.using("fake-device"):
         yield fake_device
-    finally:
-        backend.set_backend(before)
 
 
 @pytest.fixture(scope="module")

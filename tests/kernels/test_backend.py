@@ -6,12 +6,10 @@ of the suite runs on the default.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +28,7 @@ has_numba = pytest.mark.skipif(
 )
 
 
-@contextlib.contextmanager
-def use(name: str) -> Iterator[None]:
-    before = backend.get_backend()
-    backend.set_backend(name)
-    try:
-        yield
-    finally:
-        backend.set_backend(before)
+use = backend.using
 
 
 def test_reference_backend_uses_the_reference_laws(reference_backend: None) -> None:

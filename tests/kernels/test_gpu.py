@@ -88,12 +88,10 @@ def test_whole_model_trains_on_the_device(backend_name: str, monkeypatch: pytest
     else:
         monkeypatch.setattr(module.cuda, "to_device", no_host_copy)
     data = make_two_moons(1024, np.random.default_rng(0))
-    before = backend.get_backend()
     for kind in ("realnvp", "nice"):
         histories, states = {}, {}
         for name in ("numpy", backend_name):
-            backend.set_backend(name)
-            try:
+            with backend.using(name):
                 model = build_model(kind, 2, layers=4, hidden=(32, 32), seed=0).to_device()
                 assert model.array_module is (cupy if name != "numpy" else np)
                 optimizer = Adam(model, lr=3e-3)
@@ -103,8 +101,6 @@ def test_whole_model_trains_on_the_device(backend_name: str, monkeypatch: pytest
                 if name != "numpy":
                     assert all(isinstance(p, cupy.ndarray) for _, p, _ in model.named_parameters())
                     assert all(isinstance(v, cupy.ndarray) for a in optimizer.state.values() for v in a.values())
-            finally:
-                backend.set_backend(before)
             histories[name] = np.array([[h["train_nll"], h["val_nll"]] for h in result.history])
             states[name] = model.state_dict()
         np.testing.assert_allclose(histories[backend_name], histories["numpy"], rtol=1e-8)

@@ -135,18 +135,14 @@ def test_mlp_on_the_numba_backend_matches_numpy(activation: str, dtype: type) ->
     x = rng.standard_normal((16, 5)).astype(dtype)
     d_y = rng.standard_normal((16, 4)).astype(dtype)
     results = {}
-    previous = backend.get_backend()
     for name in ("numpy", "numba"):
-        backend.set_backend(name)
-        try:
+        with backend.using(name):
             assert (backend.fused("bias_activation", bias_activation.forward) is numba_nn.forward) == (name == "numba")
             net = MLP([5, 8, 8, 4], np.random.default_rng(0), activation=activation, dtype=dtype, zero_last=False)
             y = net.forward(x)
             d_x = net.backward(d_y)
             grads = [grad.copy() for _, _, grad in net.named_parameters()]
             results[name] = (y, d_x, *grads)
-        finally:
-            backend.set_backend(previous)
     tolerance = 1e-5 if dtype == np.float32 else 1e-13  # tanh differs by ulps; relu/leaky are exact
     assert len(results["numpy"]) == 2 + 6
     for want, got in zip(results["numpy"], results["numba"], strict=True):

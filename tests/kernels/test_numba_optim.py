@@ -108,9 +108,7 @@ def test_adam_on_the_numba_backend_gives_the_numpy_run(dtype: type) -> None:
     x = np.random.default_rng(1).standard_normal((64, 6)).astype(dtype)
     runs = {}
     for name in ("numpy", "numba"):
-        previous = backend.get_backend()
-        backend.set_backend(name)
-        try:
+        with backend.using(name):
             assert (backend.fused("adam_update", adam_update) is adam_update) == (name == "numpy")
             model = build_model("realnvp", 6, layers=2, hidden=(8,), dtype=dtype)
             optimizer = Adam(model, lr=1e-2, weight_decay=1e-3)
@@ -119,7 +117,5 @@ def test_adam_on_the_numba_backend_gives_the_numpy_run(dtype: type) -> None:
                 model.nll_and_backward(x)
                 optimizer.step()
             runs[name] = (model.state_dict(), optimizer.state_dict())
-        finally:
-            backend.set_backend(previous)
     for key, value in runs["numpy"][0].items():
         np.testing.assert_allclose(runs["numba"][0][key], value, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
