@@ -86,7 +86,7 @@ def numba_ready() -> str | None:
         return "numba is not installed"
     try:
         importlib.import_module("kernels.numba_cpu")  # sets OMP_WAIT_POLICY before Numba's thread pool starts
-    except Exception as error:  # noqa: BLE001 (a kernel module that fails to import must not stop the suite)
+    except Exception as error:
         return f"kernels.numba_cpu does not import: {error}"
     return None
 
@@ -116,7 +116,7 @@ def attempt(row: dict, measure: Callable[..., dict], *args: object) -> dict:
     """
     try:
         return row | measure(*args)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return row | {"error": f"{type(error).__name__}: {first_line}"[:200]}
 
@@ -410,7 +410,7 @@ def sample(s: Settings, torch_ref: ModuleType | None) -> dict:
                     calls[impl] = _torch_warmed_calls(torch_ref, s, x)
                 else:
                     calls[impl] = _warmed_calls(impl, s, dtype, x)
-            except Exception as error:  # noqa: BLE001 (reported in the rows below)
+            except Exception as error:
                 calls[impl] = error
         for op in ("log_prob", "sample"):
             block = []

@@ -62,7 +62,7 @@ class _Device:
         return cupy.asnumpy(array) if self.host else array
 
 
-def _additive(inp, h, scale, sign):  # noqa: ANN001, ANN202
+def _additive(inp, h, scale, sign):
     """CuPy's own elementwise kernels are already single-pass here: ``out = inp ± h``."""
     dtype = check_law_inputs("additive", inp, h, scale)
     device = _Device(inp)
@@ -71,14 +71,14 @@ def _additive(inp, h, scale, sign):  # noqa: ANN001, ANN202
     return device.get(out), device.get(cupy.zeros(inp.shape[0], dtype=dtype))
 
 
-def _additive_backward(d_out, sign, check_args):  # noqa: ANN001, ANN202
+def _additive_backward(d_out, sign, check_args):
     check_law_inputs("additive", *check_args)
     device = _Device(d_out)
     d_h = device.put(d_out)
     return d_out, device.get(d_h.copy() if sign > 0 else -d_h), None
 
 
-def _affine(inp, h, scale, sign):  # noqa: ANN001, ANN202
+def _affine(inp, h, scale, sign):
     dtype = check_law_inputs("affine", inp, h, scale)
     device = _Device(inp)
     n, d2 = inp.shape
@@ -89,7 +89,7 @@ def _affine(inp, h, scale, sign):  # noqa: ANN001, ANN202
     return device.get(out), device.get(logdet)
 
 
-def _affine_backward(inp, h, scale, d_out, d_logdet, sign):  # noqa: ANN001, ANN202
+def _affine_backward(inp, h, scale, d_out, d_logdet, sign):
     dtype = check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
     device = _Device(inp)
     n, d2 = inp.shape

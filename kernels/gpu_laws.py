@@ -57,19 +57,19 @@ def make_laws(
             return d2
 
         @staticmethod
-        def forward(x2, h, scale):  # noqa: ANN001, ANN205 (the reference's signature)
+        def forward(x2, h, scale):
             return additive(x2, h, scale, 1.0)
 
         @staticmethod
-        def inverse(z2, h, scale):  # noqa: ANN001, ANN205
+        def inverse(z2, h, scale):
             return additive(z2, h, scale, -1.0)
 
         @staticmethod
-        def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
+        def backward_forward(x2, h, scale, d_z2, d_logdet):
             return additive_backward(d_z2, 1.0, (x2, h, scale, d_z2, d_logdet))
 
         @staticmethod
-        def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+        def backward_inverse(z2, h, scale, d_x2, d_logdet):
             return additive_backward(d_x2, -1.0, (z2, h, scale, d_x2, d_logdet))
 
     class AffineLaw:
@@ -83,19 +83,19 @@ def make_laws(
             return 2 * d2
 
         @staticmethod
-        def forward(x2, h, scale):  # noqa: ANN001, ANN205
+        def forward(x2, h, scale):
             return affine(x2, h, scale, 1.0)
 
         @staticmethod
-        def inverse(z2, h, scale):  # noqa: ANN001, ANN205
+        def inverse(z2, h, scale):
             return affine(z2, h, scale, -1.0)
 
         @staticmethod
-        def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
+        def backward_forward(x2, h, scale, d_z2, d_logdet):
             return affine_backward(x2, h, scale, d_z2, d_logdet, 1.0)
 
         @staticmethod
-        def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+        def backward_inverse(z2, h, scale, d_x2, d_logdet):
             return affine_backward(z2, h, scale, d_x2, d_logdet, -1.0)
 
     return {"additive": AdditiveLaw, "affine": AffineLaw}

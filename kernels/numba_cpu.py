@@ -53,11 +53,11 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before Numba starts its thread pool
 
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit, prange
 
-from kernels.validation import check_law_inputs  # noqa: E402
-from kernels.vecmath import vexp, vtanh  # noqa: E402
+from kernels.validation import check_law_inputs
+from kernels.vecmath import vexp, vtanh
 
 _OPTIONS = {"fastmath": {"contract", "nsz"}, "error_model": "numpy", "cache": True}
 rows_kernel = njit(**_OPTIONS)
@@ -65,7 +65,7 @@ parallel_kernel = njit(parallel=True, **_OPTIONS)
 
 
 @njit(fastmath={"reassoc"}, error_model="numpy", cache=True)
-def add_in_any_order(total, value):  # noqa: ANN001, ANN201
+def add_in_any_order(total, value):
     """``total + value`` with LLVM free to reorder the sum (its own flag: the kernels have none).
 
     Only for sums whose value is thrown away: a loop with a reorderable sum is one LLVM vectorises
@@ -75,7 +75,7 @@ def add_in_any_order(total, value):  # noqa: ANN001, ANN201
 
 
 @njit(fastmath={"contract"}, error_model="numpy", cache=True)
-def ordered_sum(values):  # noqa: ANN001, ANN201
+def ordered_sum(values):
     """``Σ values`` in an order fixed by the length alone: 8 running sums over ``values[l::8]``, added
     as a tree, then the leftover in order. Written out, so that no compiler choice (and no
     thread count) changes a log-det's bits; the 8 sums still run as one vector."""
@@ -116,7 +116,7 @@ prefetcher behind at N = 65536 (1.7–2.0 against 1.3 ns per float32 element, on
 
 
 @rows_kernel
-def block_count(n, d2, most):  # noqa: ANN001, ANN201
+def block_count(n, d2, most):
     """Blocks to cut ``N`` rows into: at most ``most``, at least 1, and of at least
     :data:`CHUNK_MIN_ELEMENTS` elements each where there are that many. A function of the shape only."""
     return max(1, min(n, most, n * d2 // CHUNK_MIN_ELEMENTS))
@@ -130,7 +130,7 @@ def block_count(n, d2, most):  # noqa: ANN001, ANN201
 # run of x₂ and z₂ (C order), their ŝ and t are gathered from h into flat scratch arrays, one long
 # loop does the block, and the log-dets are summed row by row from the scratch ``s``.
 @rows_kernel
-def gather_columns(src, col0, width, start, stop, flat):  # noqa: ANN001, ANN201
+def gather_columns(src, col0, width, start, stop, flat):
     """``flat[r·width + j] = src[start + r, col0 + j]`` for rows ``start…stop−1``."""
     if width == 1:  # one strided loop instead of a loop per row (2-d data: D₂ = 1)
         for r in range(stop - start):
@@ -143,21 +143,21 @@ def gather_columns(src, col0, width, start, stop, flat):  # noqa: ANN001, ANN201
 
 
 @rows_kernel
-def scatter_row(values, out, sign):  # noqa: ANN001, ANN201
+def scatter_row(values, out, sign):
     """``out = sign · values`` (``sign = ±1``: exact)."""
     for j in range(out.shape[0]):
         out[j] = sign * values[j]
 
 
 @rows_kernel
-def add_row(values, total):  # noqa: ANN001, ANN201
+def add_row(values, total):
     """``total += values``."""
     for j in range(total.shape[0]):
         total[j] += values[j]
 
 
 @rows_kernel
-def short_rows(d2, itemsize, body_bytes):  # noqa: ANN001, ANN201
+def short_rows(d2, itemsize, body_bytes):
     """Rows per flat block if rows of ``d2`` elements run faster in flat blocks, else 0.
 
     Row by row, the ``d2 mod body`` columns past the vector body's multiples run about twice as
@@ -169,7 +169,7 @@ def short_rows(d2, itemsize, body_bytes):  # noqa: ANN001, ANN201
 
 
 @rows_kernel
-def affine_short_rows(inp, h, scale, out, logdet, start, stop, rows, inverse):  # noqa: ANN001, ANN201
+def affine_short_rows(inp, h, scale, out, logdet, start, stop, rows, inverse):
     """Forward or inverse on rows ``start…stop−1`` in flat blocks of ``rows`` rows (see above)."""
     d2 = inp.shape[1]
     rows = max(1, min(rows, stop - start))
@@ -219,7 +219,7 @@ def affine_short_rows(inp, h, scale, out, logdet, start, stop, rows, inverse):  
 
 
 @rows_kernel
-def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):  # noqa: ANN001, ANN201
+def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):
     d2 = x2.shape[1]
     rows = short_rows(d2, x2.itemsize, VECTOR_BODY_BYTES)
     if rows > 0:
@@ -239,7 +239,7 @@ def affine_forward_rows(x2, h, scale, z2, logdet, start, stop):  # noqa: ANN001,
 
 
 @rows_kernel
-def affine_inverse_rows(z2, h, scale, x2, logdet, start, stop):  # noqa: ANN001, ANN201
+def affine_inverse_rows(z2, h, scale, x2, logdet, start, stop):
     d2 = z2.shape[1]
     rows = short_rows(d2, z2.itemsize, VECTOR_BODY_BYTES // 2)
     if rows > 0:
@@ -259,7 +259,7 @@ def affine_inverse_rows(z2, h, scale, x2, logdet, start, stop):  # noqa: ANN001,
 
 
 @rows_kernel
-def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, start, stop, rows, inverse):  # noqa: ANN001, ANN201, PLR0913
+def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, start, stop, rows, inverse):
     """Backward of forward (or inverse) on rows ``start…stop−1`` in flat blocks of ``rows`` rows.
 
     As :func:`affine_short_rows`; ``∂L/∂ŝ`` and ``∂L/∂s ⊙ g`` go to scratch first, and each
@@ -323,7 +323,7 @@ def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, 
 
 
 @rows_kernel
-def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
+def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):
     """Rows ``start…stop−1`` of the backward of forward; adds their ``Σ ∂L/∂s ⊙ g`` to ``d_a: (D₂,)``."""
     d2 = x2.shape[1]
     rows = short_rows(d2, x2.itemsize, VECTOR_BODY_BYTES)
@@ -350,7 +350,7 @@ def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, s
 
 
 @rows_kernel
-def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):  # noqa: ANN001, ANN201
+def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):
     """As :func:`affine_backward_forward_rows`, for the inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
     d2 = z2.shape[1]
     rows = short_rows(d2, z2.itemsize, VECTOR_BODY_BYTES)
@@ -378,7 +378,7 @@ def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, s
 
 
 @parallel_kernel
-def affine_forward_parallel(x2, h, scale, out, logdet, inverse):  # noqa: ANN001, ANN201
+def affine_forward_parallel(x2, h, scale, out, logdet, inverse):
     n, d2 = x2.shape
     blocks = block_count(n, d2, 4 * SCALE_CHUNKS)  # any split gives the same results here
     for c in prange(blocks):
@@ -390,7 +390,7 @@ def affine_forward_parallel(x2, h, scale, out, logdet, inverse):  # noqa: ANN001
 
 
 @rows_kernel
-def affine_forward_serial(x2, h, scale, out, logdet, inverse):  # noqa: ANN001, ANN201
+def affine_forward_serial(x2, h, scale, out, logdet, inverse):
     if inverse:
         affine_inverse_rows(x2, h, scale, out, logdet, 0, x2.shape[0])
     else:
@@ -398,7 +398,7 @@ def affine_forward_serial(x2, h, scale, out, logdet, inverse):  # noqa: ANN001, 
 
 
 @parallel_kernel
-def affine_backward_parallel(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse):  # noqa: ANN001, ANN201
+def affine_backward_parallel(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse):
     n, chunks = inp.shape[0], d_scale_chunks.shape[0]
     for c in prange(chunks):
         start, stop = c * n // chunks, (c + 1) * n // chunks
@@ -409,7 +409,7 @@ def affine_backward_parallel(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale
 
 
 @rows_kernel
-def affine_backward_serial(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse):  # noqa: ANN001, ANN201
+def affine_backward_serial(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse):
     n, chunks = inp.shape[0], d_scale_chunks.shape[0]
     for c in range(chunks):  # the same chunks as in parallel: the same sums, bit for bit
         start, stop = c * n // chunks, (c + 1) * n // chunks
@@ -420,16 +420,16 @@ def affine_backward_serial(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_c
 
 
 # -- entry points writing into given outputs --------------------------------------------------------------
-def _run(serial, parallel, elements: int, *args) -> None:  # noqa: ANN001, ANN002
+def _run(serial, parallel, elements: int, *args) -> None:
     (parallel if elements >= PARALLEL_MIN_ELEMENTS else serial)(*args)
 
 
-def affine_forward_into(x2, h, scale, z2, logdet, inverse: bool = False) -> None:  # noqa: ANN001
+def affine_forward_into(x2, h, scale, z2, logdet, inverse: bool = False) -> None:
     """Forward (or, with ``inverse=True`` and ``x2`` holding ``z₂``, inverse) into ``z2, logdet``."""
     _run(affine_forward_serial, affine_forward_parallel, x2.size, x2, h, scale, z2, logdet, inverse)
 
 
-def affine_backward_into(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse: bool = False) -> None:  # noqa: ANN001
+def affine_backward_into(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse: bool = False) -> None:
     """Backward of forward (or of inverse) into ``d_inp, d_h``; ``d_scale_chunks`` from :func:`scale_chunks`
     must be zero and gets the chunks' ``∂L/∂a``, whose column sum is ``∂L/∂a``."""
     args = (inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse)
@@ -475,12 +475,12 @@ class AdditiveLaw:
         return z2 - h, np.zeros(z2.shape[0], z2.dtype)
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205 (the reference's signature)
+    def backward_forward(x2, h, scale, d_z2, d_logdet):
         check_law_inputs("additive", x2, h, scale, d_z2, d_logdet)
         return d_z2, d_z2.copy(), None
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_inverse(z2, h, scale, d_x2, d_logdet):
         check_law_inputs("additive", z2, h, scale, d_x2, d_logdet)
         return d_x2, np.negative(d_x2), None
 
@@ -507,7 +507,7 @@ def numpy_affine(inp: np.ndarray, h: np.ndarray, scale: np.ndarray, inverse: boo
     return out, s.sum(axis=1)
 
 
-def numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse: bool):  # noqa: ANN001, ANN201
+def numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse: bool):
     """``(∂L/∂inp, ∂L/∂h, ∂L/∂a)`` of :func:`numpy_affine`, as the reference computes them."""
     d2 = inp.shape[1]
     g = np.tanh(h[:, :d2])
@@ -549,15 +549,15 @@ class AffineLaw:
         return AffineLaw._forward(z2, h, scale, inverse=True)
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_forward(x2, h, scale, d_z2, d_logdet):
         return AffineLaw._backward(x2, h, scale, d_z2, d_logdet, inverse=False)
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_inverse(z2, h, scale, d_x2, d_logdet):
         return AffineLaw._backward(z2, h, scale, d_x2, d_logdet, inverse=True)
 
     @staticmethod
-    def _forward(inp, h, scale, inverse: bool):  # noqa: ANN001, ANN205
+    def _forward(inp, h, scale, inverse: bool):
         check_law_inputs("affine", inp, h, scale)
         if use_numpy(inp.shape):
             return numpy_affine(inp, h, scale, inverse)
@@ -566,7 +566,7 @@ class AffineLaw:
         return out, logdet
 
     @staticmethod
-    def _backward(inp, h, scale, d_out, d_logdet, inverse: bool):  # noqa: ANN001, ANN205
+    def _backward(inp, h, scale, d_out, d_logdet, inverse: bool):
         check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
         if use_numpy(inp.shape):
             return numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse)

@@ -48,7 +48,7 @@ def require_device() -> None:
 
 # -- additive law -------------------------------------------------------------------------------------
 @cuda.jit
-def add_scaled_kernel(a, b, factor, out):  # noqa: ANN001, ANN201
+def add_scaled_kernel(a, b, factor, out):
     """``out = a + factor · b`` elementwise (additive forward ``factor = 1``, inverse ``−1``)."""
     i, j = cuda.grid(2)
     if i < out.shape[0] and j < out.shape[1]:
@@ -56,7 +56,7 @@ def add_scaled_kernel(a, b, factor, out):  # noqa: ANN001, ANN201
 
 
 @cuda.jit
-def scaled_kernel(src, factor, out):  # noqa: ANN001, ANN201
+def scaled_kernel(src, factor, out):
     """``out = factor · src`` (the additive law's ``∂L/∂h = ±d_out``) and logdets' zeros."""
     i, j = cuda.grid(2)
     if i < out.shape[0] and j < out.shape[1]:
@@ -64,7 +64,7 @@ def scaled_kernel(src, factor, out):  # noqa: ANN001, ANN201
 
 
 @cuda.jit
-def fill_kernel(value, out):  # noqa: ANN001, ANN201
+def fill_kernel(value, out):
     i = cuda.grid(1)
     if i < out.shape[0]:
         out[i] = value
@@ -72,7 +72,7 @@ def fill_kernel(value, out):  # noqa: ANN001, ANN201
 
 # -- affine law ----------------------------------------------------------------------------------------
 @cuda.jit
-def affine_forward_kernel(x2, h, scale, sign, out, logdet):  # noqa: ANN001, ANN201
+def affine_forward_kernel(x2, h, scale, sign, out, logdet):
     """``sign = 1``: forward ``out = x₂ ⊙ exp(s) + t``, ``logdet = Σ s``.
     ``sign = −1``: inverse with ``x2`` holding ``z₂``: ``out = (z₂ − t) ⊙ exp(−s)``, ``logdet = −Σ s``.
     """
@@ -104,7 +104,7 @@ def affine_forward_kernel(x2, h, scale, sign, out, logdet):  # noqa: ANN001, ANN
 
 
 @cuda.jit
-def affine_backward_kernel(inp, h, scale, d_out, d_logdet, sign, d_inp, d_h, partial):  # noqa: ANN001, ANN201
+def affine_backward_kernel(inp, h, scale, d_out, d_logdet, sign, d_inp, d_h, partial):
     """Backward of forward (``sign = 1``, ``inp = x₂``, ``d_out = ∂L/∂z₂``) or of inverse
     (``sign = −1``, ``inp = z₂``, ``d_out = ∂L/∂x₂``); ``partial[block, j]`` gets the block's
     ``Σ ∂L/∂s ⊙ g``."""
@@ -149,7 +149,7 @@ def affine_backward_kernel(inp, h, scale, d_out, d_logdet, sign, d_inp, d_h, par
 
 
 @cuda.jit
-def column_sum_kernel(partial, out):  # noqa: ANN001, ANN201
+def column_sum_kernel(partial, out):
     """``out[j] = Σ_b partial[b, j]``, in block order (deterministic)."""
     j = cuda.grid(1)
     if j < out.shape[0]:
@@ -178,7 +178,7 @@ class _Device:
         self.host = not hasattr(like, "__cuda_array_interface__")
         self.cupy = None
         if not self.host and type(like).__module__.startswith("cupy"):
-            import cupy  # noqa: PLC0415 (only when CuPy arrays come in)
+            import cupy
 
             self.cupy = cupy
 
@@ -215,7 +215,7 @@ def _zeros_1d(device: _Device, n: int, dtype: np.dtype) -> object:
     return out
 
 
-def _additive(inp, h, scale, sign):  # noqa: ANN001, ANN202
+def _additive(inp, h, scale, sign):
     dtype = check_law_inputs("additive", inp, h, scale)
     device = _Device(inp)
     a, b = device.put(inp), device.put(h)
@@ -224,7 +224,7 @@ def _additive(inp, h, scale, sign):  # noqa: ANN001, ANN202
     return device.get(out), device.get(_zeros_1d(device, inp.shape[0], dtype))
 
 
-def _additive_backward(d_out, sign, check_args):  # noqa: ANN001, ANN202
+def _additive_backward(d_out, sign, check_args):
     dtype = check_law_inputs("additive", *check_args)
     device = _Device(d_out)
     src = device.put(d_out)
@@ -233,7 +233,7 @@ def _additive_backward(d_out, sign, check_args):  # noqa: ANN001, ANN202
     return d_out, device.get(d_h), None
 
 
-def _affine(inp, h, scale, sign):  # noqa: ANN001, ANN202
+def _affine(inp, h, scale, sign):
     dtype = check_law_inputs("affine", inp, h, scale)
     device = _Device(inp)
     n, d2 = inp.shape
@@ -245,7 +245,7 @@ def _affine(inp, h, scale, sign):  # noqa: ANN001, ANN202
     return device.get(out), device.get(logdet)
 
 
-def _affine_backward(inp, h, scale, d_out, d_logdet, sign):  # noqa: ANN001, ANN202
+def _affine_backward(inp, h, scale, d_out, d_logdet, sign):
     dtype = check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
     device = _Device(inp)
     n, d2 = inp.shape

@@ -37,7 +37,7 @@ _CODES = {"relu": _RELU, "leaky_relu": _LEAKY_RELU, "tanh": _TANH}
 
 
 @njit(**_OPTIONS)
-def _forward(y, b, code, slope):  # noqa: ANN001, ANN202 (arrays; see module doc)
+def _forward(y, b, code, slope):
     zero = y.dtype.type(0.0)
     for i in range(y.shape[0]):
         row = y[i]
@@ -52,7 +52,7 @@ def _forward(y, b, code, slope):  # noqa: ANN001, ANN202 (arrays; see module doc
 
 
 @njit(**_OPTIONS)
-def _backward(d_out, out, code, slope, d_b):  # noqa: ANN001, ANN202
+def _backward(d_out, out, code, slope, d_b):
     zero, one = out.dtype.type(0.0), out.dtype.type(1.0)
     d_u = np.empty_like(d_out)
     column_sums = np.zeros_like(d_b)

@@ -33,7 +33,7 @@ _BLOCKS = 64
 
 
 @njit(**_OPTIONS)
-def _adam_range(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay, start, stop):  # noqa: ANN001, ANN201 (see module doc)
+def _adam_range(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay, start, stop):
     for i in range(start, stop):
         p = param[i] * decay if use_decay else param[i]
         g = grad[i]
@@ -45,12 +45,12 @@ def _adam_range(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, 
 
 
 @njit(**_OPTIONS)
-def _adam_serial(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay):  # noqa: ANN001, ANN201
+def _adam_serial(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay):
     _adam_range(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay, 0, param.shape[0])
 
 
 @njit(parallel=True, **_OPTIONS)
-def _adam_parallel(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay):  # noqa: ANN001, ANN201
+def _adam_parallel(param, grad, m, v, beta1, c1, beta2, c2, bias2, eps, step_size, decay, use_decay):
     n = param.shape[0]
     for block in prange(_BLOCKS):
         start, stop = block * n // _BLOCKS, (block + 1) * n // _BLOCKS

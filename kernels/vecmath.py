@@ -197,8 +197,8 @@ def vtanh(x: np.ndarray) -> np.ndarray:
     return np.tanh(x)
 
 
-def _by_type(impl_64: object, impl_32: object):  # noqa: ANN202 (numba overload protocol)
-    def choose(x):  # noqa: ANN001, ANN202 (same argument names as the implementation)
+def _by_type(impl_64: object, impl_32: object):
+    def choose(x):
         if x == types.float64:
             return lambda x: impl_64(x)
         if x == types.float32:

@@ -82,7 +82,7 @@ def _index(key: object) -> object:
     return key
 
 
-class ndarray(np.lib.mixins.NDArrayOperatorsMixin):  # noqa: N801 (named like cupy.ndarray)
+class ndarray(np.lib.mixins.NDArrayOperatorsMixin):
     """A device array: NumPy data that refuses to meet the host implicitly."""
 
     __array_priority__ = 1000
@@ -266,7 +266,7 @@ class Generator:
         return ndarray(self._rng.permutation(n))
 
 
-class random:  # noqa: N801 (the ``xp.random`` namespace)
+class random:
     """``xp.random``: only what the library uses."""
 
     Generator = Generator

@@ -48,11 +48,11 @@ class AdditiveLaw:
         return z2 - h, np.zeros_like(z2, shape=z2.shape[0])
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205 (signature in module doc)
+    def backward_forward(x2, h, scale, d_z2, d_logdet):
         return d_z2, d_z2.copy(), None
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_inverse(z2, h, scale, d_x2, d_logdet):
         return d_x2, -d_x2, None
 
 
@@ -109,7 +109,7 @@ class AffineLaw:
         return x2, -s.sum(axis=1)
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_forward(x2, h, scale, d_z2, d_logdet):
         s, g, _ = AffineLaw.log_scale(h, scale)
         e = np.exp(s)
         d_x2 = d_z2 * e
@@ -118,7 +118,7 @@ class AffineLaw:
         return d_x2, AffineLaw._d_h(d_s, g, scale, d_z2), (d_s * g).sum(axis=0)
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):  # noqa: ANN001, ANN205
+    def backward_inverse(z2, h, scale, d_x2, d_logdet):
         s, g, t = AffineLaw.log_scale(h, scale)
         e_inv = np.exp(-s)
         d_z2 = d_x2 * e_inv

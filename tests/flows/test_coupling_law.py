@@ -39,7 +39,7 @@ def law_pass(law: type, direction: str) -> tuple:
     return law.inverse, law.backward_inverse
 
 
-def check_law_gradients(law: type, direction: str, x2: np.ndarray, h: np.ndarray, scale, rng) -> None:  # noqa: ANN001
+def check_law_gradients(law: type, direction: str, x2: np.ndarray, h: np.ndarray, scale, rng) -> None:
     """The law's backward of ``direction`` vs central differences of ``Σ A ⊙ out + Σ b ⊙ logdet``."""
     apply, backward = law_pass(law, direction)
     out, logdet = apply(x2, h, scale)

@@ -74,7 +74,7 @@ def magnitudes(function: str, inputs: dict) -> tuple[np.ndarray, ...]:
         return _magnitudes(function, inp, t, a, g, s, d_out, d_ld, logdet)
 
 
-def _magnitudes(function, inp, t, a, g, s, d_out, d_ld, logdet):  # noqa: ANN001, ANN202, PLR0913
+def _magnitudes(function, inp, t, a, g, s, d_out, d_ld, logdet):
     e, e_inv = np.exp(s) * (1 + np.abs(s)), np.exp(-s) * (1 + np.abs(s))  # with exp's condition number
     if function == "forward":
         return np.abs(inp * e) + np.abs(t), logdet

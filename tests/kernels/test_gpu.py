@@ -43,7 +43,7 @@ BACKENDS = pytest.mark.parametrize("module_name", ["kernels.numba_cuda", "kernel
     s_hat_scale=st.sampled_from([0.1, 1.0, 30.0]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_matches_reference_on_the_gpu(module_name, law, function, n, d2, dtype, s_hat_scale, seed) -> None:  # noqa: ANN001
+def test_matches_reference_on_the_gpu(module_name, law, function, n, d2, dtype, s_hat_scale, seed) -> None:
     laws = gpu_laws(module_name)
     inputs = draw(law, n, d2, dtype, np.random.default_rng(seed), s_hat_scale=s_hat_scale)
     assert_matches_reference(laws, REFERENCE, law, function, inputs)

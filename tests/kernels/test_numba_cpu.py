@@ -53,7 +53,7 @@ def relayout(array: np.ndarray | None, layout: str) -> np.ndarray | None:
     x_scale=st.sampled_from([1e-3, 1.0, 1e3]),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_matches_reference(law, function, n, d2, dtype, layout, s_hat_scale, x_scale, seed) -> None:  # noqa: ANN001
+def test_matches_reference(law, function, n, d2, dtype, layout, s_hat_scale, x_scale, seed) -> None:
     inputs = draw(law, n, d2, dtype, np.random.default_rng(seed), s_hat_scale=s_hat_scale, x_scale=x_scale)
     inputs = {name: relayout(value, layout) for name, value in inputs.items()}
     assert_matches_reference(KERNEL, REFERENCE, law, function, inputs)
@@ -74,7 +74,7 @@ def always_parallel() -> Iterator[None]:
 @pytest.mark.parametrize("function", FUNCTIONS)
 @settings(max_examples=10, deadline=None)
 @given(n=st.integers(1, 300), d2=st.integers(1, 20), dtype=dtypes, seed=st.integers(0, 2**32 - 1))
-def test_parallel_kernels_match_reference(law, function, n, d2, dtype, seed) -> None:  # noqa: ANN001
+def test_parallel_kernels_match_reference(law, function, n, d2, dtype, seed) -> None:
     inputs = draw(law, n, d2, dtype, np.random.default_rng(seed), s_hat_scale=2.0)
     with always_parallel():
         assert_matches_reference(KERNEL, REFERENCE, law, function, inputs)
@@ -154,7 +154,7 @@ class _Fixed:
     def __init__(self, result: tuple) -> None:
         self.result = result
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return lambda *args: self.result
 
 
@@ -199,7 +199,7 @@ def test_empty_batch() -> None:
         (lambda i: i.update(inp=i["inp"].astype(np.int64)), TypeError, "float32 or float64"),
     ],
 )
-def test_bad_arguments_are_rejected(change, error, match) -> None:  # noqa: ANN001
+def test_bad_arguments_are_rejected(change, error, match) -> None:
     inputs = draw("affine", 4, 3, np.float64, np.random.default_rng(5))
     change(inputs)
     with pytest.raises(error, match=match):

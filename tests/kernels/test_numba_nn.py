@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
-from kernels import numba_nn  # noqa: E402 (after the skip)
-from nflow_np import backend  # noqa: E402
-from nflow_np.nn import MLP, bias_activation  # noqa: E402
+from kernels import numba_nn
+from nflow_np import backend
+from nflow_np.nn import MLP, bias_activation
 
 SETTINGS = settings(max_examples=40, deadline=None)
 shapes = st.tuples(st.integers(1, 9), st.sampled_from([1, 3, 7, 8, 16, 17, 33, 64, 65]))

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
-from kernels import numba_optim  # noqa: E402 (after the skip)
-from nflow_np import backend  # noqa: E402
-from nflow_np.architectures import build_model  # noqa: E402
-from nflow_np.optim import Adam, adam_update  # noqa: E402
+from kernels import numba_optim
+from nflow_np import backend
+from nflow_np.architectures import build_model
+from nflow_np.optim import Adam, adam_update
 
 
 def _arrays(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, magnitude: float) -> list[np.ndarray]:

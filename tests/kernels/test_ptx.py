@@ -57,7 +57,7 @@ def test_numba_cuda_kernels_compile_to_ptx(cc: tuple[int, int], dtype_name: str)
 
     try:
         nvvm.NVVM()
-    except Exception as error:  # noqa: BLE001 (numba raises several kinds when libNVVM is missing)
+    except Exception as error:
         no_compiler(f"no libNVVM found by numba ({error}); install a CUDA toolkit")
     from kernels import numba_cuda
 

@@ -24,7 +24,7 @@ import pytest
 
 pytest.importorskip("numba", reason="kernels.vecmath needs `pip install numba`")
 
-from kernels.vecmath import exp_array, tanh_array  # noqa: E402 (after the skip)
+from kernels.vecmath import exp_array, tanh_array
 
 BOUNDS_VS_NUMPY = {("exp", np.float64): 1, ("tanh", np.float64): 3, ("exp", np.float32): 3, ("tanh", np.float32): 3}
 BOUNDS_VS_TRUTH = {("exp", np.float64): 1, ("tanh", np.float64): 2, ("exp", np.float32): 1, ("tanh", np.float32): 2}
