@@ -147,7 +147,8 @@ class ResNet(Layer):
         self.in_channels, self.out_channels, self.shape = int(in_channels), int(out_channels), (height, width)
         self.features, self.blocks, self.kernel_size = int(features), int(blocks), int(kernel_size)
         self.layers: list[Layer] = [Conv2d(in_channels, features, kernel_size, rng, dtype)]
-        self.layers += [ResidualBlock(features, height, width, kernel_size, rng, dtype, momentum) for _ in range(blocks)]
+        block = (features, height, width, kernel_size, rng, dtype, momentum)
+        self.layers += [ResidualBlock(*block) for _ in range(blocks)]
         self.layers += [
             BatchNorm2d(features, height, width, momentum, dtype),
             ReLU(),

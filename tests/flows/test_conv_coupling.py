@@ -125,8 +125,11 @@ def test_gradients_with_batch_statistics(case: tuple, n: int, direction: str) ->
 
 
 # -- what the net sees -------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("shape", "mask", "parity"), [((1, 5, 3), "checkerboard", 0), ((3, 4, 4), "checkerboard", 1),
-                                                      ((4, 3, 3), "channel", 0), ((4, 3, 3), "channel", 1)])  # fmt: skip
+MASK_CASES = [((1, 5, 3), "checkerboard", 0), ((3, 4, 4), "checkerboard", 1), ((4, 3, 3), "channel", 0),
+              ((4, 3, 3), "channel", 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "mask", "parity"), MASK_CASES)
 def test_the_net_reads_only_the_pass_through_pixels(shape: tuple, mask: str, parity: int) -> None:
     rng = np.random.default_rng(0)
     flow = randomise_conv(ConvAffineCoupling(shape, mask, parity, rng=rng, **NET), rng)
