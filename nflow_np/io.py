@@ -14,7 +14,8 @@ Flow kinds: ``additive_coupling`` and ``affine_coupling`` (``mask``, ``hidden``,
 ``inverse`` (``flow``); image flows (``docs/images.md``): ``squeeze`` (``shape``), ``factor_out``
 (``dim``, ``flow``), ``batch_norm`` (``dim``, ``momentum``, ``eps``, ``channels``), ``actnorm`` (``dim``,
 ``initialized``), ``dequantize`` (``dim``, ``levels``, ``seed``), ``scale`` (``dim``, ``factor``),
-``logit`` (``dim``, ``alpha``).
+``logit`` (``dim``, ``alpha``); ``conv_affine_coupling`` (``shape``, ``mask``, ``parity``, ``features``,
+``blocks``, ``kernel_size``, ``momentum``: ``docs/conv.md``).
 
 Each file is written atomically (temporary file, fsync, rename), the weights first. The JSON holds
 the SHA-256 of the weights it belongs to, so if a crash between the two renames leaves new weights
@@ -57,6 +58,8 @@ from nflow_np.flows import (
     Reverse,
     Sequential,
 )
+from nflow_np.flows.conv_coupling import MASKS as CONV_MASKS
+from nflow_np.flows.conv_coupling import ConvAffineCoupling, conv_coupling_parameters, conv_coupling_spec
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.flows.image import FactorOut, Squeeze
 from nflow_np.flows.normalization import ActNorm, BatchNorm
@@ -98,6 +101,7 @@ _SPEC_KEYS = {
     "dequantize": {"kind", "dim", "levels", "seed"},
     "scale": {"kind", "dim", "factor"},
     "logit": {"kind", "dim", "alpha"},
+    "conv_affine_coupling": {"kind", "shape", "mask", "parity", "features", "blocks", "kernel_size", "momentum"},
 }
 
 
@@ -146,6 +150,8 @@ def _to_spec(flow: Flow, where: str) -> dict:
             "hidden": net.sizes[1:-1],
             "activation": net.activation,
         }
+    if kind is ConvAffineCoupling:
+        return conv_coupling_spec(flow)
     if kind is Rescale:
         return {"kind": "rescale", "dim": flow.dim}
     if kind is Reverse:
@@ -255,6 +261,8 @@ def _from_spec(spec: object, dtype: np.dtype, where: str, budget: _Budget) -> Fl
             coupling = AffineCoupling if kind == "affine_coupling" else AdditiveCoupling
             mask = np.array(mask, dtype=bool)
             return coupling(len(mask), mask=mask, hidden=hidden, activation=activation, dtype=dtype)
+        if kind == "conv_affine_coupling":
+            return _conv_coupling_from_spec(spec, dtype, where, budget)
         if kind == "rescale":
             dim = _int(spec["dim"], f"{where}.dim", minimum=1, maximum=MAX_DIM)
             budget.take(dim, where)
@@ -301,6 +309,22 @@ def _image_flow_from_spec(kind: str, spec: dict, dtype: np.dtype, where: str, bu
     if kind == "scale":
         return Scale(dim, _real(spec["factor"], f"{where}.factor"))
     return Logit(dim, _real(spec["alpha"], f"{where}.alpha"))
+
+
+def _conv_coupling_from_spec(spec: dict, dtype: np.dtype, where: str, budget: _Budget) -> Flow:
+    """A :class:`ConvAffineCoupling` (``docs/conv.md``); keys already checked by :func:`_from_spec`."""
+    shape = tuple(_int(v, f"{where}.shape", minimum=1, maximum=MAX_DIM) for v in _list_of(spec["shape"], int,
+                  f"{where}.shape"))  # fmt: skip
+    if spec["mask"] not in CONV_MASKS:
+        raise ModelFileError(f"{where}.mask: unknown {spec['mask']!r}; known: {', '.join(CONV_MASKS)}")
+    sizes = {name: _int(spec[name], f"{where}.{name}", minimum=1, maximum=MAX_DIM) for name in ("features",
+             "kernel_size")}  # fmt: skip
+    blocks = _int(spec["blocks"], f"{where}.blocks", minimum=0, maximum=MAX_DEPTH)
+    parity = _int(spec["parity"], f"{where}.parity", minimum=0, maximum=1)
+    budget.take(conv_coupling_parameters(shape, spec["mask"], parity, sizes["features"], blocks, sizes["kernel_size"]),
+                where)  # fmt: skip
+    momentum = _real(spec["momentum"], f"{where}.momentum")
+    return ConvAffineCoupling(shape, spec["mask"], parity, blocks=blocks, momentum=momentum, dtype=dtype, **sizes)
 
 
 def _real(value: object, where: str) -> float:

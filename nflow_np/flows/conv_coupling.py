@@ -25,7 +25,7 @@ from nflow_np.flows.coupling import AffineCoupling
 from nflow_np.flows.image import Shape, channel_mask, check_shape, checkerboard_mask
 from nflow_np.flows.normalization import batch_norms
 from nflow_np.nn.layers import Layer
-from nflow_np.nn.resnet import ResNet
+from nflow_np.nn.resnet import ResNet, resnet_parameters
 
 MASKS = ("checkerboard", "channel")
 
@@ -85,6 +85,7 @@ class MaskedResNet(Layer):
             in_channels, out_channels = c + 1, 2 * c
         else:
             in_channels, out_channels = c // 2, c
+        self.features, self.blocks, self.kernel_size, self.momentum = features, blocks, kernel_size, momentum
         self.resnet = ResNet(in_channels, out_channels, (h, w), features, blocks, kernel_size, rng, dtype, momentum)
         self.children = {"resnet": self.resnet}
         self._n: int | None = None
@@ -170,3 +171,29 @@ class ConvAffineCoupling(AffineCoupling):
         # in training mode the net's batch norms update their running averages on every call: a
         # recomputation in memory="invert" would count the batch twice, so the input is stored instead
         return not any(layer.training for layer in batch_norms(self.net))
+
+
+def conv_coupling_spec(flow: ConvAffineCoupling) -> dict:
+    """The model file's description of ``flow`` (``nflow_np.io``, kind ``conv_affine_coupling``)."""
+    net = flow.net
+    return {
+        "kind": "conv_affine_coupling",
+        "shape": list(flow.shape),
+        "mask": flow.mask_kind,
+        "parity": flow.parity,
+        "features": int(net.features),
+        "blocks": int(net.blocks),
+        "kernel_size": int(net.kernel_size),
+        "momentum": float(net.momentum),
+    }
+
+
+def conv_coupling_parameters(shape: Shape, mask: str, parity: int, features: int, blocks: int, kernel_size: int) -> int:
+    """Number of scalars of a :class:`ConvAffineCoupling`, computed without building it (the loader's budget)."""
+    c, h, w = check_shape(shape)
+    d2 = int((~image_mask(shape, mask, parity)).sum())  # the affine law's scale a has one entry per x₂
+    if mask == "checkerboard":
+        in_channels, out_channels = c + 1, 2 * c
+    else:
+        in_channels, out_channels = c // 2, c
+    return resnet_parameters(in_channels, out_channels, features, blocks, kernel_size) + d2
