@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=number(float, 0), help="AdamW weight decay" + image_only)
     train.add_argument("--time-limit", type=above_zero, help="training budget in seconds" + image_only)
     train.add_argument("--alpha", type=number(float, 0), help="logit transform's α, e.g. 0.05" + image_only)
+    train.add_argument("--net", choices=["mlp", "resnet"], help="RealNVP's coupling nets: MLPs, or the paper's "
+                       "convolutional ResNets (docs/conv.md)" + image_only)  # fmt: skip
+    train.add_argument("--blocks", type=non_negative, help="residual blocks per ResNet (--net resnet)" + image_only)
+    train.add_argument("--channels", type=positive, help="feature maps of the ResNets (--net resnet)" + image_only)
     add_gmm_arguments(train)
     train.set_defaults(handler=_train, progress=d["progress"])
 
@@ -302,6 +306,8 @@ def _train(args: argparse.Namespace) -> int:
         return _train_images(args)
     if args.weight_decay is not None or args.time_limit is not None or args.alpha is not None:
         raise ValueError("--weight-decay, --time-limit and --alpha apply to image data (digits, mnist) only")
+    if args.net is not None or args.blocks is not None or args.channels is not None:
+        raise ValueError("--net, --blocks and --channels apply to image data (digits, mnist) only")
     out = args.out or Path("runs") / f"{args.data}-{args.model}"
     arguments = _json_ready({k: v for k, v in vars(args).items() if k not in ("handler", "command")} | {"out": out})
     splits = load_toy(
@@ -395,9 +401,11 @@ def _train_images(args: argparse.Namespace) -> int:
     memory = {"memory": args.memory, "anchor_every": args.anchor_every}
     if args.memory == "invert" and args.anchor_every is None:
         memory["tolerance"] = INVERT_TOLERANCE["float32"]  # image models train in float32
-    out = args.out or Path("runs") / f"{args.data}-{args.model}"
+    model_name = _image_model_name(args)
+    overrides |= {name: getattr(args, name) for name in ("blocks", "channels") if getattr(args, name) is not None}
+    out = args.out or Path("runs") / f"{args.data}-{model_name}"
     summary = train_image_model(
-        args.data, args.model, out, seed=args.seed, progress=args.progress, **memory, **overrides
+        args.data, model_name, out, seed=args.seed, progress=args.progress, **memory, **overrides
     )
     print(
         f"{args.data} / {args.model}: test NLL {summary['test_nll']:.2f} nats per image, "
@@ -407,6 +415,15 @@ def _train_images(args: argparse.Namespace) -> int:
     )
     print(f"wrote model.npz, model.json, summary.json, samples.png, reconstructions.png, interpolations.png to {out}")
     return 0
+
+
+def _image_model_name(args: argparse.Namespace) -> str:
+    """``realnvp_resnet`` for ``--model realnvp --net resnet`` (IMAGE_RECIPES' key), else ``--model``."""
+    if args.net == "resnet" and args.model != "realnvp":
+        raise ValueError("--net resnet applies to --model realnvp only")
+    if args.net != "resnet" and (args.blocks is not None or args.channels is not None):
+        raise ValueError("--blocks and --channels apply to --net resnet only")
+    return "realnvp_resnet" if args.net == "resnet" else args.model
 
 
 def evaluate_model(

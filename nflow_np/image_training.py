@@ -20,7 +20,7 @@ import numpy as np
 
 from nflow_np.data.images import load_images
 from nflow_np.flows.normalization import batch_norms, recalibrate
-from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, initialize_rescale
+from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, build_realnvp_resnet, initialize_rescale
 from nflow_np.optim import Adam
 from nflow_np.train import cosine_lr, evaluate_nll, fit
 
@@ -73,6 +73,30 @@ IMAGE_RECIPES: dict[tuple[str, str], dict] = {
         "patience": None,
         "time_limit": 300.0,
     },
+    # RealNVP with the paper's convolutional ResNet couplings (nflow train --model realnvp --net resnet)
+    # digits: 2.031 test bits/dim at epoch 30 of 40 (MLP RealNVP: 2.157); the nets overfit after ~30
+    ("digits", "realnvp_resnet"): {
+        "channels": 32,
+        "blocks": 2,
+        "alpha": 0.05,
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "patience": 20,
+        "time_limit": None,
+    },
+    ("mnist", "realnvp_resnet"): {
+        "channels": 32,
+        "blocks": 2,
+        "alpha": 0.05,
+        "epochs": 1000,
+        "batch_size": 64,
+        "lr": 1e-3,
+        "weight_decay": 0.0,
+        "patience": None,
+        "time_limit": 600.0,
+    },
 }
 
 
@@ -85,6 +109,8 @@ def build_image_model(
     dtype: object,
     seed: int,
     partition: str = "parity",
+    channels: int = 64,
+    blocks: int = 4,
 ) -> ImageFlowModel:
     """:func:`build_nice` or :func:`build_realnvp` (``model``) with the given widths and logit ``α``.
 
@@ -96,7 +122,11 @@ def build_image_model(
         return build_realnvp(
             shape, levels, hidden=hidden, alpha=0.05 if alpha is None else alpha, dtype=dtype, seed=seed
         )
-    raise ValueError(f"unknown image model {model!r}; choose nice or realnvp")
+    if model == "realnvp_resnet":  # channels, blocks: the conv nets' (docs/conv.md)
+        alpha = 0.05 if alpha is None else alpha
+        nets = {"channels": channels, "blocks": blocks}
+        return build_realnvp_resnet(shape, levels, alpha=alpha, dtype=dtype, seed=seed, **nets)
+    raise ValueError(f"unknown image model {model!r}; choose nice, realnvp or realnvp_resnet")
 
 
 def fit_for(
@@ -225,11 +255,12 @@ def train_image_model(
         model_name,
         splits.shape,
         splits.levels,
-        tuple(recipe["hidden"]),
+        tuple(recipe.get("hidden", ())),
         recipe["alpha"],
         dtype,
         seed,
         partition=recipe.get("partition", "parity"),
+        **{name: recipe[name] for name in ("channels", "blocks") if name in recipe},
     )
     if model_name == "nice":
         initialize_rescale(model, splits.train[:1000])

@@ -115,6 +115,25 @@ def test_the_loader_refuses_bad_conv_specs(tmp_path: object, key: str, value: ob
         load_model(tmp_path)
 
 
+def test_the_cli_trains_the_conv_model(tmp_path: object, capsys: pytest.CaptureFixture) -> None:
+    from nflow_np.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--data", "digits", "--model", "realnvp", "--net", "resnet", "--channels", "4", "--blocks", "1"]
+    assert main([*argv, "--epochs", "1", "--no-progress", "--out", str(out)]) == 0
+    assert "digits / realnvp: test NLL" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["channels"] == 4 and summary["settings"]["blocks"] == 1
+    assert main(["eval", str(out)]) == 0
+    assert f"test NLL {summary['test_nll']:.2f} nats per image" in capsys.readouterr().out
+    for bad, message in [(["--model", "nice", "--net", "resnet"], "applies to --model realnvp only"),
+                         (["--model", "realnvp", "--blocks", "2"], "apply to --net resnet only"),
+                         (["--data", "two_moons", "--net", "resnet"], "apply to image data")]:  # fmt: skip
+        data = [] if "--data" in bad else ["--data", "digits"]
+        assert main(["train", *data, *bad, "--no-progress", "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+
+
 # -- the strict fake device -------------------------------------------------------------------------------------
 def test_the_conv_model_trains_on_the_device(fake_backend: object) -> None:  # noqa: F811
     """Conv2d (im2col, GEMM, col2im), weight norm, the nets' batch norms, masks, squeeze and factor-out."""

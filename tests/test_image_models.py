@@ -161,7 +161,7 @@ def test_time_limit_stops_between_epochs(tmp_path: Path) -> None:
 
 
 def test_recipes_cover_both_data_sets_and_models() -> None:
-    assert set(IMAGE_RECIPES) == {(d, m) for d in ("digits", "mnist") for m in ("nice", "realnvp")}
+    assert set(IMAGE_RECIPES) == {(d, m) for d in ("digits", "mnist") for m in ("nice", "realnvp", "realnvp_resnet")}
 
 
 def test_cli_trains_an_image_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
