@@ -13,7 +13,8 @@ Sections (``--sections``; docstrings in :mod:`benchmarks.sections` and :mod:`ben
   and dtype: ms, steps/s, peak MiB, and the ratio to the step's GEMMs timed alone; step time
   against batch size (64 … 4096);
 - ``sample``: ``log_prob`` and ``sample`` throughput at batch 8,192;
-- ``subnormal``: a float32 NICE step on normal vs subnormal-range numbers.
+- ``subnormal``: a float32 NICE step on normal vs subnormal-range numbers;
+- ``conv``: a convolutional coupling net's forward + backward (:mod:`benchmarks.bench_conv`).
 
 Where PyTorch is installed, the same model in plain PyTorch (:mod:`benchmarks.torch_reference`) is timed
 in the same run with the same thread count (BLAS via threadpoolctl, Numba, PyTorch all get ``--threads``),
@@ -43,10 +44,11 @@ from types import ModuleType
 from threadpoolctl import threadpool_info
 
 from benchmarks import sections
+from benchmarks.bench_conv import conv_section, conv_table
 from benchmarks.sections import Settings
 from benchmarks.subnormal import subnormal
 
-SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal")
+SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal", "conv")
 
 
 def torch_reference() -> ModuleType | None:
@@ -199,6 +201,7 @@ RUNNERS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], bool]] = {
     "train": (sections.train, train_table, True),
     "sample": (sections.sample, sample_table, True),
     "subnormal": (subnormal, subnormal_table, False),
+    "conv": (conv_section, conv_table, True),  # benchmarks/bench_conv.py
 }
 
 

@@ -1,0 +1,207 @@
+"""The convolutional coupling net's forward + backward: GFLOP/s beside the GEMM peak, and PyTorch's same net.
+
+    python -m benchmarks.bench_conv                       # batch 64, 64 channels, 4 blocks, float32
+    python -m benchmarks.bench_conv --threads 2 --repeats 10 --out runs/bench-conv
+    python -m benchmarks --sections conv                  # the same, as a section of the suite
+
+The net is the ResNet of a checkerboard coupling (:class:`nflow_np.nn.resnet.ResNet`, ``C + 1`` channels in,
+``2C`` out) on ``(C, H, W) = (4, 14, 14)`` and ``(1, 28, 28)`` images. Per implementation, the median
+[min, max] of the step time after a warm-up and:
+
+- ``GFLOP/s``: the convolutions' GEMM work (three products of ``2·C_out·C_in k²·N H W`` FLOPs per conv)
+  over the whole step's time; ``% peak``: that over a large square matmul's rate measured in the same run;
+- ``GEMMs alone``: the same GEMMs (shapes of every conv's forward, weight-gradient and input-gradient
+  products) timed by themselves, their GFLOP/s and % of the peak (how well BLAS does on these shapes),
+  and ``step/GEMMs``: what the rest (im2col, col2im, transposes, batch norm, ReLU) costs on top;
+- ``× torch``: PyTorch's time for the same net (weight-normalised convolutions, batch norm, autograd) over
+  nflow_np's, at the same thread count (> 1: nflow_np faster);
+- ``im2col`` / ``col2im``: the NumPy reference against ``kernels.numba_conv`` on a block convolution's input
+  (the measurement that decides whether the Numba kernels are wired in: ``docs/conv.md#speed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from benchmarks.sections import Settings, attempt, figure, gemm_peak, limit_threads, numba_ready, timed
+from nflow_np.nn import conv
+from nflow_np.nn.resnet import ResNet
+
+SHAPES = ((4, 14, 14), (1, 28, 28))
+NET = {"batch": 64, "features": 64, "blocks": 4, "kernel_size": 3}
+SMOKE_NET = {"batch": 4, "features": 8, "blocks": 1, "kernel_size": 3}
+
+
+def convolutions(net: ResNet) -> list[conv.Conv2d]:
+    return [m for m in net.modules() if isinstance(m, conv.Conv2d)]
+
+
+def gemm_flops(net: ResNet, batch: int) -> int:
+    """FLOPs of the three GEMMs of every convolution (forward, weight gradient, input gradient)."""
+    pixels = batch * net.shape[0] * net.shape[1]
+    return sum(3 * 2 * c.out_channels * c.in_channels * c.kernel_size**2 * pixels for c in convolutions(net))
+
+
+def gemms_alone(net: ResNet, batch: int, repeats: int) -> np.ndarray:
+    """Seconds of every convolution's three GEMMs by themselves, on arrays of their shapes."""
+    rng = np.random.default_rng(0)
+    pixels = batch * net.shape[0] * net.shape[1]
+    operands = []
+    for c in convolutions(net):
+        k = c.in_channels * c.kernel_size**2
+        w, cols, d_y = (rng.standard_normal(s).astype(np.float32) for s in ((c.out_channels, k), (k, pixels),
+                                                                          (c.out_channels, pixels)))  # fmt: skip
+        operands.append((w, cols, d_y))
+    return timed(lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands], repeats)
+
+
+def nflow_step(shape: tuple, net_settings: dict, repeats: int) -> tuple[np.ndarray, ResNet]:
+    c, h, w = shape
+    net = ResNet(c + 1, 2 * c, (h, w), net_settings["features"], net_settings["blocks"],
+                 net_settings["kernel_size"], np.random.default_rng(0), np.float32)  # fmt: skip
+    for m in net.modules():
+        if hasattr(m, "training"):
+            m.training = True  # as in a training step
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((net_settings["batch"], c + 1, h, w)).astype(np.float32)
+    d_y = rng.standard_normal((net_settings["batch"], 2 * c, h, w)).astype(np.float32)
+    return timed(lambda: (net.forward(x), net.backward(d_y)), repeats), net
+
+
+def torch_step(torch: ModuleType, shape: tuple, net_settings: dict, repeats: int) -> np.ndarray:
+    """The same ResNet in plain PyTorch (weight-normalised convs, BatchNorm2d in training mode), autograd."""
+    from torch import nn
+    from torch.nn.utils.parametrizations import weight_norm
+
+    c, h, w = shape
+    f, k = net_settings["features"], net_settings["kernel_size"]
+
+    def conv2d(c_in: int, c_out: int) -> nn.Module:
+        return weight_norm(nn.Conv2d(c_in, c_out, k, padding=k // 2))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branch = nn.Sequential(conv2d(f, f), nn.BatchNorm2d(f), nn.ReLU(), conv2d(f, f))
+
+        def forward(self, x: object) -> object:
+            return x + self.branch(x)
+
+    net = nn.Sequential(conv2d(c + 1, f), *[Block() for _ in range(net_settings["blocks"])], nn.BatchNorm2d(f),
+                        nn.ReLU(), conv2d(f, 2 * c)).train()  # fmt: skip
+    x = torch.randn(net_settings["batch"], c + 1, h, w)
+    d_y = torch.randn(net_settings["batch"], 2 * c, h, w)
+
+    def step() -> None:
+        net.zero_grad(set_to_none=True)
+        net(x).backward(d_y)
+
+    return timed(step, repeats)
+
+
+def im2col_rows(net_settings: dict, shape: tuple, repeats: int) -> list[dict]:
+    """The NumPy reference against the Numba kernels on a block convolution's input ``(N, F, H, W)``."""
+    _, h, w = shape
+    k, f, n = net_settings["kernel_size"], net_settings["features"], net_settings["batch"]
+    x = np.random.default_rng(2).standard_normal((n, f, h, w)).astype(np.float32)
+    cols = conv.im2col(x, k)
+    impls = {"numpy": (conv.im2col, conv.col2im)}
+    if numba_ready() is None:
+        from kernels import numba_conv
+
+        impls["numba"] = (numba_conv.im2col, numba_conv.col2im)
+    rows = []
+    for impl, (forward, adjoint) in impls.items():
+        for op, call in (("im2col", lambda f=forward: f(x, k)), ("col2im", lambda a=adjoint: a(cols, x.shape, k))):
+            times = timed(call, repeats)
+            rows.append({"op": op, "impl": impl, "shape": [n, f, h, w], "ms": figure(1e3 * times),
+                         "gbs": figure(2 * cols.nbytes / times / 1e9)})  # fmt: skip
+    return rows
+
+
+def conv_section(s: Settings, torch_ref: ModuleType | None) -> dict:
+    """The section of :mod:`benchmarks.suite`; the smoke settings (``gemm_size < 512``) shrink the net."""
+    net_settings = SMOKE_NET if s.gemm_size < 512 else NET
+    peak = gemm_peak(Settings(**(vars(s) | {"dtypes": ("float32",)})))["float32"]
+    torch = None
+    if torch_ref is not None:
+        import torch
+    rows = []
+    for shape in SHAPES:
+        def ours(shape: tuple = shape) -> dict:
+            times, net = nflow_step(shape, net_settings, s.repeats)
+            flops = gemm_flops(net, net_settings["batch"])
+            alone = gemms_alone(net, net_settings["batch"], s.repeats)
+            result = {"ms": figure(1e3 * times), "gflops": figure(flops / times / 1e9),
+                      "gemm_ms": figure(1e3 * alone), "gemm_gflops": figure(flops / alone / 1e9)}  # fmt: skip
+            result["percent_of_peak"] = 100 * result["gflops"]["median"] / peak["gflops"]["median"]
+            result["gemm_percent_of_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
+            result["step_over_gemms"] = result["ms"]["median"] / result["gemm_ms"]["median"]
+            return result
+
+        row = attempt({"impl": "nflow_np", "shape": list(shape)} | net_settings, ours)
+        rows.append(row)
+        if torch is not None:
+            def reference(shape: tuple = shape) -> dict:
+                return {"ms": figure(1e3 * torch_step(torch, shape, net_settings, s.repeats))}
+
+            theirs = attempt({"impl": "torch", "shape": list(shape)} | net_settings, reference)
+            if "ms" in row and "ms" in theirs:
+                row["speedup_vs_torch"] = theirs["ms"]["median"] / row["ms"]["median"]
+            rows.append(theirs)
+    return {"gemm_peak": peak, "rows": rows, "im2col": im2col_rows(net_settings, SHAPES[1], s.repeats)}
+
+
+def conv_table(r: dict) -> str:
+    """The section's text table."""
+    from benchmarks.suite import fig, ratio, table
+
+    rows = []
+    for row in r["rows"]:
+        cells = [row["impl"], "×".join(map(str, row["shape"])), str(row["batch"]), f"{row['features']}/{row['blocks']}"]
+        if "error" in row:
+            rows.append([*cells, "error", row["error"][:40], "", "", "", "", ""])
+        elif row["impl"] == "torch":
+            rows.append([*cells, fig(row["ms"]), "", "", "", "", "", ""])
+        else:
+            rows.append([*cells, fig(row["ms"]), fig(row["gflops"], digits=1), f"{row['percent_of_peak']:.0f}",
+                         f"{row['gemm_percent_of_peak']:.0f}", ratio(row["step_over_gemms"]),
+                         ratio(row.get("speedup_vs_torch")), ""])
+    peak = fig(r["gemm_peak"]["gflops"], digits=1)
+    title = f"conv coupling net forward + backward (float32); GEMM peak ({r['gemm_peak']['n']}³) {peak} GFLOP/s"
+    text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak", "GEMMs % peak",
+                         "step/GEMMs", "× torch", ""], rows)  # fmt: skip
+    cols = [[row["op"], row["impl"], "×".join(map(str, row["shape"])), fig(row["ms"], digits=3),
+             fig(row["gbs"], digits=1)] for row in r["im2col"]]  # fmt: skip
+    return text + "\n" + table("im2col / col2im (k = 3)", ["op", "impl", "input", "ms", "GB/s of cols"], cols)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1, help="threads for BLAS, Numba and PyTorch (default: 1)")
+    parser.add_argument("--repeats", type=int, default=10, help="repetitions per figure (default: 10)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny net: checks that the benchmark runs")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch out")
+    parser.add_argument("--out", type=Path, help="write results.json here")
+    args = parser.parse_args(argv)
+    from benchmarks.suite import torch_reference
+
+    torch_ref = torch_reference() if args.torch else None
+    settings = Settings.smoke(repeats=args.repeats) if args.smoke else Settings(repeats=args.repeats)
+    settings.threads = args.threads
+    with limit_threads(args.threads, torch_ref):
+        result = conv_section(settings, torch_ref)
+    print(conv_table(result))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
