@@ -105,17 +105,11 @@ class Device:
 
 
 def timed(call: Callable[[], object], device: Device, repeats: int) -> dict:
-    """Median / min / max seconds of ``repeats`` calls after one warm-up (which also compiles)."""
-    call()
-    device.synchronize()
-    times = []
-    for _ in range(repeats):
-        device.synchronize()
-        start = time.perf_counter()
-        call()
-        device.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
+    """Median / min / max seconds of ``repeats`` calls after one warm-up (``bench_kernels.measure``, synchronised)."""
+    from benchmarks.bench_kernels import measure
+
+    times = measure(call, repeats, device.synchronize)
+    return {"median": float(np.median(times)), "min": float(times.min()), "max": float(times.max())}
 
 
 def copy_bandwidth(device: Device, nbytes: int, repeats: int) -> float:
