@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,16 +215,21 @@ def run_vi_command(args: argparse.Namespace) -> int:
 _components = positive_ints("4,8,16")
 
 
-def add_gmm_arguments(train_parser: argparse.ArgumentParser) -> None:
-    """Add the mixture's options to the ``train`` parser (ignored by the flow models)."""
+def add_gmm_arguments(train_parser: argparse.ArgumentParser, default: Callable[[str], str] | None = None) -> None:
+    """Add the mixture's options to the ``train`` parser (refused for the flow models).
+
+    ``default(name)`` gives the help's "(default: …)" text; without it the defaults are the mixture's.
+    """
+    default = default or {"components": " (default: 1,2,4,8,16,32)", "reg_covar": " (default: 1e-6)"}.get
     train_parser.add_argument(
         "--components",
         type=_components,
         default=(1, 2, 4, 8, 16, 32),
-        help="gmm only: numbers of components to try; the best validation NLL wins (default: 1,2,4,8,16,32)",
+        help="gmm only: numbers of components to try; the best validation NLL wins" + default("components"),
     )
     train_parser.add_argument(
-        "--reg-covar", type=_positive_float, default=1e-6, help="gmm only: covariance prior lambda (default: 1e-6)"
+        "--reg-covar", type=_positive_float, default=1e-6,
+        help="gmm only: covariance prior lambda" + default("reg_covar"),
     )
 
 
@@ -264,6 +270,8 @@ def run_gmm_command(args: argparse.Namespace) -> int:
         "elbo_history": gmm.elbo_history,
         "tried": tried,
     }
+    if getattr(args, "provenance", None) is not None:  # nflow train: how the numbers were made
+        summary |= {"provenance": args.provenance, "backend": args.provenance["backend"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{args.data} / gmm: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, val {nll['val']:.4f}) "
