@@ -109,14 +109,16 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
     add("--n-val", type=positive, help="validation points" + default("n_val"))
     add("--n-test", type=positive, help="test points" + default("n_test"))
     add("--out", type=Path, help="output folder (default: runs/<data>-<model>)")
-    add("--force", action="store_true", help="replace the run in --out (its model stays until the new one is saved)")
+    add("--force", action="store_true",
+        help="replace the run in --out (its model stays until the new one is saved)" + default("force"))
     add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    add("--no-plots", dest="plots", action="store_false", help="skip the density and sample plots")
+    add("--no-plots", dest="plots", action="store_false", help="skip the density and sample plots" + default("plots"))
     add("--checkpoint-every", type=non_negative, metavar="N",
         help="write OUT/checkpoints/checkpoint-<step>.npz every N steps and at the end, 0: only at the end"
         + default("checkpoint_every"))
     add("--resume", type=Path, metavar="DIR",
-        help="continue the run whose output folder is DIR; --epochs and --patience may change its length")
+        help="continue the run whose output folder is DIR; --epochs and --patience may change its length"
+        + default("resume"))
     add("--skip-nonfinite", action="store_true",
         help="skip (and count) batches with a NaN/Inf loss instead of stopping" + default("skip_nonfinite"))
     add("--memory", choices=["store", "invert"], help="store every layer's activations, or recompute them by "

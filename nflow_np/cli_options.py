@@ -124,6 +124,8 @@ def resolve_train(given: dict[str, object]) -> dict[str, object]:
     kind = run_kind(data, model)
     honoured = defaults_for(data, model)
     refuse_unknown(given, honoured, kind, data)
+    if kind == "gmm" and data in IMAGE_DATASETS:
+        raise ValueError(f"--model gmm fits toy data; {data} is an image data set (use --model nice or realnvp)")
     if kind == "image" and given.get("lr_schedule", "cosine") != "cosine":
         raise ValueError("--lr-schedule constant does not apply to image data: image runs follow a cosine schedule")
     options = honoured | given
@@ -137,7 +139,6 @@ def help_defaults(data: str | None, model: str | None) -> tuple[dict[str, object
     data = data or str(TRAIN_DEFAULTS["data"])
     model = model or str(TRAIN_DEFAULTS["model"])
     try:
-        kind = run_kind(data, model)
-        return defaults_for(data, model), _FOR[kind].format(data=data)
+        return defaults_for(data, model), f"{data} / {model}"
     except KeyError:  # an unknown data set or model: the parser names it
-        return dict(TRAIN_DEFAULTS), _FOR["toy"].format(data=data)
+        return dict(TRAIN_DEFAULTS), f"{TRAIN_DEFAULTS['data']} / {TRAIN_DEFAULTS['model']}"

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nflow_np.checkpoint import list_checkpoints
+
 MODEL_FILES = ("model.json", "model.npz", "model.safetensors")
 GMM_FILES = ("gmm.npz",)
 
@@ -77,7 +79,7 @@ def holds_model(out: Path) -> list[str]:
     """The names in ``out`` that make it the folder of a run: model files, a mixture, checkpoints."""
     found = [name for name in (*MODEL_FILES, *GMM_FILES) if (out / name).exists()]
     checkpoints = out / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+    if checkpoints.is_dir() and list_checkpoints(checkpoints):  # published ones, not a killed writer's temporaries
         found.append("checkpoints/")
     return found
 
