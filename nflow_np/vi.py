@@ -44,6 +44,7 @@ from nflow_np.flows.planar import Planar
 from nflow_np.flows.radial import Radial
 from nflow_np.module import as_float_dtype
 from nflow_np.optim import Adam, Optimizer, clip_grad_norm, global_grad_norm
+from nflow_np.seeding import as_generator
 from nflow_np.targets import Energy
 from nflow_np.train import NonFiniteLossError, cosine_lr
 from nflow_np.validation import check_batch
@@ -89,7 +90,7 @@ def sample(flow: Flow, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np
     """``n`` draws ``z_K ~ q_K`` with their ``log q_K(z_K)``; shapes (n, D) and (n,)."""
     if int(n) < 1:
         raise ValueError(f"n must be a positive number of samples, got {n}")
-    return push_forward(flow, BASE.sample(int(n), flow.dim, rng, flow.dtype))
+    return push_forward(flow, BASE.sample(int(n), flow.dim, as_generator(rng), flow.dtype))
 
 
 def free_energy(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -> float:
@@ -304,7 +305,7 @@ def estimate_kl(
     """
     if int(samples) < 2:
         raise ValueError(f"samples must be at least 2 for a standard error, got {samples}")
-    rng = np.random.default_rng(1) if rng is None else rng
+    rng = as_generator(rng, 1)
     values = []
     for start in range(0, samples, batch_size):
         z_k, log_q_k = sample(flow, min(batch_size, samples - start), rng)
@@ -339,7 +340,7 @@ def make_vi_flow(
         raise ValueError(f"unknown flow kind {kind!r}; choose from {', '.join(FLOW_KINDS)}")
     if int(layers) < 1:
         raise ValueError(f"layers must be at least 1, got {layers}")
-    rng = np.random.default_rng(0) if rng is None else rng
+    rng = as_generator(rng, 0)
     if kind == "planar":
         flows = [Planar(dim, rng=rng, dtype=dtype) for _ in range(layers)]
     elif kind == "radial":

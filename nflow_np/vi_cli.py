@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -240,13 +241,17 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     ``summary.json`` to ``args.out`` (default ``runs/<data>-gmm``).
     """
     from nflow_np.data import load_toy
-    from nflow_np.gmm import GaussianMixture
+    from nflow_np.gmm import ConvergenceWarning, GaussianMixture
 
     splits = load_toy(args.data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     tried = []
     best = None
     for k in args.components:
-        gmm = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(splits.train)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            gmm = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(splits.train)
+        for warning in caught:
+            print(f"nflow train: warning: {warning.message}", file=sys.stderr)
         val = gmm.nll(splits.val)
         tried.append({"components": k, "val_nll": val, "iterations": gmm.n_iter, "converged": gmm.converged})
         print(f"{args.data} / gmm K={k}: val NLL {val:.4f} nats ({gmm.n_iter} EM iterations)")
