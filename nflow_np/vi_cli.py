@@ -196,7 +196,8 @@ def run_vi_command(args: argparse.Namespace) -> int:
                 }
             )
             out.mkdir(parents=True, exist_ok=True)
-            np.savez(out / f"{name.replace(':', '_')}-{args.flow}-K{layers}.npz", **flow.state_dict())
+            # the layers g_1 … g_K by index (the flow is Inverse(Sequential(layers)), vi.make_vi_flow)
+            np.savez(out / f"{name.replace(':', '_')}-{args.flow}-K{layers}.npz", **flow.flow.state_dict())
         if target is not None:
             rows.append(FigureRow(target, log_z, flows, kls))
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler",)}
