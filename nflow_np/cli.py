@@ -210,9 +210,11 @@ def given_options(args: argparse.Namespace) -> dict[str, object]:
 
 def _bench(args: argparse.Namespace) -> int:
     """``nflow bench ARGS``: ``python -m benchmarks ARGS`` (the suite lives in the repository, beside the package)."""
-    from benchmarks import suite
+    import importlib
 
-    return suite.main(args.bench_args)
+    from nflow_np.packaging import sibling_package
+
+    return importlib.import_module(f"{sibling_package('benchmarks')}.suite").main(args.bench_args)
 
 
 def main(argv: list[str] | None = None) -> int:

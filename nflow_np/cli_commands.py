@@ -91,11 +91,11 @@ def resumed_options(given: dict[str, object]) -> dict[str, object]:
     return options | {"out": resume, "resume": resume}
 
 
-def _require_matplotlib(why: str) -> None:
+def _require_matplotlib(why: str, otherwise: str = "") -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError(f"{why} needs matplotlib: pip install 'nflow_np[plots]'") from None
+        raise ImportError(f"{why} needs matplotlib: pip install 'nflow_np[plots]'{otherwise}") from None
 
 
 def preflight(options: dict[str, object], out: Path) -> None:
@@ -122,7 +122,7 @@ def preflight(options: dict[str, object], out: Path) -> None:
         rows = options["n_train"] + options["n_val"] + options["n_test"]
         check_memory(3 * 8 * dim * rows, f"the data ({rows} rows)", "--n-train/--n-val/--n-test")
         if options["plots"]:
-            _require_matplotlib("drawing density.png and samples.png (or pass --no-plots)")
+            _require_matplotlib("drawing density.png and samples.png", ", or pass --no-plots")
     n_params = coupling_parameters(dim, layers, hidden)
     needed = training_bytes(n_params, itemsize, int(options["batch_size"]), hidden, layers)
     check_memory(needed, f"a model of about {n_params:.3g} parameters", "--hidden/--layers")
