@@ -160,7 +160,8 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
     """``nflow train --data digits|mnist``: the recipe's settings, each typed option in its place."""
     from tqdm.auto import tqdm
 
-    from nflow_np.density import remove_replaced, set_aside_checkpoints
+    from nflow_np.architectures import build_model
+    from nflow_np.density import compile_kernels, remove_replaced, set_aside_checkpoints
     from nflow_np.image_training import train_image_model
 
     settings = {key: options[key] for key in ("hidden", "epochs", "batch_size", "lr", "weight_decay", "time_limit",
@@ -179,6 +180,10 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
 
     if options.get("force"):
         set_aside_checkpoints(out)
+    # the kernels the image models share with a small toy model (coupling laws, nets, Adam), compiled before
+    # the progress bar starts, so that its ETA measures training
+    probe = build_model("realnvp", 2, layers=1, hidden=(4,), dtype=options["dtype"])
+    compile_kernels(probe, np.zeros((8, 2), dtype=options["dtype"]), say=options["progress"])
     try:
         summary = train_image_model(
             options["data"], options["model"], out, seed=options["seed"], dtype=options["dtype"], progress=False,

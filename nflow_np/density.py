@@ -52,6 +52,8 @@ def json_ready(value: object) -> object:
 def compile_kernels(model: FlowModel, rows: np.ndarray, say: bool = True) -> float:
     """Run one training step of a copy of ``model`` so that a kernel backend compiles (or loads) its kernels now.
 
+    ``rows: (N, D)`` are a few rows of the model's data, in its dtype.
+
     The copy keeps the model's parameters, running statistics and optimizer untouched, so the run
     that follows computes exactly what it would have without this. Says so in one line on stderr
     (``say``) and returns the seconds it took; nothing happens on the NumPy reference.
@@ -65,6 +67,7 @@ def compile_kernels(model: FlowModel, rows: np.ndarray, say: bool = True) -> flo
     start = time.perf_counter()
     scratch = copy.deepcopy(model)
     scratch.nll_and_backward(rows[: min(len(rows), 8)])
+    Adam(scratch, lr=1e-3).step()  # the fused optimizer kernel, where the backend has one
     scratch.log_prob(rows[:2])
     scratch.sample(2, np.random.default_rng(0))
     seconds = time.perf_counter() - start
