@@ -112,7 +112,8 @@ def add_vi_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     vi.add_argument("--clip-norm", type=_positive_float, default=d["clip_norm"], help="gradient-norm clip" + default)
     vi.add_argument("--samples", type=_positive_int, default=d["samples"], help="draws for the KL estimate" + default)
-    vi.add_argument("--dim", type=_positive_int, default=d["dim"], help="dimension of a user target" + default)
+    vi.add_argument("--dim", type=_positive_int, default=None,
+                    help=f"dimension of a module:function target, refused for built-in ones (default: {d['dim']})")
     vi.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"], help=default)
     vi.add_argument("--seed", type=_non_negative_int, default=d["seed"], help="seeds init and draws" + default)
     vi.add_argument("--grid", type=_positive_int, default=d["grid"], help="plot resolution per side" + default)
@@ -147,13 +148,20 @@ def resolve_target(name: str, dim: int) -> tuple[object, int, float | None, Targ
 
 def run_vi_command(args: argparse.Namespace) -> int:
     """Train one flow per (target, K), print F and KL with standard errors, write summary.json and figure3.png."""
+    from nflow_np.provenance import describe, provenance
     from nflow_np.vi_plots import FigureRow, plot_figure3  # matplotlib only when the command runs
 
+    builtin = [name for name in args.target if name in TARGETS]
+    if args.dim is not None and builtin:
+        raise ValueError(f"--dim applies to module:function targets; {', '.join(builtin)} are 2-D built-in targets")
+    dim_given = VI_DEFAULTS["dim"] if args.dim is None else args.dim
     out = args.out or Path("runs") / f"vi-{args.flow}"
+    record = provenance(args.dtype, getattr(args, "threads", None))
+    print(f"nflow: {describe(record)}", flush=True)
     anneal_steps = args.anneal_steps or None
     results, rows = [], []
     for name in args.target:
-        energy, dim, log_z, target = resolve_target(name, args.dim)
+        energy, dim, log_z, target = resolve_target(name, dim_given)
         flows, kls = {}, {}
         for layers in args.layers:
             flow = make_vi_flow(args.flow, dim, layers, rng=np.random.default_rng(args.seed), dtype=args.dtype)
@@ -201,7 +209,8 @@ def run_vi_command(args: argparse.Namespace) -> int:
         if target is not None:
             rows.append(FigureRow(target, log_z, flows, kls))
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler",)}
-    summary = {"arguments": arguments, "unit": "nats", "results": results}
+    summary = {"arguments": arguments, "provenance": record, "backend": record["backend"], "unit": "nats",
+               "results": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = ["summary.json", "one .npz of parameters per run"]
     if rows:
