@@ -153,7 +153,9 @@ def run_vi_command(args: argparse.Namespace) -> int:
 
     builtin = [name for name in args.target if name in TARGETS]
     if args.dim is not None and builtin:
-        raise ValueError(f"--dim applies to module:function targets; {', '.join(builtin)} are 2-D built-in targets")
+        names = ", ".join(builtin)
+        what = f"{names} is a 2-D built-in target" if len(builtin) == 1 else f"{names} are 2-D built-in targets"
+        raise ValueError(f"--dim applies to module:function targets; {what}")
     dim_given = VI_DEFAULTS["dim"] if args.dim is None else args.dim
     out = args.out or Path("runs") / f"vi-{args.flow}"
     record = provenance(args.dtype, getattr(args, "threads", None))

@@ -52,7 +52,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
         (["train", "--hidden", "1000000,1000000"], ["--hidden/--layers", "parameters needs about"]),
         (["train", "--model", "gmm", "--components", "300", "--n-train", "256"], ["exceeds the 256 training points"]),
         (["train", "--out", "/proc/no-such-folder"], ["is not a writable folder"]),
-        (["vi", "--target", "U1", "--dim", "3"], ["--dim applies to module:function targets; U1 are 2-D"]),
+        (["vi", "--target", "U1", "--dim", "3"], ["--dim applies to module:function", "U1 is a 2-D built-in target"]),
         (["vi", "--step", "3"], ["unrecognized arguments: --step 3"]),
         (["sample", "x", "--temp", "0.5"], ["unrecognized arguments: --temp 0.5"]),
     ],
