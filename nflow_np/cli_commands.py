@@ -205,6 +205,18 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
 # -- eval ----------------------------------------------------------------------------------------
 
 
+def _require_model(folder: Path) -> None:
+    """Refuse, naming the command that would write it, a folder that holds no model at all."""
+    if (folder / CONFIG_FILE).exists() or (folder / "gmm.npz").exists():
+        return
+    name = folder.name
+    data, _, model = name.rpartition("-")
+    suggestion = (f"nflow train --data {data} --model {model}" if data and model in ("realnvp", "nice", "gmm")
+                  else f"nflow train --out {folder}")
+    where = "does not exist" if not folder.exists() else f"holds no model ({CONFIG_FILE} or gmm.npz)"
+    raise ValueError(f"{folder} {where}: train one first with `{suggestion}`")
+
+
 def _is_mixture(folder: Path) -> bool:
     return (folder / "gmm.npz").exists() and not (folder / CONFIG_FILE).exists()
 
@@ -228,6 +240,7 @@ def evaluate(args: argparse.Namespace) -> int:
     """``nflow eval DIR``: the test NLL of a saved flow, image model or mixture."""
     from nflow_np.data import load_toy
 
+    _require_model(args.model_dir)
     if _is_mixture(args.model_dir):
         gmm, summary = _load_mixture(args.model_dir)
         data = args.data or summary.get("data")
@@ -289,6 +302,7 @@ def sample(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".csv", ".png"):
         raise ValueError(f"--out must end in .npy, .csv or .png, got {str(out)!r}")
     temperature = 1.0 if args.temperature is None else args.temperature
+    _require_model(args.model_dir)
     if _is_mixture(args.model_dir):
         if args.temperature is not None:
             raise ValueError("--temperature applies to flow models; a mixture's samples are drawn as fitted")

@@ -95,8 +95,8 @@ def test_the_parser_leaves_out_what_was_not_typed_and_resolve_fills_the_defaults
         (["train", *TINY, "--batch-size", "1000"], "batch_size must be between 1 and the 512 training rows"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "required"),
-        (["eval", "/no/such/model"], "model.json: no such file"),
-        (["sample", "/no/such/model"], "model.json: no such file"),
+        (["eval", "/no/such/model"], "/no/such/model does not exist: train one first with `nflow train --out"),
+        (["sample", "/no/runs/digits-realnvp"], "train one first with `nflow train --data digits --model realnvp`"),
         (["sample", "/no/such/model", "--out", "x.txt"], "--out must end in .npy, .csv or .png"),
     ],
 )
@@ -151,7 +151,7 @@ def test_train_with_memory_invert_matches_the_standard_run(run: Path, tmp_path: 
 
 
 def test_a_missing_optional_package_is_one_line_and_exit_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
     import nflow_np.cli_commands as cli
 
@@ -159,5 +159,5 @@ def test_a_missing_optional_package_is_one_line_and_exit_2(
         raise ImportError("this data set ships with the optional package scikit-learn: pip install scikit-learn")
 
     monkeypatch.setattr(cli, "_train_images", missing)
-    assert main(["train", "--data", "digits", "--no-progress"]) == 2
+    assert main(["train", "--data", "digits", "--no-progress", "--out", str(tmp_path / "digits")]) == 2
     assert "pip install scikit-learn" in capsys.readouterr().err
