@@ -98,7 +98,7 @@ def test_the_readme_runs_top_to_bottom(clone: Path) -> None:
     setup = (clone / "setup.py").read_text(encoding="utf-8")
     env = os.environ | {"PYTHONPATH": str(clone), "NFLOW_BACKEND": "numpy", "MPLBACKEND": "Agg"}
     blocks = readme_blocks(readme)
-    assert sum(language == "bash" for language, _ in blocks) >= 8
+    assert sum(language == "bash" for language, _ in blocks) >= 7
     figures = {path.name: path.read_bytes() for path in (clone / "docs" / "figures").iterdir()}
     ran = []
     for language, body in blocks:
