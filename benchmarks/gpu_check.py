@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_BACKENDS = {"numba-cuda": "kernels.numba_cuda", "cupy": "kernels.cupy_kernels"}
+GPU_BACKENDS = {"numba-cuda": "numba_cuda", "cupy": "cupy_kernels"}  # modules of kernels/
 
 
 def stage(results: dict, name: str, run: Callable[[], dict]) -> None:
@@ -130,7 +130,9 @@ def laws(simulate: bool, repeats: int) -> dict:
     rows, unavailable = [], {}
     for name, module_name in GPU_BACKENDS.items():
         try:
-            module = importlib.import_module(module_name)
+            from nflow_np.packaging import kernel_module
+
+            module = importlib.import_module(kernel_module(module_name))
             module.require_device()
             law = module.COUPLING_LAWS["affine"]
         except (ImportError, RuntimeError) as error:
