@@ -28,9 +28,10 @@ from types import ModuleType
 
 import numpy as np
 
-from benchmarks.sections import Settings, attempt, figure, gemm_peak, limit_threads, numba_ready, timed
 from nflow_np.nn import conv
 from nflow_np.nn.resnet import ResNet
+
+from .sections import Settings, attempt, figure, gemm_peak, limit_threads, numba_ready, timed
 
 SHAPES = ((4, 14, 14), (1, 28, 28))
 NET = {"batch": 64, "features": 64, "blocks": 4, "kernel_size": 3}
@@ -159,7 +160,7 @@ def conv_section(s: Settings, torch_ref: ModuleType | None) -> dict:
 
 def conv_table(r: dict) -> str:
     """The section's text table."""
-    from benchmarks.suite import fig, ratio, table
+    from .suite import fig, ratio, table
 
     rows = []
     for row in r["rows"]:
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch out")
     parser.add_argument("--out", type=Path, help="write results.json here")
     args = parser.parse_args(argv)
-    from benchmarks.suite import torch_reference
+    from .suite import torch_reference
 
     torch_ref = torch_reference() if args.torch else None
     settings = Settings.smoke(repeats=args.repeats) if args.smoke else Settings(repeats=args.repeats)
