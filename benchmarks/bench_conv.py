@@ -22,6 +22,7 @@ The net is the ResNet of a checkerboard coupling (:class:`nflow_np.nn.resnet.Res
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +31,7 @@ import numpy as np
 
 from nflow_np.nn import conv
 from nflow_np.nn.resnet import ResNet
+from nflow_np.packaging import kernel_module
 
 from .sections import Settings, attempt, figure, gemm_peak, limit_threads, numba_ready, timed
 
@@ -113,8 +115,7 @@ def im2col_rows(net_settings: dict, shape: tuple, repeats: int) -> list[dict]:
     cols = conv.im2col(x, k)
     impls = {"numpy": (conv.im2col, conv.col2im)}
     if numba_ready() is None:
-        from kernels import numba_conv
-
+        numba_conv = importlib.import_module(kernel_module("numba_conv"))  # the name the library imports it by
         impls["numba"] = (numba_conv.im2col, numba_conv.col2im)
     rows = []
     for impl, (forward, adjoint) in impls.items():
