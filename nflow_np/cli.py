@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from nflow_np import __version__
 from nflow_np.architectures import MODELS
 from nflow_np.backend import BACKENDS, set_backend
-from nflow_np.cli_options import TRAIN_DEFAULTS, help_defaults
+from nflow_np.cli_options import NETS, TRAIN_DEFAULTS, help_defaults
 from nflow_np.cli_types import number, positive_ints
 from nflow_np.data import TOY_DATASETS
 from nflow_np.data.images import IMAGE_DATASETS
@@ -79,10 +79,11 @@ def _show(value: object) -> str:
     return "none" if value is None else str(value)
 
 
-def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model: str | None) -> None:
+def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model: str | None,
+                         net: str | None = None) -> None:
     """The ``train`` options, every one with default ``SUPPRESS`` (absent unless typed); the help shows the
     defaults of the run the command line asks for (``nflow train --data digits --help``)."""
-    defaults, whose = help_defaults(data, model)
+    defaults, whose = help_defaults(data, model, net)
 
     def default(name: str) -> str:
         if name not in defaults:
@@ -108,7 +109,8 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
     add("--n-train", type=positive, help="training points" + default("n_train"))
     add("--n-val", type=positive, help="validation points" + default("n_val"))
     add("--n-test", type=positive, help="test points" + default("n_test"))
-    add("--out", type=Path, help="output folder (default: runs/<data>-<model>)")
+    add("--out", type=Path,
+        help="output folder (default: runs/<data>-<model>; runs/<data>-realnvp_resnet for --net resnet)")
     add("--force", action="store_true",
         help="replace the run in --out (its model stays until the new one is saved)" + default("force"))
     add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -128,6 +130,10 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
     add("--weight-decay", type=number(float, 0), help="AdamW weight decay" + default("weight_decay"))
     add("--time-limit", type=above_zero, help="training budget in seconds" + default("time_limit"))
     add("--alpha", type=number(float, 0), help="logit transform's α, e.g. 0.05" + default("alpha"))
+    add("--net", choices=list(NETS), help="RealNVP's coupling nets on images: MLPs, or the paper's convolutional "
+        "ResNets (docs/conv.md)" + default("net"))
+    add("--blocks", type=non_negative, help="residual blocks per ResNet" + default("blocks"))
+    add("--channels", type=positive, help="feature maps of the ResNets" + default("channels"))
     add_gmm_arguments(train, default)
     for action in train._actions:
         if action.dest != "help":
@@ -157,7 +163,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi,bench}")
 
     train = commands.add_parser("train", help="fit a model to a toy or image data set")
-    _add_train_arguments(train, _peek(argv, "--data"), _peek(argv, "--model"))
+    _add_train_arguments(train, _peek(argv, "--data"), _peek(argv, "--model"), _peek(argv, "--net"))
     train.set_defaults(handler=_handler("train"))
 
     evaluate = commands.add_parser("eval", help="test NLL of a saved model")

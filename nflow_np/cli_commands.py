@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
-from nflow_np.cli_options import TRAIN_DEFAULTS, flag, resolve_train
+from nflow_np.cli_options import NET_OPTIONS, TRAIN_DEFAULTS, flag, image_model_name, resolve_train
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
 from nflow_np.io import CONFIG_FILE, ModelFileError, atomic_write, load_model, read_config
 from nflow_np.preflight import (
@@ -113,6 +114,9 @@ def preflight(options: dict[str, object], out: Path) -> None:
         check_writable(out, 65536 + 64 * biggest)
         return
     itemsize = np.dtype(str(options["dtype"])).itemsize
+    if kind == "image" and options.get("net") == "resnet":
+        _preflight_resnet(options, out, itemsize)
+        return
     hidden = tuple(options["hidden"])
     if kind == "image":
         dim, layers = IMAGE_DIMS[str(options["data"])], 8
@@ -129,11 +133,24 @@ def preflight(options: dict[str, object], out: Path) -> None:
     check_writable(out, save_bytes(n_params, itemsize))
 
 
+def _preflight_resnet(options: dict[str, object], out: Path, itemsize: int) -> None:
+    """The preflight of ``--net resnet``: its sizes come from ``--channels`` and ``--blocks``."""
+    from nflow_np.image_models import realnvp_resnet_footprint
+
+    _require_matplotlib("an image run (it draws samples.png, reconstructions.png, interpolations.png)")
+    side = math.isqrt(IMAGE_DIMS[str(options["data"])])
+    n_params, needed = realnvp_resnet_footprint((1, side, side), int(options["channels"]), int(options["blocks"]),
+                                                int(options["batch_size"]), itemsize)  # fmt: skip
+    check_memory(needed, f"a model of about {n_params:.3g} parameters", "--channels/--blocks/--batch-size")
+    check_writable(out, save_bytes(n_params, itemsize))
+
+
 def train(args: argparse.Namespace) -> int:
     """``nflow train``: resolve and check the options, then run the toy, image or mixture training."""
     given = _given(args)
     options = resumed_options(given) if given.get("resume") is not None else resolve_train(given)
-    out = Path(options["out"] or Path("runs") / f"{options['data']}-{options['model']}")
+    name = image_model_name(str(options["model"]), options.get("net"))  # the model, or realnvp_resnet
+    out = Path(options["out"] or Path("runs") / f"{options['data']}-{name}")
     options["out"] = out
     preflight(options, out)
     record = provenance(options.get("dtype", "float64"), args.threads)
@@ -164,7 +181,9 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
     from nflow_np.density import compile_kernels, remove_replaced, set_aside_checkpoints
     from nflow_np.image_training import train_image_model
 
-    settings = {key: options[key] for key in ("hidden", "epochs", "batch_size", "lr", "weight_decay", "time_limit",
+    model_name = image_model_name(str(options["model"]), options.get("net"))  # an IMAGE_RECIPES key
+    sizes = NET_OPTIONS["resnet" if model_name == "realnvp_resnet" else "mlp"]  # the coupling nets' sizes
+    settings = {key: options[key] for key in (*sizes, "epochs", "batch_size", "lr", "weight_decay", "time_limit",
                                                "alpha")}
     settings["patience"] = options["patience"] or None
     memory = {"memory": options["memory"], "anchor_every": options["anchor_every"]}
@@ -186,14 +205,14 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
     compile_kernels(probe, np.zeros((8, 2), dtype=options["dtype"]), say=options["progress"])
     try:
         summary = train_image_model(
-            options["data"], options["model"], out, seed=options["seed"], dtype=options["dtype"], progress=False,
+            options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
             on_epoch=on_epoch, record={"provenance": record, "backend": record["backend"]}, **memory, **settings,
         )
     finally:
         bar.close()
     remove_replaced(out)
     print(
-        f"{options['data']} / {options['model']}: test NLL {summary['test_nll']:.2f} nats per image, "
+        f"{options['data']} / {model_name}: test NLL {summary['test_nll']:.2f} nats per image, "
         f"{summary['test_bits_per_dim']:.4f} bits/dim (log-likelihood on [0, 1]: "
         f"{summary['test_log_likelihood_01']:.1f} nats); best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}, {summary['steps']} steps in {summary['train_seconds']:.1f} s"
@@ -211,7 +230,9 @@ def _require_model(folder: Path) -> None:
         return
     name = folder.name
     data, _, model = name.rpartition("-")
-    suggestion = (f"nflow train --data {data} --model {model}" if data and model in ("realnvp", "nice", "gmm")
+    model = {"realnvp_resnet": "realnvp --net resnet"}.get(model, model)
+    suggestion = (f"nflow train --data {data} --model {model}"
+                  if data and model in ("realnvp", "nice", "gmm", "realnvp --net resnet")
                   else f"nflow train --out {folder}")
     where = "does not exist" if not folder.exists() else f"holds no model ({CONFIG_FILE} or gmm.npz)"
     raise ValueError(f"{folder} {where}: train one first with `{suggestion}`")

@@ -59,15 +59,31 @@ _IMAGE_COMMON = {"seed": 0, "dtype": "float32", "lr_schedule": "cosine", "out": 
                  "memory": "store", "anchor_every": None, "force": False}
 
 
-def image_defaults(data: str, model: str) -> dict[str, object]:
-    """The defaults of an image run: the recipe of ``(data, model)`` and the settings every image run shares."""
+NETS = ("mlp", "resnet")
+"""RealNVP's coupling nets on images (``--net``): MLPs, or the paper's convolutional ResNets (docs/conv.md)."""
+NET_OPTIONS = {"mlp": ("hidden",), "resnet": ("channels", "blocks")}
+"""The options that size each kind of coupling net."""
+
+
+def image_model_name(model: str, net: str | None = None) -> str:
+    """The :data:`~nflow_np.image_training.IMAGE_RECIPES` key of an image run: ``"realnvp_resnet"`` for
+    ``--model realnvp --net resnet``, else ``model``."""
+    return "realnvp_resnet" if model == "realnvp" and net == "resnet" else model
+
+
+def image_defaults(data: str, model: str, net: str | None = None) -> dict[str, object]:
+    """The defaults of an image run: the recipe of ``(data, model)`` (``net`` ``"resnet"``: of RealNVP with
+    convolutional couplings) and the settings every image run shares."""
     from nflow_np.image_training import IMAGE_RECIPES
 
-    recipe = IMAGE_RECIPES[(data, model)]
-    keys = ("hidden", "epochs", "batch_size", "lr", "patience", "weight_decay", "time_limit", "alpha")
+    name = image_model_name(model, net)
+    recipe = IMAGE_RECIPES[(data, name)]
+    sizes = NET_OPTIONS["resnet" if name == "realnvp_resnet" else "mlp"]
+    keys = (*sizes, "epochs", "batch_size", "lr", "patience", "weight_decay", "time_limit", "alpha")
     chosen = {key: recipe[key] for key in keys}
     chosen["patience"] = chosen["patience"] or 0  # the command line's 0 is the recipe's None: never stop early
-    return {"data": data, "model": model} | chosen | _IMAGE_COMMON
+    nets = {"net": net or "mlp"} if model == "realnvp" else {}  # NICE's nets are MLPs, no choice
+    return {"data": data, "model": model} | nets | chosen | _IMAGE_COMMON
 
 
 def run_kind(data: str, model: str) -> str:
@@ -77,13 +93,14 @@ def run_kind(data: str, model: str) -> str:
     return "image" if data in IMAGE_DATASETS else "toy"
 
 
-def defaults_for(data: str, model: str) -> dict[str, object]:
-    """Every option the run of ``data`` and ``model`` honours, with the value it takes when not given."""
+def defaults_for(data: str, model: str, net: str | None = None) -> dict[str, object]:
+    """Every option the run of ``data`` and ``model`` (and ``--net``) honours, with the value it takes when not
+    given."""
     kind = run_kind(data, model)
     if kind == "gmm":
         return dict(GMM_DEFAULTS) | {"data": data}
     if kind == "image":
-        return image_defaults(data, model)
+        return image_defaults(data, model, net)
     return dict(TRAIN_DEFAULTS) | {"data": data, "model": model}
 
 
@@ -110,6 +127,25 @@ def refuse_unknown(given: dict[str, object], honoured: dict[str, object], kind: 
         raise ValueError(f"{flags} {verb} not apply to {_FOR[kind].format(data=data)}: {_WHY_NOT[kind]}")
 
 
+def refuse_net_options(given: dict[str, object], honoured: dict[str, object], model: str) -> None:
+    """Raise ``ValueError`` naming every given ``--net``/``--hidden``/``--channels``/``--blocks`` that the
+    image run's coupling nets do not take, and why (RealNVP's ``--net`` picks the nets; each has its sizes)."""
+    nets = ("net", *NET_OPTIONS["mlp"], *NET_OPTIONS["resnet"])
+    refused = [name for name in given if name in nets and name not in honoured]  # in the order typed
+    if not refused:
+        return
+    flags = ", ".join(flag(name) for name in refused)
+    verb = "does" if len(refused) == 1 else "do"
+    if "net" not in honoured:
+        raise ValueError(f"{flags} {verb} not apply to --model {model}: --net, --channels and --blocks choose and "
+                         "size RealNVP's coupling nets (--model realnvp only); NICE's are MLPs (--hidden)")
+    if honoured["net"] == "mlp":
+        raise ValueError(f"{flags} {verb} not apply to --net mlp (RealNVP's default): they size the convolutional "
+                         "ResNets of --net resnet (docs/conv.md), the MLPs take --hidden")
+    raise ValueError(f"{flags} {verb} not apply to --net resnet: it sets the widths of the MLPs of --net mlp; "
+                     "the ResNets take --channels and --blocks (docs/conv.md)")
+
+
 def resolve_train(given: dict[str, object]) -> dict[str, object]:
     """The options of the run: ``given`` (the options typed) over the defaults of its kind.
 
@@ -122,7 +158,9 @@ def resolve_train(given: dict[str, object]) -> dict[str, object]:
     data = str(given.get("data", TRAIN_DEFAULTS["data"]))
     model = str(given.get("model", TRAIN_DEFAULTS["model"]))
     kind = run_kind(data, model)
-    honoured = defaults_for(data, model)
+    honoured = defaults_for(data, model, given.get("net"))
+    if kind == "image":
+        refuse_net_options(given, honoured, model)
     refuse_unknown(given, honoured, kind, data)
     if kind == "gmm" and data in IMAGE_DATASETS:
         raise ValueError(f"--model gmm fits toy data; {data} is an image data set (use --model nice or realnvp)")
@@ -134,11 +172,14 @@ def resolve_train(given: dict[str, object]) -> dict[str, object]:
     return options | {"kind": kind, "given": sorted(given)}
 
 
-def help_defaults(data: str | None, model: str | None) -> tuple[dict[str, object], str]:
-    """The defaults ``nflow train --help`` shows for the data and model on the command line, and whose they are."""
+def help_defaults(data: str | None, model: str | None, net: str | None = None) -> tuple[dict[str, object], str]:
+    """The defaults ``nflow train --help`` shows for the data, model and net on the command line, and whose they
+    are (``"digits / realnvp --net resnet"``)."""
     data = data or str(TRAIN_DEFAULTS["data"])
     model = model or str(TRAIN_DEFAULTS["model"])
     try:
-        return defaults_for(data, model), f"{data} / {model}"
+        defaults = defaults_for(data, model, net)
+        whose = f"{data} / {model}" + (" --net resnet" if image_model_name(model, net) == "realnvp_resnet" else "")
+        return defaults, whose
     except KeyError:  # an unknown data set or model: the parser names it
         return dict(TRAIN_DEFAULTS), f"{TRAIN_DEFAULTS['data']} / {TRAIN_DEFAULTS['model']}"

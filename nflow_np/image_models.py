@@ -321,3 +321,44 @@ def build_realnvp_resnet(
     dim = math.prod(shape)
     flow = Sequential([*preprocessing(dim, levels, alpha, seed), scale(shape, scales)])
     return ImageFlowModel(flow, StandardNormal(), shape, levels)
+
+
+def realnvp_resnet_couplings(
+    shape: Shape, *, scales: int = 2, couplings: int = 3, final_couplings: int = 4
+) -> list[tuple[Shape, str, int]]:
+    """``(shape, mask, parity)`` of every coupling :func:`build_realnvp_resnet` builds, in order, without building it.
+
+    The same walk over the scales as the builder (a test holds the two together): what the command line's
+    preflight sizes before it allocates a model (:func:`realnvp_resnet_footprint`).
+    """
+    plan: list[tuple[Shape, str, int]] = []
+    shape, left = check_shape(shape), scales
+    while True:
+        c, h, w = shape
+        if left == 1 or h % 2 or w % 2:
+            mask = "checkerboard" if h * w > 1 else "channel"
+            return plan + [(shape, mask, k % 2) for k in range(final_couplings)]
+        plan += [(shape, "checkerboard", k % 2) for k in range(couplings)]
+        squeezed = (4 * c, h // 2, w // 2)
+        plan += [(squeezed, "channel", k % 2) for k in range(couplings)]
+        shape, left = (2 * c, h // 2, w // 2), left - 1
+
+
+def realnvp_resnet_footprint(
+    shape: Shape, channels: int, blocks: int, batch_size: int, itemsize: int, kernel_size: int = 3
+) -> tuple[int, int]:
+    """Parameters of :func:`build_realnvp_resnet`'s default architecture, and the bytes one training step holds.
+
+    Bytes: the parameters five times (value, gradient, Adam's two moments, the best copy), per coupling
+    and image the ``4·blocks + 3`` feature maps of ``channels × H × W`` its ResNet keeps for the backward pass
+    (each block: the two convolutions' inputs, the batch norm's normalised input, the ReLU's output; the
+    last batch norm, ReLU and convolution), and one convolution's ``im2col`` columns and their gradient
+    (``2·k²`` maps, transient). An estimate for the preflight check, not an accounting.
+    """
+    from nflow_np.flows.conv_coupling import conv_coupling_parameters
+
+    plan = realnvp_resnet_couplings(shape)
+    n_params = sum(conv_coupling_parameters(s, mask, parity, channels, blocks, kernel_size) for s, mask, parity in plan)
+    pixels = [h * w for (_, h, w), _, _ in plan]
+    maps = channels * (sum(pixels) * (4 * blocks + 3) + max(pixels) * 2 * kernel_size**2)
+    return n_params, itemsize * (5 * n_params + batch_size * maps)

@@ -43,6 +43,16 @@ def assert_one_line_error(done: subprocess.CompletedProcess, *fragments: str) ->
         (["train", "--data", "digits", "--layers", "3"], ["--layers does not apply to image data (digits)"]),
         (["train", "--data", "digits", "--n-train", "100", "--clip-norm", "1"], ["--n-train, --clip-norm do not"]),
         (["train", "--data", "digits", "--lr-schedule", "constant"], ["image runs follow a cosine schedule"]),
+        (["train", "--data", "digits", "--blocks", "2"], ["--blocks does not apply to --net mlp", "--net resnet"]),
+        (["train", "--data", "digits", "--net", "mlp", "--channels", "8", "--blocks", "1"],
+         ["--channels, --blocks do not apply to --net mlp"]),
+        (["train", "--data", "digits", "--net", "resnet", "--hidden", "8"],
+         ["--hidden does not apply to --net resnet", "--channels and --blocks"]),
+        (["train", "--data", "mnist", "--model", "nice", "--net", "resnet"],
+         ["--net does not apply to --model nice", "--model realnvp only"]),
+        (["train", "--net", "resnet"], ["--net does not apply to toy data (two_moons)"]),
+        (["train", "--data", "digits", "--net", "resnet", "--channels", "100000"],
+         ["--channels/--blocks/--batch-size", "parameters needs about"]),
         (["train", "--weight-decay", "0.1"], ["--weight-decay does not apply to toy data (two_moons)"]),
         (["train", "--components", "2"], ["--components does not apply to toy data"]),
         (["train", "--model", "gmm", "--epochs", "5"], ["--epochs does not apply to --model gmm", "EM"]),
@@ -75,6 +85,14 @@ def test_help_shows_the_defaults_that_apply_to_the_data_chosen() -> None:
     assert "floating-point type (default for digits / realnvp: float32)" in squash[1]
     assert "coupling layers (not for digits / realnvp)" in squash[1]
     assert "maximum number of epochs (not for two_moons / gmm)" in squash[2]
+    resnet = " ".join(nflow("train", "--data", "digits", "--net", "resnet", "--help").stdout.split())
+    assert "residual blocks per ResNet (not for digits / realnvp)" in squash[1]
+    assert "RealNVP's coupling nets on images: MLPs, or the paper's convolutional ResNets (docs/conv.md) " \
+        "(default for digits / realnvp: mlp)" in squash[1]
+    assert "residual blocks per ResNet (default for digits / realnvp --net resnet: 2)" in resnet
+    assert "feature maps of the ResNets (default for digits / realnvp --net resnet: 32)" in resnet
+    assert "maximum number of epochs (default for digits / realnvp --net resnet: 40)" in resnet
+    assert "widths of each coupling net (not for digits / realnvp --net resnet)" in resnet
 
 
 def test_image_runs_take_every_typed_value_even_one_equal_to_a_toy_default(monkeypatch: pytest.MonkeyPatch,
