@@ -41,15 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nflow_np.io import (
+from nflow_np.files import safe
+from nflow_np.files.model_files import check_description, describe_model, model_from_description
+from nflow_np.files.safe import (
     ARCHIVE_ERRORS,
-    MAX_CONFIG_BYTES,
     ModelFileError,
     archive_members,
     atomic_write,
-    check_description,
-    describe_model,
-    model_from_description,
     parse_json,
     read_arrays,
     read_file,
@@ -359,7 +357,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     try:
-        data = read_file(path)
+        data = read_file(path, safe.MAX_WEIGHTS_BYTES)
         meta, meta_shape = _read_meta(data, path)
         return _build(data, path, meta, meta_shape)
     except CheckpointError:
@@ -373,8 +371,8 @@ def _read_meta(data: bytes, path: Path) -> tuple[dict, tuple]:
     sizes = archive_members(data, path)
     if "meta" not in sizes:
         raise CheckpointError(f"{path}: no meta array; not a checkpoint")
-    if sizes["meta"] > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: meta declares {sizes['meta']} bytes, more than {MAX_CONFIG_BYTES}")
+    if sizes["meta"] > safe.MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: meta declares {sizes['meta']} bytes, more than {safe.MAX_CONFIG_BYTES}")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             raw = archive["meta"]

@@ -31,7 +31,8 @@ def test_old_image_models_load_as_image_models(folder: str) -> None:
 
 def test_old_checkpoints_load() -> None:
     directory = FIXTURES / "cli_realnvp_checkpointed" / "checkpoints"
-    assert [path.name for path in list_checkpoints(directory)] == ["checkpoint-000000004.npz", "checkpoint-000000003.npz"]
+    names = [path.name for path in list_checkpoints(directory)]
+    assert names == ["checkpoint-000000004.npz", "checkpoint-000000003.npz"]
     newest, skipped = latest_checkpoint(directory)
     assert skipped == [] and newest.state.finished and newest.state.steps == 4
     older = load_checkpoint(directory / "checkpoint-000000003.npz")

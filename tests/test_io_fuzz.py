@@ -294,8 +294,8 @@ def test_special_files_are_refused(saved):
 
 
 def test_an_oversized_config_is_refused_unread(saved, monkeypatch):
-    import nflow_np.io
+    import nflow_np.files.safe
 
-    monkeypatch.setattr(nflow_np.io, "MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr(nflow_np.files.safe, "MAX_CONFIG_BYTES", 100)
     with pytest.raises(ModelFileError, match="more than the 100 this loader reads"):
         load_model(saved)

@@ -30,6 +30,7 @@ import numpy as np
 
 from nflow_np.allocator import keep_freed_memory
 from nflow_np.module import Module
+from nflow_np.specs import SpecReader, register_flow, to_spec
 from nflow_np.validation import check_batch, check_result, is_array_of
 
 
@@ -168,6 +169,7 @@ REMEASURE_EVERY = 100
 """With a ``tolerance``, ``anchor_every`` is chosen again every this many forward calls."""
 
 
+@register_flow("sequential", "flows")
 class Sequential(Flow):
     """Composition ``f = f_K ∘ … ∘ f_1``: forward applies ``f_1`` first, inverse ``f_K⁻¹`` first.
 
@@ -230,6 +232,14 @@ class Sequential(Flow):
         self.flows = flows
         self.children = {str(i): flow for i, flow in enumerate(flows)}
         self.set_memory(memory, anchor_every, tolerance)
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "sequential", "flows": [...]}`` (the memory mode is a run setting, not saved)."""
+        return {"kind": "sequential", "flows": [to_spec(f, f"{where}.flows[{i}]") for i, f in enumerate(self.flows)]}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Sequential:
+        return cls(read.flows("flows"))
 
     def set_memory(self, memory: str, anchor_every: int | None = None, tolerance: float | None = None) -> None:
         """Switch the memory mode (see the class doc); takes effect at the next forward call."""
@@ -366,6 +376,7 @@ def anchor_every_for(errors: np.ndarray, tolerance: float) -> int:
     return min(within + 1, len(errors))
 
 
+@register_flow("inverse", "flow")
 class Inverse(Flow):
     """The flow ``f⁻¹``: its forward is ``f.inverse`` and its inverse ``f.forward``.
 
@@ -377,6 +388,14 @@ class Inverse(Flow):
         super().__init__(flow.dim)
         self.flow = flow
         self.children = {"flow": flow}
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "inverse", "flow"}``."""
+        return {"kind": "inverse", "flow": to_spec(self.flow, f"{where}.flow")}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Inverse:
+        return cls(read.flow("flow"))
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])

@@ -20,7 +20,8 @@ from nflow_np import backend
 from nflow_np.flows.base import Flow
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.module import as_float_dtype
-from nflow_np.nn import MLP, Layer
+from nflow_np.nn import ACTIVATIONS, MLP, Layer
+from nflow_np.specs import SpecReader, register_flow
 
 
 def parity_mask(dim: int, parity: int) -> np.ndarray:
@@ -40,6 +41,7 @@ def _as_index(indices: np.ndarray) -> slice | np.ndarray:
     return indices
 
 
+@register_flow(None)  # saves as '<law>_coupling', loads as AdditiveCoupling / AffineCoupling
 class Coupling(Flow):
     """A coupling layer with a pluggable law (``"additive"`` or ``"affine"``).
 
@@ -114,6 +116,31 @@ class Coupling(Flow):
     def _scale(self) -> np.ndarray | None:
         return self.params.get("scale")
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "<law>_coupling", "mask", "hidden", "activation"}``; the net must be an :class:`MLP`."""
+        if type(self.net) is not MLP:
+            raise TypeError(f"{where}: cannot save a coupling whose net is a {type(self.net).__name__}; only MLP nets")
+        net = self.net.spec()
+        return {
+            "kind": f"{self.law}_coupling",
+            "mask": self.mask.tolist(),
+            "hidden": net["sizes"][1:-1],
+            "activation": net["activation"],
+        }
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Coupling:
+        """The coupling of ``read.spec`` with a fresh MLP net (``hidden``, ``activation``)."""
+        mask = read.list("mask", bool)
+        hidden = read.list("hidden", int, minimum=1)
+        activation = read.choice("activation", ACTIVATIONS)
+        law = COUPLING_LAWS[cls.spec_law]
+        d1 = sum(mask)
+        sizes = [d1, *hidden, law.out_features(len(mask) - d1)]
+        read.take(sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)))
+        read.take(len(mask) - d1 if law.has_scale else 0)
+        return cls(len(mask), mask=np.array(mask, dtype=bool), hidden=hidden, activation=activation, dtype=read.dtype)
+
     def _net(self, x1: np.ndarray) -> np.ndarray:
         h = self.net.forward(x1)
         if h.shape != (x1.shape[0], self.out_features):
@@ -161,16 +188,20 @@ class Coupling(Flow):
         return d_in
 
 
+@register_flow("additive_coupling", "mask", "hidden", "activation")
 class AdditiveCoupling(Coupling):
     """NICE's additive coupling ``z₂ = x₂ + c(x₁)``: volume preserving, ``logdet = 0``.
 
     Same parameters as :class:`Coupling` without ``law``.
     """
 
+    spec_law = "additive"
+
     def __init__(self, dim: int, **kwargs: object) -> None:
         super().__init__(dim, "additive", **kwargs)
 
 
+@register_flow("affine_coupling", "mask", "hidden", "activation")
 class AffineCoupling(Coupling):
     """RealNVP's affine coupling ``z₂ = x₂ ⊙ exp(s) + t``, ``[ŝ, t] = c(x₁)``, ``s = a ⊙ tanh(ŝ)``.
 
@@ -178,6 +209,8 @@ class AffineCoupling(Coupling):
     :class:`nflow_np.flows.coupling_law.AffineLaw`. Same parameters as :class:`Coupling` without
     ``law``.
     """
+
+    spec_law = "affine"
 
     def __init__(self, dim: int, **kwargs: object) -> None:
         super().__init__(dim, "affine", **kwargs)

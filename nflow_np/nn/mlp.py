@@ -54,6 +54,15 @@ class MLP(Layer):
         # activation was a layer of its own, so model files saved then still load.
         self.children = {str(2 * i): layer for i, layer in enumerate(self.layers)}
 
+    def spec(self) -> dict:
+        """``{"sizes", "activation"}``: what :meth:`from_spec` rebuilds an MLP of this shape from."""
+        return {"sizes": list(self.sizes), "activation": self.activation}
+
+    @classmethod
+    def from_spec(cls, spec: dict, rng: np.random.Generator, dtype: object = np.float64) -> MLP:
+        """A freshly initialised MLP of the shape :meth:`spec` describes (values checked by the constructor)."""
+        return cls(spec["sizes"], rng, activation=spec["activation"], dtype=dtype)
+
     def forward(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:
             x = layer.forward(x)
