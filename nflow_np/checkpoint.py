@@ -70,6 +70,10 @@ class CheckpointError(ModelFileError):
     """A checkpoint file or folder is missing, damaged or inconsistent; the message says which and why."""
 
 
+class NonFiniteCheckpointError(CheckpointError, FloatingPointError):
+    """Refused to checkpoint non-finite state; the message names the array and the last checkpoint that loads."""
+
+
 @dataclass
 class TrainState:
     """Where a run of :func:`~nflow_np.train.fit` is: enough to continue it bit for bit.
@@ -314,6 +318,7 @@ def save_checkpoint(
     arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
     arrays |= {f"best/{name}": value for name, value in state.best_params.items()}
     arrays |= {f"optimizer/{key}": value for key, value in optimizer.state_dict().items()}
+    _refuse_non_finite(arrays, Path(directory), state.steps)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -334,6 +339,21 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[KEEP:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _refuse_non_finite(arrays: dict[str, np.ndarray], directory: Path, steps: int) -> None:
+    """Raise :class:`NonFiniteCheckpointError` if any array holds a NaN/Inf: a loader would refuse it anyway."""
+    bad = [name for name, value in arrays.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    if not bad:
+        return
+    try:
+        kept = f"the last good checkpoint {latest_checkpoint(directory)[0].path} is untouched"
+    except CheckpointError:
+        kept = "no checkpoint of this run loads"
+    raise NonFiniteCheckpointError(
+        f"step {steps}: {bad[0]} holds non-finite values ({len(bad)} arrays do); not checkpointed, and {kept}. "
+        "Lower the learning rate (or clip gradients) and resume from it, or start again"
+    )
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:

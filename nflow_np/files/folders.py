@@ -24,6 +24,7 @@ a lock whose process is dead is reclaimed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -103,8 +104,10 @@ def publish_folder(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    # published: what follows only tidies up, and must not report a save that happened as failed
     shutil.rmtree(staging, ignore_errors=True)  # now the old folder
-    fsync_folder(directory.parent)
+    with contextlib.suppress(OSError):
+        fsync_folder(directory.parent)
     return directory, "swap"
 
 
@@ -344,8 +347,7 @@ def bytes_needed(n_parameters: int, n_arrays: int, itemsize: int, optimizer_buff
 def check_writable(directory: str | os.PathLike, needed: int = 0) -> Path:
     """Refuse, before any work, a folder that cannot be written or lacks ``needed`` free bytes.
 
-    Writes and removes a small probe file (in the folder, created if needed, and beside it, where a
-    save stages the new folder).
+    Writes and removes a small probe file in the folder (created if needed).
 
     Raises
     ------
@@ -357,10 +359,9 @@ def check_writable(directory: str | os.PathLike, needed: int = 0) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _write_new(probe, b"probe")
+        probe.unlink()
     except OSError as error:
         raise ModelFileError(f"{directory}: cannot write there: {error.strerror or error}") from None
-    finally:
-        probe.unlink(missing_ok=True)
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise ModelFileError(
