@@ -347,12 +347,12 @@ def _refuse_non_finite(arrays: dict[str, np.ndarray], directory: Path, steps: in
     if not bad:
         return
     try:
-        kept = f"the last good checkpoint {latest_checkpoint(directory)[0].path} is untouched"
+        kept = f"the last good checkpoint {latest_checkpoint(directory)[0].path} is untouched: resume from it"
     except CheckpointError:
-        kept = "no checkpoint of this run loads"
+        kept = "no checkpoint of this run loads: start again"
     raise NonFiniteCheckpointError(
-        f"step {steps}: {bad[0]} holds non-finite values ({len(bad)} arrays do); not checkpointed, and {kept}. "
-        "Lower the learning rate (or clip gradients) and resume from it, or start again"
+        f"step {steps}: {bad[0]} holds non-finite values ({len(bad)} arrays do); not checkpointed, and {kept} "
+        "with a lower learning rate (or clip gradients)"
     )
 
 

@@ -40,3 +40,13 @@ def test_old_checkpoints_load() -> None:
     final = load_model(FIXTURES / "cli_realnvp_checkpointed")
     for name, value in final.state_dict().items():  # the saved model is the best parameters of the run
         np.testing.assert_array_equal(newest.state.best_params[name], value)
+
+
+def test_old_gmm_folders_load() -> None:
+    from nflow_np.gmm import GaussianMixture
+
+    directory = FIXTURES / "cli_gmm"
+    mixture, summary = GaussianMixture.load(directory)
+    assert (mixture.n_components, summary["components"], summary["data"]) == (2, 2, "two_moons")
+    points = np.load(directory / "points.npy")
+    np.testing.assert_array_equal(mixture.log_prob(points), np.load(directory / "expected_log_prob.npy"))

@@ -1,8 +1,9 @@
 """Your own data: ``.csv``, ``.npy`` and ``.npz`` files read into a checked float array, split and standardised.
 
-- :func:`load_data` reads one table, one row per data point: a ``.csv`` (header optional, delimiter
-  ``,`` ``;`` tab or whitespace detected, a non-numeric column named and refused), an ``.npy`` array or
-  one named array of an ``.npz``. Every NaN/Inf is refused by row and column, before any training.
+- :func:`load_data` reads one table, one row per data point: a ``.csv`` (an optional header is a first
+  row of names, none of them a number; delimiter ``,`` ``;`` tab or whitespace detected; a non-numeric
+  column named and refused), an ``.npy`` array or one named array of an ``.npz``. Every NaN/Inf is
+  refused by row and column, before any training.
 - :func:`split_data`: seeded train/validation/test splits (one permutation of the rows).
 - :class:`Standardization`: ``u = (x − μ) / σ`` per column, fitted on the training split. A model
   trained on ``u`` has, in the user's units, ``log p_X(x) = log p_U(u) − Σ_j log σ_j`` (change of
@@ -88,7 +89,7 @@ def _parse_csv(data: bytes, path: Path) -> tuple[np.ndarray, list[str] | None]:
         return [field.strip() for field in line.split(delimiter)]
 
     header = None
-    if any(not _is_number(field) for field in fields(first)):
+    if all(field and not _is_number(field) for field in fields(first)):  # a row of names, none a number
         header, lines = fields(first), lines[1:]
         if not lines:
             raise DataFileError(f"{path}: a header and no rows")
