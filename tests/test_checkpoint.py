@@ -486,6 +486,7 @@ def test_non_finite_state_is_never_checkpointed(data, tmp_path):
     assert latest_checkpoint(tmp_path)[0].path == good  # and it really loads
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr 1e39 in float32
 def test_a_run_whose_first_step_diverges_writes_no_checkpoint(data, tmp_path):
     """``lr`` so large that the first step makes the parameters infinite: nothing is called a good checkpoint."""
     from nflow_np.checkpoint import NonFiniteCheckpointError
