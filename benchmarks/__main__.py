@@ -2,7 +2,7 @@
 
 import sys
 
-from benchmarks.suite import main
+from .suite import main
 
 if __name__ == "__main__":
     sys.exit(main())
