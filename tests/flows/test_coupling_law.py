@@ -1,6 +1,6 @@
 """The coupling laws of ``nflow_np.flows.coupling_law`` as pure functions (the kernels' specification).
 
-For each law: ``backward_forward`` / ``backward_inverse`` against central differences w.r.t. ``x₂``
+For each law: ``forward_vjp`` / ``inverse_vjp`` against central differences w.r.t. ``x₂``
 (or ``z₂``), ``h`` and ``scale``; forward/inverse round trip; log-det against the Jacobian; the
 affine law's bound ``|s| ≤ |a|`` when ``tanh`` saturates.
 """
@@ -35,8 +35,8 @@ def draw(law: type, n: int, d2: int, rng: np.random.Generator, dtype: object = n
 
 def law_pass(law: type, direction: str) -> tuple:
     if direction == "forward":
-        return law.forward, law.backward_forward
-    return law.inverse, law.backward_inverse
+        return law.forward, law.forward_vjp
+    return law.inverse, law.inverse_vjp
 
 
 def check_law_gradients(law: type, direction: str, x2: np.ndarray, h: np.ndarray, scale, rng) -> None:

@@ -6,6 +6,7 @@ of the suite runs on the default.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -61,7 +62,8 @@ def test_unknown_backend_and_law_are_errors() -> None:
 
 def test_unavailable_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     before = backend.get_backend()
-    monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", "kernels.not_installed_here")
+    missing = dataclasses.replace(backend._BUILT_IN["cupy"], kernel_modules=("kernels.not_installed_here",))
+    monkeypatch.setitem(backend._BUILT_IN, "cupy", missing)
     with pytest.raises(backend.BackendUnavailableError, match="pip install cupy-cuda12x"):
         backend.set_backend("cupy")
     assert backend.get_backend() == before
