@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from nflow_np.backend import bind_law
+from nflow_np.backend import bind_law, coupling_law, using
 from nflow_np.flows.coupling_law import AffineLaw
 from nflow_np.packaging import kernel_module
 
@@ -92,8 +92,9 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
         return lambda: AffineLaw.forward_vjp(x2, h, scale, d_z2, d_logdet)
     numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
 
-    if backend == "numba (law)":  # what a coupling layer calls on the numba backend
-        law = bind_law(AffineLaw, numba_cpu.FUSED)
+    if backend == "numba (law)":  # the layer's own call: what AffineCoupling gets from the seam
+        with using("numba"):
+            law = coupling_law("affine")
         if op == "forward":
             return lambda: law.forward(x2, h, scale)
         return lambda: law.forward_vjp(x2, h, scale, d_z2, d_logdet)
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if importlib.util.find_spec("numba") is not None:
-        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))  # sets OMP_WAIT_POLICY before Numba's threads
+        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
 
         if args.serial:
             numba_cpu.PARALLEL_MIN_ELEMENTS = 2**62
