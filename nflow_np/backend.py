@@ -1,16 +1,17 @@
-"""Backend choice: which implementation of the coupling law's elementwise transform runs.
+"""Backend choice: which implementation of each reference function with a fused kernel runs.
 
-The NumPy reference in :mod:`nflow_np.flows.coupling_law` is the specification; other backends
-(fused kernels from the top-level ``kernels`` package) replace exactly those functions and
-nothing else. The choice is made here, in one place: :func:`set_backend`, or the environment
-variable ``NFLOW_BACKEND`` read at import. Without either, the backend is ``"auto"``, the fastest
-that loads, resolved on first use (so ``import nflow_np`` never imports Numba).
+The NumPy references (the coupling laws of :mod:`nflow_np.flows.coupling_law`, bias + activation,
+the Adam update) are the specification; other backends (fused kernels from the top-level
+``kernels`` package) replace exactly those functions and nothing else. The choice is made here,
+in one place: :func:`set_backend`, or the environment variable ``NFLOW_BACKEND`` read at import.
+Without either, the backend is ``"auto"``, the fastest that loads, resolved on first use (so
+``import nflow_np`` never imports Numba).
 
 ======================  ===================================  =============================================
 name                    implementation                       needs
 ======================  ===================================  =============================================
 ``"numpy"``             :mod:`nflow_np.flows.coupling_law`   nothing
-``"numba"``             :mod:`kernels.numba_cpu` (+ nn, optim) ``pip install numba``
+``"numba"``             :mod:`kernels.numba_cpu`             ``pip install numba``
 ``"numba-cuda"``        :mod:`kernels.numba_cuda`            a CUDA GPU, ``pip install numba numba-cuda``
 ``"cupy"``              :mod:`kernels.cupy_kernels`          a CUDA GPU, ``pip install cupy-cuda12x``
 ``"auto"`` (default)    the fastest of the above that loads  (resolved when selected or first used)
