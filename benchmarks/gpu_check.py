@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_BACKENDS = {"numba-cuda": "kernels.numba_cuda", "cupy": "kernels.cupy_kernels"}
+GPU_BACKENDS = {"numba-cuda": "numba_cuda", "cupy": "cupy_kernels"}  # modules of kernels/
 
 
 def stage(results: dict, name: str, run: Callable[[], dict]) -> None:
@@ -105,17 +105,11 @@ class Device:
 
 
 def timed(call: Callable[[], object], device: Device, repeats: int) -> dict:
-    """Median / min / max seconds of ``repeats`` calls after one warm-up (which also compiles)."""
-    call()
-    device.synchronize()
-    times = []
-    for _ in range(repeats):
-        device.synchronize()
-        start = time.perf_counter()
-        call()
-        device.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median": float(np.median(times)), "min": float(np.min(times)), "max": float(np.max(times))}
+    """Median / min / max seconds of ``repeats`` calls after one warm-up (``bench_kernels.measure``, synchronised)."""
+    from benchmarks.bench_kernels import measure
+
+    times = measure(call, repeats, device.synchronize)
+    return {"median": float(np.median(times)), "min": float(times.min()), "max": float(times.max())}
 
 
 def copy_bandwidth(device: Device, nbytes: int, repeats: int) -> float:
@@ -137,7 +131,9 @@ def laws(simulate: bool, repeats: int) -> dict:
     rows, unavailable = [], {}
     for name, module_name in GPU_BACKENDS.items():
         try:
-            module = importlib.import_module(module_name)
+            from nflow_np.packaging import kernel_module
+
+            module = importlib.import_module(kernel_module(module_name))
             module.require_device()
             law = bind_law(Reference, module.FUSED)
         except (ImportError, RuntimeError) as error:

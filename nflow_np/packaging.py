@@ -16,19 +16,29 @@ _ROOT = Path(__file__).resolve().parents[1]
 INSTALLED_NAMES = {"kernels": "nflow_np_kernels", "benchmarks": "nflow_np_benchmarks"}
 
 
-def sibling_package(name: str) -> str:
-    """The import name of the repository folder ``name`` (``"kernels"`` or ``"benchmarks"``) here.
-
-    ``name`` itself when the module that name finds is this checkout's folder (never another
-    distribution's package of that name); otherwise the installed name.
-    """
+def _resolves_here(import_name: str, folder: str) -> bool:
+    """Whether the top-level lookup of ``import_name`` finds this checkout's folder ``folder``."""
     try:
-        spec = importlib.util.find_spec(name)  # a top-level lookup: nothing is imported
+        spec = importlib.util.find_spec(import_name)  # a top-level lookup: nothing is imported
     except (ImportError, ValueError):
-        spec = None
-    if spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == _ROOT / name:
-        return name
-    return INSTALLED_NAMES[name]
+        return False
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == _ROOT / folder
+
+
+def sibling_package(name: str) -> str:
+    """The one import name of the repository folder ``name`` (``"kernels"`` or ``"benchmarks"``) here.
+
+    The installed name whenever it finds this checkout's folder (an editable install), else ``name``
+    itself when that finds this checkout's folder (the repository on ``sys.path``, nothing installed),
+    else the installed name. One name per checkout matters: Numba's on-disk cache sits beside each
+    source file and records the module's import name, so a kernel compiled as ``kernels.numba_cpu``
+    fails to load in a process that knows only ``nflow_np_kernels.numba_cpu`` (``kernels/__init__.py``
+    makes ``import kernels`` yield the installed package for the same reason).
+    """
+    installed = INSTALLED_NAMES[name]
+    if _resolves_here(installed, name) or not _resolves_here(name, name):
+        return installed
+    return name
 
 
 def kernel_module(module: str) -> str:

@@ -39,7 +39,7 @@ def as_generator(rng: object, default_seed: int | None = None) -> object:
         if rng < 0:
             raise ValueError(f"a seed must be a non-negative integer, got {rng}")
         return np.random.default_rng(int(rng))
-    if isinstance(rng, np.random.Generator) or (hasattr(rng, "standard_normal") and hasattr(rng, "random")
-                                                 and not isinstance(rng, np.random.RandomState)):
+    duck = hasattr(rng, "standard_normal") or hasattr(rng, "random")  # CuPy's Generator, a test's stand-in
+    if isinstance(rng, np.random.Generator) or (duck and not isinstance(rng, np.random.RandomState)):
         return rng
     raise TypeError(f"rng must be an integer seed or a numpy.random.Generator, got {type(rng).__name__} {rng!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -56,9 +57,40 @@ def test_metadata_license_and_the_plots_extra(wheel: zipfile.ZipFile) -> None:
     assert any('extra == "plots"' in line for line in matplotlib)
 
 
-def test_in_the_checkout_the_folders_keep_their_names() -> None:
-    assert sibling_package("kernels") == "kernels" and sibling_package("benchmarks") == "benchmarks"
-    assert kernel_module("numba_cpu") == "kernels.numba_cpu"
+def test_one_import_name_per_checkout() -> None:
+    """Installed here (editable): the installed names, and ``import kernels`` yields that same package."""
+    installed = importlib.util.find_spec("nflow_np_kernels")
+    here = installed is not None and Path(installed.origin).resolve().parent == REPO / "kernels"
+    expected = ("nflow_np_kernels", "nflow_np_benchmarks") if here else ("kernels", "benchmarks")
+    assert (sibling_package("kernels"), sibling_package("benchmarks")) == expected
+    assert kernel_module("numba_cpu") == f"{expected[0]}.numba_cpu"
+    if here:
+        import kernels
+
+        assert kernels.__name__ == "nflow_np_kernels"
+
+
+def test_a_kernel_cached_under_one_name_loads_in_a_process_that_imports_the_other(tmp_path: Path) -> None:
+    """Numba's cache records the import name: a run from the checkout that imports ``kernels`` first and
+    a run from elsewhere (where only an install can provide the kernels) share one fresh cache."""
+    script = (
+        "import numpy as np\n{first}"
+        "import nflow_np\n"
+        "from nflow_np.architectures import build_model\n"
+        "nflow_np.set_backend('numba')\n"
+        "model = build_model('realnvp', 2, layers=2, hidden=(4,), seed=0)\n"
+        "print(model.log_prob(np.zeros((3, 2))).shape)\n"
+    )
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [(REPO, script.format(first="import kernels.numba_cpu\n"))]
+    if importlib.util.find_spec("nflow_np_kernels") is not None:  # installed: a run from anywhere finds the kernels
+        runs.append((tmp_path, script.format(first="")))
+    for cwd, source in runs:
+        done = subprocess.run([sys.executable, "-c", source], capture_output=True, text=True, timeout=600,
+                              cwd=cwd, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "(3,)"
+    assert any((tmp_path / "cache").rglob("*.nbi"))  # the kernels were cached, and the second run read them
 
 
 def test_a_plot_without_matplotlib_is_one_line_before_training(tmp_path: Path) -> None:
