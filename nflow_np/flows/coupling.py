@@ -179,7 +179,7 @@ class Coupling(Flow):
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, (in2, h) = self._cache
         law = backend.coupling_law(self.law)
-        step = law.backward_forward if direction == "forward" else law.backward_inverse
+        step = law.forward_vjp if direction == "forward" else law.inverse_vjp
         d_in2, d_h, d_scale = step(in2, h, self._scale(), d_out[:, self.idx2], d_logdet)
         if d_scale is not None:
             self.grads["scale"] += d_scale
