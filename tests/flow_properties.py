@@ -14,6 +14,7 @@ public methods.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable
 
@@ -183,6 +184,22 @@ def calls_do_not_modify_their_input(case: FlowCase, dim: int, n: int, seed: int,
     assert not np.shares_memory(out, x)
 
 
+def agrees_with_the_reference(case: FlowCase, dim: int, n: int, seed: int, direction: str) -> None:
+    """On the active backend, the call and its backward equal the NumPy reference's (kernels: to a few ulps)."""
+    results = []
+    for backend in (None, REFERENCE):
+        with contextlib.nullcontext() if backend is None else using(backend):
+            flow, rng = make(case, dim, seed)
+            x = case.sample(flow, direction, n, rng)
+            out, logdet = call(flow, direction, x)
+            d_in = flow.backward(rng.standard_normal(out.shape), rng.standard_normal(n))
+            results.append({"out": out, "logdet": logdet, "input": d_in} | dict(flow.state_dict()))
+            results[-1] |= {f"grad {name}": grad.copy() for name, _, grad in flow.named_parameters()}
+    for name, expected in results[1].items():
+        scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
+        np.testing.assert_allclose(results[0][name], expected, rtol=0, atol=1e-12 * scale, err_msg=name)
+
+
 # --- dtypes and errors (one fixed example per direction) --------------------------------------
 
 
@@ -282,6 +299,11 @@ PROPERTIES: dict[str, tuple[Property, int | None]] = {
 """``name -> (check, Hypothesis examples on the reference backend)``; ``None``: one fixed example
 (``dim = 4, n = 4, seed = 0``) per direction."""
 
+BACKEND_PROPERTIES: dict[str, tuple[Property, int | None]] = {
+    "agrees_with_the_reference": (agrees_with_the_reference, 25),
+}
+"""Properties of a backend other than the reference (on the reference itself they would compare it with itself)."""
+
 OTHER_BACKEND_SHARE = 5
 """On a backend other than the reference, each property draws ``1 / OTHER_BACKEND_SHARE`` of the
 examples (at least 2): the kernels are proven against the reference function by function in
@@ -289,8 +311,8 @@ examples (at least 2): the kernels are proven against the reference function by 
 
 
 def prove(case: FlowCase, name: str, backend: str = REFERENCE) -> None:
-    """Run property ``name`` of :data:`PROPERTIES` on ``case`` with ``backend`` active."""
-    check, examples = PROPERTIES[name]
+    """Run property ``name`` (of :data:`PROPERTIES` or :data:`BACKEND_PROPERTIES`) on ``case`` on ``backend``."""
+    check, examples = (PROPERTIES | BACKEND_PROPERTIES)[name]
     with using(backend):
         if examples is None:
             for direction in ("forward", "inverse"):
@@ -313,3 +335,6 @@ def prove_all(case: FlowCase, backend: str = REFERENCE) -> None:
     """Every property of :data:`PROPERTIES` on ``case``: what the suite proves of each registered layer."""
     for name in PROPERTIES:
         prove(case, name, backend)
+    if backend != REFERENCE:
+        for name in BACKEND_PROPERTIES:
+            prove(case, name, backend)

@@ -8,13 +8,19 @@ that the checks catch a wrong gradient and a wrong log-det.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
-from flow_properties import PROPERTIES, prove
+from flow_properties import BACKEND_PROPERTIES, PROPERTIES, prove
 from helpers import (
     BACKENDS,
     CASES,
     FLOW_CASES,
+    REFERENCE,
     GradcheckError,
     check_flow_gradients,
     check_logdet,
@@ -68,6 +74,40 @@ def test_flow_cases_are_the_bijections_of_all_of_r_d() -> None:
 @pytest.mark.parametrize("prop", list(PROPERTIES))
 def test_property(prop: str, case: object, backend: str) -> None:
     prove(case, prop, backend)
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != REFERENCE])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("prop", list(BACKEND_PROPERTIES))
+def test_backend_property(prop: str, case: object, backend: str) -> None:
+    prove(case, prop, backend)
+
+
+CUDASIM_CASES = ("additive_coupling", "affine_coupling_random_mask", "inverse_affine_coupling")
+"""Layers whose code reaches the GPU kernels (the coupling laws); the simulator runs every CUDA thread
+as a Python thread, so finite differences there would take many minutes: the kernels' gradients are
+proven against the reference instead (``agrees_with_the_reference``), whose gradients are proven here."""
+CUDASIM_PROPERTIES = ("agrees_with_the_reference", "round_trip_float32", "dtype_in_is_dtype_out")
+
+
+def test_the_coupling_layers_on_numba_cuda_under_the_cuda_simulator() -> None:
+    """As ``tests/kernels/test_numba_cuda.py``: ``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda``
+    is imported, so this part of the suite runs in a subprocess with it set."""
+    pytest.importorskip("numba", reason="the numba-cuda backend needs `pip install numba`")
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NFLOW_TEST_BACKENDS": "numba-cuda"}
+    select = f"({' or '.join(CUDASIM_CASES)}) and ({' or '.join(CUDASIM_PROPERTIES)})"
+    tests = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", str(Path(__file__)), "-p", "no:cacheprovider", "-k", select],
+        cwd=tests.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert run.returncode == 0, f"the suite under the simulator failed:\n{run.stdout[-4000:]}\n{run.stderr[-2000:]}"
+    expected = len(CUDASIM_CASES) * len(CUDASIM_PROPERTIES)
+    assert f"{expected} passed" in run.stdout, run.stdout[-2000:]
 
 
 def test_construction_errors() -> None:
