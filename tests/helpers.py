@@ -117,6 +117,14 @@ def _affine_user_net(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return randomise(AffineCoupling(dim, mask=mask, net=net, dtype=dtype), rng)
 
 
+def _affine_fixed_bound(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    bound = float(rng.uniform(0.5, 2.0))
+    flow = AffineCoupling(
+        dim, parity=0, hidden=HIDDEN, rng=rng, dtype=dtype, log_scale_bound=bound, learn_log_scale_bound=False
+    )
+    return randomise(flow, rng)
+
+
 def _rescale(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return randomise(Rescale(dim, dtype=dtype), rng)
 
@@ -290,6 +298,7 @@ CASES: list[FlowCase] = [
     FlowCase("affine_coupling_parity1", _affine_parity1),
     FlowCase("affine_coupling_random_mask", _affine_random_mask),
     FlowCase("affine_coupling_user_net", _affine_user_net),
+    FlowCase("affine_coupling_fixed_bound", _affine_fixed_bound),
     FlowCase("rescale", _rescale),
     FlowCase("permutation", _permutation),
     FlowCase("reverse", _reverse),
