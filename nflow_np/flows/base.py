@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nflow_np.allocator import keep_freed_memory
 from nflow_np.flows import memory
 from nflow_np.flows.memory import MEMORY_MODES, REMEASURE_EVERY, anchor_every_for, check_memory_options
 from nflow_np.module import Module
@@ -236,6 +237,8 @@ class Sequential(Flow):
     def set_memory(self, memory: str, anchor_every: int | None = None, tolerance: float | None = None) -> None:
         """Switch the memory mode (see the class doc); takes effect at the next forward call."""
         check_memory_options(memory, anchor_every, tolerance)
+        if memory == "invert":
+            keep_freed_memory()  # freeing layer by layer would otherwise page-fault every step (allocator.py)
         self.memory = memory
         self.anchor_every = None if anchor_every is None else int(anchor_every)
         self.tolerance = tolerance

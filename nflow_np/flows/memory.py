@@ -21,8 +21,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nflow_np.allocator import keep_freed_memory
-
 if TYPE_CHECKING:
     from nflow_np.flows.base import Flow, Sequential
 
@@ -43,8 +41,6 @@ def check_memory_options(memory: str, anchor_every: int | None, tolerance: float
         raise ValueError("give anchor_every or tolerance, not both")
     if memory == "store" and (anchor_every is not None or tolerance is not None):
         raise ValueError('anchor_every and tolerance apply to memory="invert" only')
-    if memory == "invert":
-        keep_freed_memory()  # freeing layer by layer would otherwise page-fault every step (allocator.py)
 
 
 def forward_invert(seq: Sequential, x: np.ndarray, remeasure_every: int) -> tuple[np.ndarray, np.ndarray]:
