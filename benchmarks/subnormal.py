@@ -26,9 +26,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.sections import Settings, figure
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
+
+from .sections import Settings, figure
 
 SCALE = np.float32(1e-39)
 TINY = np.finfo(np.float32).tiny
