@@ -47,10 +47,13 @@ FLOW_KINDS: dict[str, type] = {}
 """``kind -> class`` of every flow that loads from a spec."""
 SPEC_KEYS: dict[str, frozenset[str]] = {}
 """``kind -> keys`` of its spec (``"kind"`` included)."""
+OPTIONAL_KEYS: dict[str, frozenset[str]] = {}
+"""``kind -> keys`` its spec may leave out (a setting written only when it differs from the default, so that
+files written before the setting existed read as the default)."""
 _SAVABLE: set[type] = set()
 
 
-def register_flow(kind: str | None, *keys: str) -> Callable[[type], type]:
+def register_flow(kind: str | None, *keys: str, optional: tuple[str, ...] = ()) -> Callable[[type], type]:
     """Class decorator: ``cls`` saves with ``cls.spec`` and, under ``kind``, loads with ``cls.from_spec``.
 
     Parameters
@@ -60,6 +63,8 @@ def register_flow(kind: str | None, *keys: str) -> Callable[[type], type]:
         another class (its subclasses).
     *keys : str
         The other keys of the spec.
+    optional : tuple of str
+        Keys the spec may also hold (``from_spec`` reads them with :meth:`SpecReader.has`).
 
     Raises
     ------
@@ -73,6 +78,7 @@ def register_flow(kind: str | None, *keys: str) -> Callable[[type], type]:
                 raise ValueError(f"flow kind {kind!r} is registered already, by {FLOW_KINDS[kind].__name__}")
             FLOW_KINDS[kind] = cls
             SPEC_KEYS[kind] = frozenset(("kind", *keys))
+            OPTIONAL_KEYS[kind] = frozenset(optional)
         _SAVABLE.add(cls)
         return cls
 
@@ -126,7 +132,7 @@ def _build(spec: object, dtype: np.dtype, where: str, budget: _Budget) -> Flow:
     if not isinstance(kind, str) or kind not in FLOW_KINDS:
         raise ModelFileError(f"{where}: unknown kind {kind!r}; known: {', '.join(FLOW_KINDS)}")
     expected = SPEC_KEYS[kind]
-    missing, unexpected = sorted(expected - set(spec)), sorted(set(spec) - expected)
+    missing, unexpected = sorted(expected - set(spec)), sorted(set(spec) - expected - OPTIONAL_KEYS[kind])
     if missing or unexpected:
         raise ModelFileError(f"{where}: missing keys {missing}, unexpected keys {unexpected}")
     try:
@@ -180,6 +186,10 @@ class SpecReader:
         """The list of nested flows under ``key``."""
         specs = self.list(key, dict)
         return [_build(s, self.dtype, f"{self.where}.{key}[{i}]", self._budget) for i, s in enumerate(specs)]
+
+    def has(self, key: str) -> bool:
+        """Whether the spec holds the optional ``key``."""
+        return key in self.spec
 
     def int(self, key: str, minimum: int = 0, maximum: int | None = None) -> int:
         """An integer ``>= minimum`` (and ``<= maximum``); JSON ``true`` is not an integer."""

@@ -107,13 +107,15 @@ class Squeeze(Flow):
         """Rows of ``(C, H, W)`` images → rows of ``(4C, H/2, W/2)`` images."""
         c, h, w = self.shape
         blocks = x.reshape(-1, c, h // 2, 2, w // 2, 2)  # n, c, h, i, w, j
-        return blocks.transpose(0, 1, 3, 5, 2, 4).reshape(x.shape[0], -1)  # n, c, i, j, h, w
+        # .copy() before the reshape: one copy, as the reshape of a transpose makes anyway, but never a view
+        # of x (with H = W = 2 the transpose is contiguous and the reshape alone would alias the input)
+        return blocks.transpose(0, 1, 3, 5, 2, 4).copy().reshape(x.shape[0], -1)  # n, c, i, j, h, w
 
     def unsqueeze(self, z: np.ndarray) -> np.ndarray:
         """Rows of ``(4C, H/2, W/2)`` images → rows of ``(C, H, W)`` images (inverse of :meth:`squeeze`)."""
         c, h, w = self.shape
         blocks = z.reshape(-1, c, 2, 2, h // 2, w // 2)  # n, c, i, j, h, w
-        return blocks.transpose(0, 1, 4, 2, 5, 3).reshape(z.shape[0], -1)  # n, c, h, i, w, j
+        return blocks.transpose(0, 1, 4, 2, 5, 3).copy().reshape(z.shape[0], -1)  # n, c, h, i, w, j (as above)
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
