@@ -1,0 +1,457 @@
+"""Flush subnormal floats to zero inside the library's compute, on every thread that computes.
+
+x86 cores keep the SSE/AVX floating-point mode in the per-thread register MXCSR. Two of its bits
+decide what happens below the smallest normal number (``docs/numerics.md``):
+
+- bit 15, FTZ (flush to zero): a result that would be subnormal is written as ±0;
+- bit 6, DAZ (denormals are zero): a subnormal operand is read as ±0.
+
+With both set, no instruction ever sees or makes a subnormal, so none takes the slow microcode
+assist that costs some Intel cores 30–130× per operation. :func:`flush_denormals` sets both for the
+duration of a library call (``log_prob``, ``sample``, a training step) and then puts back, thread by
+thread, exactly the two bits each thread had: the user's own mode is what remains when the call
+returns. Only those two bits are touched; rounding mode, exception masks and the sticky exception
+flags that NumPy's ``errstate`` reads are left alone.
+
+MXCSR belongs to one thread, and three kinds of threads compute here:
+
+- the calling thread: read and written directly;
+- OpenBLAS's worker threads, created when NumPy loaded it and never told about the caller's mode
+  (NumPy's OpenBLAS is built without ``CONSISTENT_FPCSR``): reached through ``gotoblas_pthread``,
+  OpenBLAS's own exported "run this function on my threads" entry, with a team of as many members
+  as the BLAS will use;
+- Numba's worker threads (the ``prange`` kernels): reached by a ``prange`` loop of one iteration per
+  thread.
+
+A team's members meet at a spin barrier before they return, so no thread can run two members'
+work while another runs none: every thread of the team is set, each exactly once. Threads
+created later inherit the mode of the thread that creates them (Linux copies the register), so
+the calling thread's own mode is the user's whenever a team runs and a pool it starts inherits the
+user's mode, not ours.
+
+How the register is reached: llvmlite (which Numba ships) compiles a few lines of LLVM IR using the
+``llvm.x86.sse.stmxcsr``/``ldmxcsr`` intrinsics, so nothing needs a C compiler. Without llvmlite the
+calling thread's MXCSR is reached through glibc's ``fegetenv``/``fesetenv`` (its ``fenv_t`` ends with
+the MXCSR word), and the worker threads cannot be reached: :func:`status` says so, and
+:mod:`nflow_np.threads` then keeps BLAS on the calling thread while flushing. On a CPU that is not
+x86 (ARM has its own FZ bit, not handled here) everything is a no-op and ``status()["supported"]``
+is ``False``.
+
+Opt out with :func:`set_flush_denormals` ``(False)`` (process-wide) or ``flush_denormals(False)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import platform
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+FTZ = 1 << 15
+"""MXCSR bit 15: results that would be subnormal are flushed to ±0."""
+DAZ = 1 << 6
+"""MXCSR bit 6: subnormal operands are read as ±0."""
+FLUSH_BITS = FTZ | DAZ
+
+SPIN_LIMIT_CYCLES = 1 << 32
+"""How long (time-stamp-counter cycles, ~1–2 s) a team member waits for the others at the barrier
+before it gives up; a team that times out is reported (a warning) instead of hanging the process."""
+
+_IR = r"""
+%Entry = type { i64, i32, i32 }
+%Team = type { i32, i32, i32, i32, i64, i32, i32, ptr, ptr }
+
+declare void @llvm.x86.sse.stmxcsr(ptr)
+declare void @llvm.x86.sse.ldmxcsr(ptr)
+declare void @llvm.x86.sse2.pause()
+declare i64 @llvm.readcyclecounter()
+declare i64 @pthread_self()
+
+define i32 @nflow_get_mxcsr() {
+  %p = alloca i32, align 4
+  call void @llvm.x86.sse.stmxcsr(ptr %p)
+  %v = load i32, ptr %p, align 4
+  ret i32 %v
+}
+
+define void @nflow_set_mxcsr(i32 %v) {
+  %p = alloca i32, align 4
+  store i32 %v, ptr %p, align 4
+  call void @llvm.x86.sse.ldmxcsr(ptr %p)
+  ret void
+}
+"""
+
+_IR += r"""
+; One member of a team (struct Team): new = (old & ~mask) | (bits & mask), where bits is this
+; thread's entry in the restore table if it has one, else team.bits; appends {thread, old, new}
+; to team.table; then waits until all team.total members have arrived (or the spin limit passed).
+define void @nflow_team_member(ptr %team) {
+entry:
+  %bits_var = alloca i32, align 4
+  %i_var = alloca i32, align 4
+  %self = call i64 @pthread_self()
+  %old = call i32 @nflow_get_mxcsr()
+  %mask_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 2
+  %mask = load i32, ptr %mask_p, align 4
+  %bits_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 3
+  %bits0 = load i32, ptr %bits_p, align 4
+  store i32 %bits0, ptr %bits_var, align 4
+  %count_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 6
+  %count = load i32, ptr %count_p, align 4
+  %restore_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 8
+  %restore = load ptr, ptr %restore_p, align 8
+  store i32 0, ptr %i_var, align 4
+  br label %search
+
+search:
+  %i = load i32, ptr %i_var, align 4
+  %more = icmp slt i32 %i, %count
+  br i1 %more, label %check, label %apply
+
+check:
+  %e = getelementptr inbounds %Entry, ptr %restore, i32 %i
+  %thread = load i64, ptr %e, align 8
+  %i1 = add i32 %i, 1
+  store i32 %i1, ptr %i_var, align 4
+  %mine = icmp eq i64 %thread, %self
+  br i1 %mine, label %found, label %search
+
+found:
+  %e_old_p = getelementptr inbounds %Entry, ptr %e, i32 0, i32 1
+  %e_old = load i32, ptr %e_old_p, align 4
+  store i32 %e_old, ptr %bits_var, align 4
+  br label %apply
+
+apply:
+  %bits = load i32, ptr %bits_var, align 4
+  %not_mask = xor i32 %mask, -1
+  %kept = and i32 %old, %not_mask
+  %chosen = and i32 %bits, %mask
+  %new = or i32 %kept, %chosen
+  call void @nflow_set_mxcsr(i32 %new)
+  %arrived_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 0
+  %slot = atomicrmw add ptr %arrived_p, i32 1 seq_cst, align 4
+  %table_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 7
+  %table = load ptr, ptr %table_p, align 8
+  %out = getelementptr inbounds %Entry, ptr %table, i32 %slot
+  store i64 %self, ptr %out, align 8
+  %out_old = getelementptr inbounds %Entry, ptr %out, i32 0, i32 1
+  store i32 %old, ptr %out_old, align 4
+  %out_new = getelementptr inbounds %Entry, ptr %out, i32 0, i32 2
+  store i32 %new, ptr %out_new, align 4
+  %total_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 1
+  %total = load i32, ptr %total_p, align 4
+  %limit_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 4
+  %limit = load i64, ptr %limit_p, align 8
+  %t0 = call i64 @llvm.readcyclecounter()
+  br label %spin
+
+spin:
+  %n = load atomic i32, ptr %arrived_p seq_cst, align 4
+  %all = icmp sge i32 %n, %total
+  br i1 %all, label %done, label %wait
+
+wait:
+  call void @llvm.x86.sse2.pause()
+  %t = call i64 @llvm.readcyclecounter()
+  %waited = sub i64 %t, %t0
+  %late = icmp ugt i64 %waited, %limit
+  br i1 %late, label %timeout, label %spin
+
+timeout:
+  %timed_out_p = getelementptr inbounds %Team, ptr %team, i32 0, i32 5
+  store atomic i32 1, ptr %timed_out_p seq_cst, align 4
+  br label %done
+
+done:
+  ret void
+}
+"""
+
+
+class _Entry(ctypes.Structure):
+    _fields_ = [("thread", ctypes.c_uint64), ("old", ctypes.c_uint32), ("new", ctypes.c_uint32)]
+
+
+class _Team(ctypes.Structure):
+    """What every member of one team reads (the mode to apply) and writes (its thread and old/new MXCSR)."""
+
+    _fields_ = [("arrived", ctypes.c_int32), ("total", ctypes.c_int32), ("mask", ctypes.c_uint32),
+                ("bits", ctypes.c_uint32), ("spin_limit", ctypes.c_uint64), ("timed_out", ctypes.c_int32),
+                ("restore_count", ctypes.c_int32), ("table", ctypes.c_void_p), ("restore", ctypes.c_void_p)]
+
+
+class _Register:
+    """Access to MXCSR: ``get()``/``set(value)`` on the calling thread, ``member`` (address of the team
+    function, or ``None``) for the worker threads, and ``how`` it was reached."""
+
+    def __init__(self) -> None:
+        self.get: Callable[[], int] | None = None
+        self.set: Callable[[int], None] | None = None
+        self.member: int | None = None
+        self.how = "unsupported CPU" if not _is_x86() else "unavailable"
+        self.why = ""
+        if not _is_x86():
+            return
+        try:
+            self._jit()
+        except Exception as error:  # llvmlite missing or unable to compile: the C library's fenv
+            self.why = f"llvmlite: {type(error).__name__}: {error}"
+            self._fenv()
+
+    def _jit(self) -> None:
+        import llvmlite.binding as llvm
+
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        llvm.add_symbol("pthread_self", ctypes.cast(libc.pthread_self, ctypes.c_void_p).value)
+        module = llvm.parse_assembly(_IR)
+        module.verify()
+        machine = llvm.Target.from_default_triple().create_target_machine()
+        self._engine = llvm.create_mcjit_compiler(module, machine)  # kept alive: it owns the code
+        self._engine.finalize_object()
+        self.get = ctypes.CFUNCTYPE(ctypes.c_uint32)(self._engine.get_function_address("nflow_get_mxcsr"))
+        self.set = ctypes.CFUNCTYPE(None, ctypes.c_uint32)(self._engine.get_function_address("nflow_set_mxcsr"))
+        self.member = self._engine.get_function_address("nflow_team_member")
+        self.how = "llvmlite"
+
+    def _fenv(self) -> None:
+        class FEnv(ctypes.Structure):  # glibc x86-64 fenv_t: the x87 environment, then MXCSR
+            _fields_ = [("x87", ctypes.c_uint16 * 14), ("mxcsr", ctypes.c_uint32)]
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+        if ctypes.sizeof(FEnv) != 32 or not hasattr(libc, "fegetenv"):
+            return
+
+        def get() -> int:
+            env = FEnv()
+            libc.fegetenv(ctypes.byref(env))
+            return int(env.mxcsr)
+
+        def set_(value: int) -> None:
+            env = FEnv()
+            libc.fegetenv(ctypes.byref(env))
+            env.mxcsr = value
+            libc.fesetenv(ctypes.byref(env))
+
+        self.get, self.set, self.how = get, set_, "glibc fenv (calling thread only)"
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+_register: _Register | None = None
+_enabled = True
+_state = threading.local()
+_warned: set[str] = set()
+
+
+def register() -> _Register:
+    """The MXCSR accessor, built on first use (compiling the IR takes ~20 ms)."""
+    global _register
+    if _register is None:
+        _register = _Register()
+    return _register
+
+
+def set_flush_denormals(enabled: bool) -> None:
+    """Switch flushing on (the default) or off for every later library call, process-wide."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def get_flush_denormals() -> bool:
+    """Whether library calls flush subnormals (:func:`set_flush_denormals`)."""
+    return _enabled
+
+
+def get_mxcsr() -> int | None:
+    """The calling thread's MXCSR, or ``None`` where it cannot be read (not x86)."""
+    reg = register()
+    return None if reg.get is None else int(reg.get())
+
+
+def set_mxcsr(value: int) -> None:
+    """Write the calling thread's MXCSR (raises where it cannot be written)."""
+    reg = register()
+    if reg.set is None:
+        raise RuntimeError(f"MXCSR is not reachable here ({reg.how})")
+    reg.set(int(value))
+
+
+# -- teams: one member per worker thread -----------------------------------------------------------------------------
+def _openblas_pools() -> list[tuple[Callable, Callable[[], int], int]]:
+    """Per loaded OpenBLAS: ``(gotoblas_pthread, current thread count, threads its pool has)``."""
+    pools = []
+    for controller in _controller().select(internal_api="openblas").lib_controllers:
+        library = controller.dynlib
+        if not hasattr(library, "gotoblas_pthread") or not hasattr(library, "blas_num_threads"):
+            continue
+        run = library.gotoblas_pthread
+        run.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        run.restype = ctypes.c_int
+        pool = ctypes.c_int.in_dll(library, "blas_num_threads").value
+        pools.append((run, controller.get_num_threads, pool))
+    return pools
+
+
+_pools_cache: list | None = None
+_controller_cache = None
+
+
+def _controller():
+    global _controller_cache
+    if _controller_cache is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller_cache = ThreadpoolController()
+    return _controller_cache
+
+
+def _blas_pools() -> list:
+    global _pools_cache
+    if _pools_cache is None:
+        _pools_cache = _openblas_pools()
+    return _pools_cache
+
+
+def blas_workers_reachable() -> bool:
+    """Whether the worker threads of every loaded BLAS can be given the mode (OpenBLAS and llvmlite)."""
+    reg = register()
+    if reg.member is None:
+        return False
+    openblas = len(_controller().select(internal_api="openblas").lib_controllers)
+    others = len(_controller().select(user_api="blas").lib_controllers) - openblas
+    return others == 0 and len(_blas_pools()) == openblas
+
+
+_numba_kernel = None
+
+
+def _numba_team_kernel():
+    """``team(n, address)``: a ``prange`` of ``n`` iterations, each one team member (compiled once per process:
+    the member's address is a constant of the compiled code, so it is not cached on disk)."""
+    global _numba_kernel
+    if _numba_kernel is None:
+        from numba import njit, prange
+
+        member = ctypes.CFUNCTYPE(None, ctypes.c_uint64)(register().member)
+
+        @njit(parallel=True, cache=False)
+        def team(n, address):
+            for _ in prange(n):
+                member(address)
+
+        _numba_kernel = (team, member)
+    return _numba_kernel[0]
+
+
+def _numba_threads() -> int:
+    """Numba's thread count for the next ``prange``, or 0 when Numba is not imported (so its pool cannot run)."""
+    numba = sys.modules.get("numba")
+    return int(numba.get_num_threads()) if numba is not None and hasattr(numba, "get_num_threads") else 0
+
+
+def _run_team(start: Callable[[int, int], object], n: int, mask: int, bits: int,
+              restore: list[tuple[int, int, int]] | None = None, label: str = "") -> list[tuple[int, int, int]]:
+    """Run a team of ``n`` members through ``start(n, address_of_team)``; return ``[(thread, old, new)]``."""
+    table = (_Entry * n)()
+    restore = restore or []
+    restore_table = (_Entry * max(1, len(restore)))(*[_Entry(*entry) for entry in restore])
+    team = _Team(0, n, mask, bits, SPIN_LIMIT_CYCLES, 0, len(restore),
+                 ctypes.cast(table, ctypes.c_void_p), ctypes.cast(restore_table, ctypes.c_void_p))
+    start(n, ctypes.addressof(team))
+    entries = [(e.thread, e.old, e.new) for e in table[: min(team.arrived, n)]]
+    if team.timed_out or len({thread for thread, _, _ in entries}) != n:
+        if label not in _warned:
+            _warned.add(label)
+            warnings.warn(f"nflow_np.fpmode: the {label} team of {n} threads did not meet (a busy machine?); "
+                          "some of its threads may compute without the flush mode", RuntimeWarning, stacklevel=3)
+    return entries
+
+
+def _teams() -> list[tuple[str, Callable[[int, int], object], int]]:
+    """``(label, start, n)`` for every worker pool the next compute will use with more than one thread."""
+    reg = register()
+    if reg.member is None:
+        return []
+    teams = []
+    threads = _numba_threads()
+    if threads > 1:
+        teams.append(("numba", lambda n, address: _numba_team_kernel()(n, address), threads))
+    for k, (run, current, pool) in enumerate(_blas_pools()):
+        n = min(int(current()), pool)
+        if n > 1:
+            teams.append((f"blas{k}", lambda n, address, run=run, member=reg.member: run(n, member, address, 0), n))
+    return teams
+
+
+@contextlib.contextmanager
+def flush_denormals(enabled: bool | None = None) -> Iterator[bool]:
+    """FTZ and DAZ on for the block, on the calling thread and on the BLAS and Numba threads it will use.
+
+    Parameters
+    ----------
+    enabled : bool, optional
+        ``False``: leave every mode as it is (an opt-out for this block). Default: the process-wide
+        setting (:func:`set_flush_denormals`, on unless switched off).
+
+    Yields
+    ------
+    bool
+        Whether flushing is in force inside the block.
+
+    Each thread's two bits are put back as they were when the block ends, however it ends. Nested
+    blocks on one thread do nothing: the outermost one decides. Thread counts must not grow inside
+    the block (:mod:`nflow_np.threads` sets them before entering it).
+    """
+    reg = register()
+    if getattr(_state, "depth", 0) or not (_enabled if enabled is None else enabled) or reg.get is None:
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            yield bool(getattr(_state, "flushing", False))
+        finally:
+            _state.depth -= 1
+        return
+    saved = int(reg.get())
+    done: list[tuple[str, Callable, int, list]] = []
+    _state.depth, _state.flushing = 1, True
+    try:
+        for label, start, n in _teams():
+            reg.set(saved)  # a pool the team starts inherits the user's mode, not ours
+            done.append((label, start, n, _run_team(start, n, FLUSH_BITS, FLUSH_BITS, label=label)))
+        reg.set(saved | FLUSH_BITS)
+        yield True
+    finally:
+        for label, start, n, entries in reversed(done):
+            _run_team(start, n, FLUSH_BITS, saved, restore=entries, label=label)
+        reg.set((int(reg.get()) & ~FLUSH_BITS) | (saved & FLUSH_BITS))
+        _state.depth, _state.flushing = 0, False
+
+
+def thread_modes() -> dict[str, list[int]]:
+    """Every computing thread's MXCSR now: ``{"main": [...], "numba": [...], "blas0": [...]}``.
+
+    The worker pools are read by a team that changes nothing (mask 0), at their current thread counts;
+    a pool of one thread is the calling thread and is left out.
+    """
+    reg = register()
+    modes = {"main": [] if reg.get is None else [int(reg.get())]}
+    for label, start, n in _teams():
+        modes[label] = [old for _, old, _ in _run_team(start, n, 0, 0, label=label)]
+    return modes
+
+
+def status() -> dict[str, object]:
+    """What :func:`flush_denormals` can do here, for the benchmark JSON and the docs."""
+    reg = register()
+    return {"supported": reg.get is not None, "how": reg.how, "enabled": _enabled,
+            "blas_workers": blas_workers_reachable(), "numba_workers": reg.member is not None,
+            "mxcsr": get_mxcsr(), **({"fallback_reason": reg.why} if reg.why else {})}
