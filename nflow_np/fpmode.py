@@ -288,16 +288,16 @@ def set_mxcsr(value: int) -> None:
 
 # -- teams: one member per worker thread -----------------------------------------------------------------------------
 def _openblas_pools() -> list[tuple[Callable, Callable[[], int], int]]:
-    """Per loaded OpenBLAS: ``(gotoblas_pthread, current thread count, threads its pool has)``."""
+    """Per loaded OpenBLAS: ``(gotoblas_pthread, its current thread count, the size of its pool)``."""
     pools = []
-    for controller in _controller().select(internal_api="openblas").lib_controllers:
+    for controller in blas_controller().select(internal_api="openblas").lib_controllers:
         library = controller.dynlib
         if not hasattr(library, "gotoblas_pthread") or not hasattr(library, "blas_num_threads"):
             continue
         run = library.gotoblas_pthread
         run.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         run.restype = ctypes.c_int
-        pool = ctypes.c_int.in_dll(library, "blas_num_threads").value
+        pool = ctypes.c_int.in_dll(library, "blas_num_threads")  # read at each use: the pool can grow
         pools.append((run, controller.get_num_threads, pool))
     return pools
 
@@ -306,7 +306,8 @@ _pools_cache: list | None = None
 _controller_cache = None
 
 
-def _controller():
+def blas_controller():  # -> threadpoolctl.ThreadpoolController
+    """The threadpoolctl controller of the loaded BLAS libraries, built once (scanning them takes ~1 ms)."""
     global _controller_cache
     if _controller_cache is None:
         from threadpoolctl import ThreadpoolController
@@ -322,13 +323,23 @@ def _blas_pools() -> list:
     return _pools_cache
 
 
+_reachable: bool | None = None
+
+
 def blas_workers_reachable() -> bool:
     """Whether the worker threads of every loaded BLAS can be given the mode (OpenBLAS and llvmlite)."""
+    global _reachable
+    if _reachable is None:
+        _reachable = _blas_reachable()
+    return _reachable
+
+
+def _blas_reachable() -> bool:
     reg = register()
     if reg.member is None:
         return False
-    openblas = len(_controller().select(internal_api="openblas").lib_controllers)
-    others = len(_controller().select(user_api="blas").lib_controllers) - openblas
+    openblas = len(blas_controller().select(internal_api="openblas").lib_controllers)
+    others = len(blas_controller().select(user_api="blas").lib_controllers) - openblas
     return others == 0 and len(_blas_pools()) == openblas
 
 
@@ -387,7 +398,7 @@ def _teams() -> list[tuple[str, Callable[[int, int], object], int]]:
     if threads > 1:
         teams.append(("numba", lambda n, address: _numba_team_kernel()(n, address), threads))
     for k, (run, current, pool) in enumerate(_blas_pools()):
-        n = min(int(current()), pool)
+        n = min(int(current()), pool.value)
         if n > 1:
             teams.append((f"blas{k}", lambda n, address, run=run, member=reg.member: run(n, member, address, 0), n))
     return teams

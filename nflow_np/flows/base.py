@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nflow_np import grad_mode
 from nflow_np.allocator import keep_freed_memory
 from nflow_np.module import Module
 from nflow_np.validation import check_batch, check_result, is_array_of
@@ -262,12 +263,15 @@ class Sequential(Flow):
         return self.flows[index]
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.memory == "invert":
+        keep = grad_mode.is_grad_enabled()
+        if self.memory == "invert" and keep:
             return self._forward_invert(x)
         logdet = np.zeros_like(x, shape=x.shape[0])
         for flow in self.flows:
             x, layer_logdet = flow._forward(x)
             logdet += layer_logdet
+            if not keep:
+                flow.free_caches()  # no_grad: nothing kept, the next layer reuses the freed memory
         self._remember("forward", x.shape[0])
         return x, logdet
 
@@ -291,10 +295,13 @@ class Sequential(Flow):
         return x, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = grad_mode.is_grad_enabled()
         logdet = np.zeros_like(z, shape=z.shape[0])
         for flow in reversed(self.flows):
             z, layer_logdet = flow._inverse(z)
             logdet += layer_logdet
+            if not keep:
+                flow.free_caches()
         self._remember("inverse", z.shape[0])
         return z, logdet
 
