@@ -225,20 +225,20 @@ class _Register:
         class FEnv(ctypes.Structure):  # glibc x86-64 fenv_t: the x87 environment, then MXCSR
             _fields_ = [("x87", ctypes.c_uint16 * 14), ("mxcsr", ctypes.c_uint32)]
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-        if ctypes.sizeof(FEnv) != 32 or not hasattr(libc, "fegetenv"):
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or None)  # fegetenv/fesetenv live in libm
+        if ctypes.sizeof(FEnv) != 32 or not hasattr(libm, "fegetenv"):
             return
 
         def get() -> int:
             env = FEnv()
-            libc.fegetenv(ctypes.byref(env))
+            libm.fegetenv(ctypes.byref(env))
             return int(env.mxcsr)
 
         def set_(value: int) -> None:
             env = FEnv()
-            libc.fegetenv(ctypes.byref(env))
+            libm.fegetenv(ctypes.byref(env))
             env.mxcsr = value
-            libc.fesetenv(ctypes.byref(env))
+            libm.fesetenv(ctypes.byref(env))
 
         self.get, self.set, self.how = get, set_, "glibc fenv (calling thread only)"
 

@@ -18,7 +18,9 @@ operation      BLAS         Numba         why
 =============  ===========  ============  ==========================================================
 
 ``n`` is what the user gives (:func:`set_num_threads`, ``nflow --threads``) or, by default, the
-cores this process may run on that no other process is keeping busy (:func:`idle_cores`): with one
+cores this process may run on that no other process is keeping busy (:func:`idle_cores`), and no
+more than the BLAS is allowed when the call starts (so a caller's own ``threadpool_limits`` or
+``OPENBLAS_NUM_THREADS`` still caps it). With one
 of two cores held by a busy process, the default is 1 thread, because a GEMM split over a core that
 another process holds waits a scheduler time slice for its second half (measured 18× slower than one
 thread, issue 17). Nothing here writes an environment variable: the counts go through threadpoolctl
@@ -171,12 +173,19 @@ def plan(operation: str, n: int | None = None) -> Plan:
     """
     if operation not in PLAN:
         raise ValueError(f"unknown operation {operation!r}; choose from {list(OPERATIONS)}")
-    n = n if n is not None else (_requested if _requested is not None else idle_cores())
+    if n is None:
+        n = _requested if _requested is not None else min(idle_cores(), _blas_threads_allowed())
     n = max(1, min(int(n), usable_cores()))
     blas, numba = (n if rule == "n" else 1 for rule in PLAN[operation])
     if blas > 1 and fpmode.get_flush_denormals() and not fpmode.blas_workers_reachable():
         blas = 1
     return Plan(operation, blas, numba)
+
+
+def _blas_threads_allowed() -> int:
+    """The largest thread count a loaded BLAS is set to now (the caller's cap), or the cores if none is loaded."""
+    counts = [c.get_num_threads() for c in fpmode.blas_controller().select(user_api="blas").lib_controllers]
+    return max((int(c) for c in counts if c), default=usable_cores())
 
 
 @contextlib.contextmanager
