@@ -148,8 +148,8 @@ class Flow(Module):
         raise NotImplementedError
 
     def _remember(self, direction: str, n: int, data: object = None) -> None:
-        """Store what ``_backward`` needs: the direction of the call, its batch size, data."""
-        self._cache = (direction, data)
+        """Store what ``_backward`` needs: the direction of the call, its batch size, data (nothing under no_grad)."""
+        self._cache = (direction, data) if grad_mode.is_grad_enabled() else None
         self._n = n
 
     def _reconstruct(self, z: np.ndarray) -> np.ndarray:
