@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from nflow_np.architectures import MODELS, build_model
 from nflow_np.backend import BACKENDS, set_backend
@@ -39,6 +38,7 @@ from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, ModelFileError, atomic_write,
 from nflow_np.model import FlowModel
 from nflow_np.nn import ACTIVATIONS
 from nflow_np.optim import Adam
+from nflow_np.threads import num_threads
 from nflow_np.train import NonFiniteLossError, TrainResult, evaluate_nll, fit
 from nflow_np.validation import NonFiniteError
 from nflow_np.vi_cli import add_gmm_arguments, add_vi_subcommand, run_gmm_command
@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=positive,
-        default=1,
-        help="BLAS threads (default: 1; the GEMMs of these models are too small to gain from splitting, and a "
-        "split GEMM stalls whenever another process holds the second core: 4 ms vs 140 ms per step measured)",
+        default=None,
+        help="threads for the library's compute (default: the cores no other process keeps busy; "
+        "nflow_np.threads chooses the BLAS/Numba split per operation)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi,bench}")
 
@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.backend is not None:
             set_backend(args.backend)
-        with threadpool_limits(limits=args.threads, user_api="blas"):
+        with num_threads(args.threads):
             return args.handler(args)
     except (ModelFileError, ValueError, OSError, ImportError) as error:  # ImportError: a missing optional package
         print(f"nflow {args.command}: error: {error}", file=sys.stderr)
