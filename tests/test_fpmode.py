@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import nflow_np
-from nflow_np import fpmode, threads
+from nflow_np import fpmode, mxcsr, threads
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
 
@@ -152,8 +152,8 @@ def test_without_llvmlite_the_calling_thread_is_reached_through_glibc(monkeypatc
     def no_llvmlite(self: object) -> None:
         raise ImportError("no llvmlite")
 
-    monkeypatch.setattr(fpmode._Register, "_jit", no_llvmlite)
-    fallback = fpmode._Register()
+    monkeypatch.setattr(mxcsr._Register, "_jit", no_llvmlite)
+    fallback = mxcsr._Register()
     assert fallback.how.startswith("glibc") and fallback.member is None
     before = fallback.get()
     assert before == fpmode.get_mxcsr()
@@ -169,8 +169,8 @@ def test_without_llvmlite_the_calling_thread_is_reached_through_glibc(monkeypatc
 
 
 def test_on_other_cpus_everything_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fpmode.platform, "machine", lambda: "aarch64")
-    other = fpmode._Register()
+    monkeypatch.setattr(mxcsr.platform, "machine", lambda: "aarch64")
+    other = mxcsr._Register()
     monkeypatch.setattr(fpmode, "_register", other)
     assert fpmode.status()["supported"] is False and fpmode.status()["how"] == "unsupported CPU"
     with fpmode.flush_denormals() as flushing:
