@@ -126,6 +126,17 @@ def blas_controller():  # -> threadpoolctl.ThreadpoolController
     return _controller_cache
 
 
+_libraries_cache: list | None = None
+
+
+def blas_libraries() -> list:
+    """threadpoolctl's controllers of the loaded BLAS libraries (``user_api="blas"``), listed once."""
+    global _libraries_cache
+    if _libraries_cache is None:
+        _libraries_cache = list(blas_controller().select(user_api="blas").lib_controllers)
+    return _libraries_cache
+
+
 def _blas_pools() -> list:
     global _pools_cache
     if _pools_cache is None:

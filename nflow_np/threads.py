@@ -145,6 +145,8 @@ def idle_cores() -> int:
     """
     global _last, _last_idle
     cores = usable_cores()
+    if _last is not None and _last_idle is not None and time.monotonic() - _last[0] < REFRESH_S:
+        return _last_idle
     now = _sample()
     if now is None:
         try:
@@ -154,8 +156,6 @@ def idle_cores() -> int:
     if _last is None:
         time.sleep(PROBE_S)
         _last, now = now, _sample()
-    elif _last_idle is not None and now[0] - _last[0] < REFRESH_S:
-        return _last_idle
     wall = max(now[0] - _last[0], 1e-3)
     others = max(0.0, (now[1] - _last[1]) - (now[2] - _last[2])) / wall
     _last = now
@@ -184,23 +184,28 @@ def plan(operation: str, n: int | None = None) -> Plan:
 
 def _blas_threads_allowed() -> int:
     """The largest thread count a loaded BLAS is set to now (the caller's cap), or the cores if none is loaded."""
-    counts = [c.get_num_threads() for c in fpmode.blas_controller().select(user_api="blas").lib_controllers]
+    counts = [library.get_num_threads() for library in fpmode.blas_libraries()]
     return max((int(c) for c in counts if c), default=usable_cores())
 
 
-@contextlib.contextmanager
-def _numba_threads(n: int) -> Iterator[None]:
-    """Numba's thread count set to ``n`` for the block, if Numba is imported (else its pool cannot run)."""
-    numba = sys.modules.get("numba")
-    if numba is None or not hasattr(numba, "set_num_threads"):
-        yield
-        return
-    previous = numba.get_num_threads()
-    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+def _set_counts(blas: int, numba: int) -> list[tuple[object, int]]:
+    """Set every BLAS library to ``blas`` threads and Numba (if imported) to ``numba``; return what to put back.
+
+    Only counts that differ are written (a call whose plan matches the current setting writes nothing).
+    """
+    changed: list[tuple[object, int]] = []
+    for library in fpmode.blas_libraries():
+        previous = library.get_num_threads()
+        if previous and previous != blas:
+            library.set_num_threads(blas)
+            changed.append((library.set_num_threads, previous))
+    module = sys.modules.get("numba")
+    if module is not None and hasattr(module, "set_num_threads"):
+        previous, wanted = module.get_num_threads(), min(numba, module.config.NUMBA_NUM_THREADS)
+        if previous != wanted:
+            module.set_num_threads(wanted)
+            changed.append((module.set_num_threads, previous))
+    return changed
 
 
 @contextlib.contextmanager
@@ -223,10 +228,12 @@ def compute(operation: str, flush: bool | None = None) -> Iterator[Plan]:
         yield outer
         return
     chosen = plan(operation)
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(fpmode.blas_controller().limit(limits=chosen.blas, user_api="blas"))
-        stack.enter_context(_numba_threads(chosen.numba))
-        stack.enter_context(fpmode.flush_denormals(flush))
-        _state.plan = chosen
-        stack.callback(setattr, _state, "plan", None)
-        yield chosen
+    changed = _set_counts(chosen.blas, chosen.numba)
+    _state.plan = chosen
+    try:
+        with fpmode.flush_denormals(flush):
+            yield chosen
+    finally:
+        _state.plan = None
+        for set_count, previous in reversed(changed):
+            set_count(previous)
