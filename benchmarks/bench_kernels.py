@@ -39,6 +39,7 @@ from collections.abc import Callable
 import numpy as np
 
 from nflow_np.flows.coupling_law import AffineLaw
+from nflow_np.packaging import kernel_module
 
 Timer = Callable[[], None]
 
@@ -88,7 +89,7 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
         if op == "forward":
             return lambda: AffineLaw.forward(x2, h, scale)
         return lambda: AffineLaw.backward_forward(x2, h, scale, d_z2, d_logdet)
-    from kernels import numba_cpu
+    numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
 
     if backend == "numba (law)":
         law = numba_cpu.AffineLaw
@@ -111,7 +112,7 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
 def gpu_backends() -> dict[str, tuple[dict, object]]:
     """``{name: (laws, cupy)}`` for the GPU backends that run here (both need CuPy for device arrays)."""
     found = {}
-    for name, module_name in (("numba-cuda", "kernels.numba_cuda"), ("cupy", "kernels.cupy_kernels")):
+    for name, module_name in (("numba-cuda", kernel_module("numba_cuda")), ("cupy", kernel_module("cupy_kernels"))):
         try:
             cupy = importlib.import_module("cupy")
             module = importlib.import_module(module_name)
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if importlib.util.find_spec("numba") is not None:
-        from kernels import numba_cpu  # sets OMP_WAIT_POLICY before Numba's thread pool starts
+        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))  # sets OMP_WAIT_POLICY before Numba's threads
 
         if args.serial:
             numba_cpu.PARALLEL_MIN_ELEMENTS = 2**62

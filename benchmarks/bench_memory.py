@@ -23,8 +23,9 @@ What is measured, per depth and mode:
 
 Then the reconstruction error (``Sequential.reconstruction_errors``) of the deepest stack, in float32
 and float64, and the relative gradient error of the invert mode against the standard one. Writes
-``OUT.json`` and ``OUT.png`` (default ``docs/figures/memory-vs-depth``). Single BLAS thread, as the
-CLI uses; the load average is printed, since other processes' work shows up in the times.
+``OUT.json`` and ``OUT.png`` (default ``runs/bench/memory-vs-depth``; only ``runs/`` is written, the
+figure in ``docs/figures/`` is a copy made by hand). Single BLAS thread, as the CLI uses; the load
+average is printed, since other processes' work shows up in the times.
 
 The allocator matters to the invert mode's time: it frees each layer's arrays as soon as it is done
 with them, and glibc's default malloc would hand that memory back to the system, so the next layer
@@ -195,7 +196,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=Path("docs/figures/memory-vs-depth"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/memory-vs-depth"))
     args = parser.parse_args()
     print(f"{platform.processor() or platform.machine()}, load average {os.getloadavg()}")
     with threadpool_limits(limits=1, user_api="blas"):

@@ -20,14 +20,16 @@ from types import ModuleType
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from benchmarks.bench_kernels import affine_bytes, copy_bandwidth, cpu_calls, gpu_backends, gpu_calls, inputs, measure
-from benchmarks.machine import peak_rss_mib
 from nflow_np import threads
 from nflow_np.architectures import build_model
 from nflow_np.backend import get_backend, using
 from nflow_np.model import FlowModel
 from nflow_np.nn import MLP
 from nflow_np.optim import Adam
+from nflow_np.packaging import kernel_module
+
+from .bench_kernels import affine_bytes, copy_bandwidth, cpu_calls, gpu_backends, gpu_calls, inputs, measure
+from .machine import peak_rss_mib
 
 DTYPES = ("float32", "float64")
 
@@ -89,7 +91,7 @@ def numba_ready() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
     try:
-        importlib.import_module("kernels.numba_cpu")  # sets OMP_WAIT_POLICY before Numba's thread pool starts
+        importlib.import_module(kernel_module("numba_cpu"))  # sets OMP_WAIT_POLICY before Numba's thread pool starts
     except Exception as error:
         return f"kernels.numba_cpu does not import: {error}"
     return None

@@ -24,11 +24,12 @@ from types import ModuleType
 
 import numpy as np
 
-from benchmarks.sections import Settings, attempt, figure, realnvp, timed, training_step
-from benchmarks.subnormal import subnormal_fraction
 from nflow_np import fpmode, threads
 from nflow_np.image_models import build_nice
 from nflow_np.optim import Adam
+
+from .sections import Settings, attempt, figure, realnvp, timed, training_step
+from .subnormal import subnormal_fraction
 
 SPLITS = (("1", "1"), ("n", "1"), ("1", "n"), ("n", "n"))
 

@@ -33,10 +33,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from benchmarks.sections import Settings, figure
 from nflow_np import fpmode, threads
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
+
+from .sections import Settings, figure
 
 MODES = {"library": True, "off": False}
 """The two flush settings every case runs under: nflow_np's (FTZ/DAZ on) and the IEEE default."""

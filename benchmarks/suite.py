@@ -49,11 +49,11 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from benchmarks import machine as machine_info
-from benchmarks import sections
-from benchmarks.sections import Settings
-from benchmarks.speed_sections import EARLY, nice_mnist, threads_section
-from benchmarks.subnormal import subnormal
+from . import machine as machine_info
+from . import sections
+from .sections import Settings
+from .speed_sections import EARLY, nice_mnist, threads_section
+from .subnormal import subnormal
 
 SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal", "threads", "nice-mnist")
 
@@ -61,7 +61,7 @@ SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal", "threads", "nice-m
 def torch_reference() -> ModuleType | None:
     """:mod:`benchmarks.torch_reference`, or ``None`` where PyTorch does not import (it is optional)."""
     try:
-        return importlib.import_module("benchmarks.torch_reference")
+        return importlib.import_module(".torch_reference", __package__)
     except ImportError:
         return None
 
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "table.txt").write_text(text)
     files = ["results.json", "table.txt"]
     if args.plots:
-        from benchmarks.plots import plot_batch_sweep, plot_summary
+        from .plots import plot_batch_sweep, plot_summary
 
         files += plot_summary(results, args.out / "summary.png")
         files += plot_batch_sweep(results, args.out / "batch-sweep.png")

@@ -12,3 +12,17 @@ the reference's static methods) and ``require_device()``. Design, accuracy and t
 - :mod:`kernels.vecmath`      vectorisable exp/tanh for the Numba CPU kernels
 - :mod:`kernels.validation`   argument checks shared by all backends
 """
+
+import importlib as _importlib
+import importlib.util as _util
+import sys as _sys
+from pathlib import Path as _Path
+
+# One import name per checkout (``nflow_np/packaging.py``): where this folder is also installed as
+# ``nflow_np_kernels`` (``pip install -e .``), ``import kernels`` yields that package, so that the
+# kernels compile, cache and run under one name whichever way a script or test reaches them.
+_INSTALLED = "nflow_np_kernels"
+if __name__ == "kernels":
+    _spec = _util.find_spec(_INSTALLED)
+    if _spec is not None and _spec.origin is not None and _Path(_spec.origin).resolve() == _Path(__file__).resolve():
+        _sys.modules[__name__] = _importlib.import_module(_INSTALLED)

@@ -18,8 +18,8 @@ from pathlib import Path
 import cupy
 import numpy as np
 
-from kernels.gpu_laws import make_laws
-from kernels.validation import check_law_inputs
+from .gpu_laws import make_laws
+from .validation import check_law_inputs
 
 SOURCE_PATH = Path(__file__).with_name("cuda") / "coupling.cu"
 WARP, ROWS, BACKWARD_ROWS = 32, 8, 64  # must match the #defines of coupling.cu

@@ -56,8 +56,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before Numba starts its t
 import numpy as np
 from numba import njit, prange
 
-from kernels.validation import check_law_inputs
-from kernels.vecmath import vexp, vtanh
+from .validation import check_law_inputs
+from .vecmath import vexp, vtanh
 
 _OPTIONS = {"fastmath": {"contract", "nsz"}, "error_model": "numpy", "cache": True}
 rows_kernel = njit(**_OPTIONS)

@@ -30,8 +30,8 @@ import math
 import numpy as np
 from numba import cuda, float64
 
-from kernels.gpu_laws import make_laws
-from kernels.validation import check_law_inputs
+from .gpu_laws import make_laws
+from .validation import check_law_inputs
 
 WARP = 32
 ROWS = 8

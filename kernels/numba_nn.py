@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from kernels.vecmath import vtanh
+from .vecmath import vtanh
 
 _OPTIONS = {"error_model": "numpy", "cache": True}
 _RELU, _LEAKY_RELU, _TANH = 0, 1, 2

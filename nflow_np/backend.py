@@ -48,9 +48,11 @@ from types import ModuleType
 import numpy as np
 
 from nflow_np.flows.coupling_law import COUPLING_LAWS
+from nflow_np.packaging import kernel_module
 
 _REFERENCE = "numpy"
-_KERNEL_MODULES = {"numba": "kernels.numba_cpu", "numba-cuda": "kernels.numba_cuda", "cupy": "kernels.cupy_kernels"}
+_KERNEL_MODULES = {"numba": kernel_module("numba_cpu"), "numba-cuda": kernel_module("numba_cuda"),
+                   "cupy": kernel_module("cupy_kernels")}
 _REQUIREMENTS = {
     "numba": "pip install numba",
     "numba-cuda": "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)",
@@ -238,7 +240,7 @@ def coupling_law(name: str) -> type:
         raise ValueError(f"unknown coupling law {name!r}; choose from {sorted(_active_laws)}") from None
 
 
-_FUSED_MODULES = {"numba": ("kernels.numba_nn", "kernels.numba_optim")}
+_FUSED_MODULES = {"numba": (kernel_module("numba_nn"), kernel_module("numba_optim"))}
 """Per backend, the kernel modules whose ``FUSED`` tables replace reference functions other than the
 coupling laws: the hidden layers' bias + activation and the Adam update. Backends not listed use the
 references."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np.module import as_float_dtype
+from nflow_np.seeding import as_generator
 
 _LOG_2PI = float(np.log(2 * np.pi))
 
@@ -29,7 +30,8 @@ class StandardNormal:
         return -z
 
     def sample(self, n: int, dim: int, rng: np.random.Generator, dtype: object = np.float64) -> np.ndarray:
-        """``n`` draws of dimension ``dim``, shape (n, dim)."""
+        """``n`` draws of dimension ``dim``, shape (n, dim); ``rng`` a Generator or an integer seed."""
+        rng = as_generator(rng)
         return rng.standard_normal((n, dim)).astype(as_float_dtype(dtype), copy=False)
 
 
@@ -54,7 +56,8 @@ class StandardLogistic:
         return -np.tanh(0.5 * z)
 
     def sample(self, n: int, dim: int, rng: np.random.Generator, dtype: object = np.float64) -> np.ndarray:
-        """``n`` draws of dimension ``dim``, shape (n, dim)."""
+        """``n`` draws of dimension ``dim``, shape (n, dim); ``rng`` a Generator or an integer seed."""
+        rng = as_generator(rng)
         # u ~ U[0, 1): log1p(−u) is always finite since u < 1; only log(u) fails, at u = 0, which
         # has probability 2⁻⁵³. Such zeros are redrawn rather than clipped, so the law stays exact.
         u = rng.random((n, dim))

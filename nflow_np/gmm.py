@@ -27,9 +27,11 @@ All values reported are per point (``L / N``), in nats.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
+from nflow_np.seeding import as_generator
 from nflow_np.validation import check_batch
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -185,12 +187,15 @@ class GaussianMixture:
         trace_inverse = np.trace(np.linalg.inv(self.covariances), axis1=1, axis2=2)
         return float(np.sum(-0.5 * self.prior_dof * log_det - 0.5 * self.reg_covar * trace_inverse))
 
-    def sample(self, n: int, rng: np.random.Generator | None = None) -> np.ndarray:
-        """``n`` draws: ``k ~ Categorical(π)``, then ``x = μ_k + L_k ε``, ``ε ~ N(0, I)``; shape (n, D)."""
+    def sample(self, n: int, rng: np.random.Generator | int | None = None) -> np.ndarray:
+        """``n`` draws: ``k ~ Categorical(π)``, then ``x = μ_k + L_k ε``, ``ε ~ N(0, I)``; shape (n, D).
+
+        ``rng``: a Generator or an integer seed (default: a fresh unseeded generator).
+        """
         self._check_fitted()
         if int(n) < 1:
             raise ValueError(f"n must be a positive number of samples, got {n}")
-        rng = np.random.default_rng() if rng is None else rng
+        rng = as_generator(rng)
         component = rng.choice(self.n_components, size=int(n), p=self.weights)
         noise = rng.standard_normal((int(n), self.means.shape[1]))
         cholesky = np.linalg.cholesky(self.covariances)
@@ -276,4 +281,54 @@ class GaussianMixture:
             previous = after_e
             self.m_step(x, np.exp(log_r))
             self.elbo_history.append(self.elbo(x, log_r))
+        if not self.converged:
+            warnings.warn(
+                f"EM with K = {self.n_components} stopped at max_iter = {self.max_iter} iterations before L / N rose "
+                f"by less than tol = {self.tol:g}; raise max_iter or tol",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         return self
+
+    # -- scikit-learn's names -----------------------------------------------------------------------
+
+    def score_samples(self, x: np.ndarray) -> np.ndarray:
+        """``log p(x_n)`` per row, as :meth:`log_prob` (scikit-learn's name)."""
+        return self.log_prob(x)
+
+    def score(self, x: np.ndarray) -> float:
+        """Mean log-likelihood per row (nats), ``−nll(x)`` (scikit-learn's ``score``)."""
+        return -self.nll(x)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Posterior responsibilities ``r_nk = p(t_n = k | x_n)``, shape (N, K), each row summing to 1."""
+        log_r, _ = self.e_step(x)
+        return np.exp(log_r)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """The most probable component of each row, ``argmax_k r_nk``, shape (N,)."""
+        return np.argmax(self.log_joint(x), axis=1)
+
+    def n_parameters(self) -> int:
+        """Free parameters: ``K − 1`` weights, ``K·D`` means, ``K·D(D+1)/2`` covariance entries."""
+        self._check_fitted()
+        k, dim = self.means.shape
+        return (k - 1) + k * dim + k * dim * (dim + 1) // 2
+
+    def bic(self, x: np.ndarray) -> float:
+        """Bayesian information criterion ``−2 log p(X) + p log N`` (lower is better; scikit-learn's definition)."""
+        x = self._check_data(x)
+        return float(-2 * self.log_prob(x).sum() + self.n_parameters() * math.log(x.shape[0]))
+
+    def aic(self, x: np.ndarray) -> float:
+        """Akaike information criterion ``−2 log p(X) + 2p`` (lower is better)."""
+        return float(-2 * self.log_prob(x).sum() + 2 * self.n_parameters())
+
+    def __repr__(self) -> str:
+        fitted = "" if self.means is None else f", dim={self.means.shape[1]}, n_iter={self.n_iter}, " \
+            f"converged={self.converged}"
+        return f"GaussianMixture(n_components={self.n_components}, reg_covar={self.reg_covar:g}{fitted})"
+
+
+class ConvergenceWarning(UserWarning):
+    """EM stopped at ``max_iter`` before it converged (scikit-learn's warning of the same name)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,7 @@ def fit_for(
     seed: int = 0,
     progress: bool = False,
     calibration_rows: int = 1000,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Fit ``model`` for at most ``epochs`` epochs and ``time_limit`` seconds; keep the best validation NLL.
 
@@ -166,6 +168,8 @@ def fit_for(
         entry["epoch_seconds"] = time.perf_counter() - start - elapsed
         entry["seconds"] = time.perf_counter() - start
         history.append(entry)
+        if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
+            on_epoch(entry)
         if entry["val_nll"] < best_val:
             best_val, best_state, best_epoch = entry["val_nll"], model.state_dict(), epoch
         if patience is not None and epoch - best_epoch >= patience:
@@ -194,6 +198,8 @@ def train_image_model(
     memory: str = "store",
     anchor_every: int | None = None,
     tolerance: float | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    record: dict | None = None,
     **overrides: object,
 ) -> dict:
     """Train ``model_name`` on ``data`` with :data:`IMAGE_RECIPES` (and ``overrides``); write ``out``.
@@ -246,6 +252,7 @@ def train_image_model(
         time_limit=recipe["time_limit"],
         seed=seed,
         progress=progress,
+        on_epoch=on_epoch,
     )
     metrics = {name: model.evaluate(getattr(splits, name), seed=seed) for name in ("train", "val", "test")}
     out = Path(out)
@@ -272,7 +279,7 @@ def train_image_model(
         "splits": {name: int(getattr(splits, name).shape[0]) for name in ("train", "val", "test")},
         "nll_unit": "nats per image on the scale of integer levels (-log p(x + u))",
         **{f"{name}_{key}": value for name, m in metrics.items() for key, value in m.items()},
-    } | run
+    } | run | (record or {})
     text = json.dumps(summary, indent=2, default=float, allow_nan=False)
     atomic_write(out / "summary.json", (text + "\n").encode("utf-8"))
     return summary

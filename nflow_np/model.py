@@ -171,6 +171,52 @@ class FlowModel(Module):
                 z *= z.dtype.type(temperature)
             return _like(check_result(self.flow._inverse(z)[0], "sample", z), drawn)
 
+    # -- the conventions users bring from scikit-learn, nflows and zuko ---------------------------------
+
+    def __repr__(self) -> str:
+        """``FlowModel(dim=2, base=StandardNormal, dtype=float64; 1,234 parameters)`` and the flow's layers below."""
+        head = (f"{type(self).__name__}(dim={self.dim}, base={type(self.base).__name__}, dtype={self.dtype}; "
+                f"{self.num_parameters():,} parameters)")
+        return "\n".join([head, *self.flow._repr_lines("  ", "(flow): ")])
+
+    def score_samples(self, x: np.ndarray) -> np.ndarray:
+        """scikit-learn's name for :meth:`log_prob`: ``log p(x)`` per row (nats), ``(N, D)`` → ``(N,)``."""
+        return self.log_prob(x)
+
+    def score(self, x: np.ndarray) -> float:
+        """scikit-learn's ``score``: the mean log-likelihood per row (nats), ``−nll(x)``."""
+        return -self.nll(x)
+
+    def sample_and_log_prob(
+        self, n: int, rng: np.random.Generator | int | None = None, temperature: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``n`` samples and their ``log p(x)`` in one pass (nflows' and zuko's ``sample_and_log_prob``).
+
+        ``x = f⁻¹(T·ε)`` as in :meth:`sample` (the same draws for the same ``rng``), and
+        ``log p(x) = log p_Z(z) − log|det ∂f⁻¹/∂z|`` at ``z = f(x) = T·ε``: the change of variables read
+        along the inverse, without running ``f`` again. It is the model's density at ``x`` (for ``T ≠ 1``
+        the draws come from a tempered law, but the value reported is still ``p(x)``).
+
+        Returns
+        -------
+        x : array, shape (n, D)
+        log_prob : array, shape (n,)
+        """
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"n must be a positive integer number of samples, got {n!r}")
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+        xp = self.array_module or backend.array_module()
+        rng = xp.random.default_rng() if rng is None else rng
+        drawn = self.base.sample(int(n), self.dim, rng, self.dtype)
+        z = self._to_model(drawn)
+        if temperature != 1.0:
+            z *= z.dtype.type(temperature)
+        x, logdet_inverse = self.flow._inverse(z)
+        log_prob = self.base.log_prob(z) - logdet_inverse
+        return (_like(check_result(x, "sample", z), drawn),
+                _like(check_result(log_prob, "sample_and_log_prob", z), drawn))
+
 
 def _like(result: np.ndarray, given: object) -> np.ndarray:
     """``result`` on the host if ``given`` (the caller's input) was a host array, else as it is."""

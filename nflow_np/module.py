@@ -201,6 +201,29 @@ class Module:
             self.params[name] = self.params[name].astype(dtype)
             self.grads[name] = self.grads[name].astype(dtype)
 
+    def __repr__(self) -> str:
+        """``AffineCoupling(dim=2, law='affine', …; 4,420 parameters)``; a container lists its flows below it."""
+        return "\n".join(self._repr_lines(""))
+
+    def _repr_lines(self, indent: str, label: str = "") -> list[str]:
+        """This module on one line (its settings, its nets inline), then every child flow indented."""
+        flows = {name: child for name, child in self.children.items() if hasattr(child, "_inverse")}
+        nets = [f"{name}={child._repr_head([])}" for name, child in self.children.items() if name not in flows]
+        lines = [indent + label + self._repr_head(nets)]
+        for name, child in flows.items():
+            lines += child._repr_lines(indent + "  ", f"({name}): ")
+        return lines
+
+    def _repr_head(self, extra: list[str]) -> str:
+        """``Name(setting=value, …, extra; N parameters)`` from the public int/float/str/bool/sequence attributes."""
+        def simple(value: object) -> bool:
+            if isinstance(value, list | tuple):
+                return all(isinstance(item, int | float | str) for item in value)
+            return isinstance(value, int | float | str | bool)
+
+        fields = [f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and simple(v)] + extra
+        return f"{type(self).__name__}({', '.join(fields)}; {self.num_parameters():,} parameters)"
+
 
 def _move(array: object, xp: ModuleType) -> object:
     """``array`` in the array module ``xp``: itself if it is there already, else a copy."""

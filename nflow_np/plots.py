@@ -11,8 +11,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError as error:  # matplotlib is the optional extra "plots"
+    raise ImportError(f"drawing pictures needs matplotlib ({error}): pip install 'nflow_np[plots]'") from error
 
 from nflow_np.model import FlowModel
 
@@ -59,6 +63,8 @@ def _frame(axes: object, bounds: Bounds, title: str) -> None:
     axes.set_ylim(bounds[1])
     axes.set_aspect("equal")
     axes.set_title(title)
+    axes.set_xlabel("x₁")
+    axes.set_ylabel("x₂")
 
 
 def plot_density(
@@ -97,10 +103,13 @@ def plot_density(
     density = np.exp(model.log_prob(points)).reshape(grid, grid)
 
     figure, (left, right) = _new_figure(bounds)
-    left.hist2d(data[:, 0], data[:, 1], bins=max(grid // 2, 2), range=bounds, cmap="viridis")
+    bins = max(grid // 2, 2)
+    *_, counts = left.hist2d(data[:, 0], data[:, 1], bins=bins, range=bounds, cmap="viridis")
     _frame(left, bounds, f"data ({data.shape[0]} points)")
-    right.imshow(density, origin="lower", extent=(x0, x1, y0, y1), cmap="viridis", interpolation="nearest")
+    figure.colorbar(counts, ax=left, label="points per bin", shrink=0.8)
+    shown = right.imshow(density, origin="lower", extent=(x0, x1, y0, y1), cmap="viridis", interpolation="nearest")
     _frame(right, bounds, "model density p(x)")
+    figure.colorbar(shown, ax=right, label="p(x)", shrink=0.8)
     figure.savefig(path, dpi=100)
     return Path(path)
 

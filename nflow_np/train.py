@@ -351,6 +351,10 @@ def _end_epoch(
     return entry
 
 
+RESUME_MAY_CHANGE = ("epochs", "patience")
+"""What a resumed run may change: how long it trains (the cosine schedule then follows the new length)."""
+
+
 def _resume(
     directory: str | os.PathLike, model: FlowModel, optimizer: Optimizer, run: dict, steps_per_epoch: int
 ) -> tuple[TrainState, Path]:
@@ -363,7 +367,7 @@ def _resume(
     differences = []
     for key in sorted(set(run) | set(checkpoint.run)):
         ours, theirs = run.get(key), checkpoint.run.get(key)
-        if ours != theirs:
+        if ours != theirs and key not in RESUME_MAY_CHANGE:
             what = "the data differ" if key in ("train", "val") else f"it has {theirs!r}, this run {ours!r}"
             differences.append(f"{key}: {what}")
     if differences:
@@ -372,9 +376,15 @@ def _resume(
             "a resumed run must repeat the arguments it was started with"
         )
     state = checkpoint.state
-    beyond = state.epoch > run["epochs"] + 1 or (state.epoch > run["epochs"] and not state.finished)
+    recorded_epochs = checkpoint.run.get("epochs", run["epochs"])
+    beyond = state.epoch > recorded_epochs + 1 or (state.epoch > recorded_epochs and not state.finished)
     if state.rng is None or state.batch > steps_per_epoch or state.best_epoch >= state.epoch or beyond:
         raise CheckpointError(f"{checkpoint.path}: its training position is inconsistent")
+    if any(run.get(key) != checkpoint.run.get(key) for key in RESUME_MAY_CHANGE):  # a longer or shorter run
+        completed, patience = state.epoch - 1, run["patience"]
+        with_val = run.get("val") is not None
+        state.stopped_early = patience is not None and with_val and completed - state.best_epoch >= patience
+        state.finished = state.stopped_early or completed >= run["epochs"]
     checkpoint.restore(model, optimizer)
     if checkpoint.backend != backend.get_backend():
         warnings.warn(

@@ -2,16 +2,20 @@
 
 Goal: fit ``q_K`` to an unnormalised target ``p̃(z) = exp(−U(z))`` by minimising the reverse KL.
 
-Direction. Here a flow is run in the **sampling** direction: base draws ``z₀ ~ q₀ = N(0, I)`` are
-pushed through ``z_K = g_K ∘ … ∘ g_1(z₀)`` where ``g_k`` is layer ``k``'s ``_forward``. For
+Direction: the library's one convention holds here too. A flow's **forward** maps the data side
+to the noise side, ``z₀ = f(z_K)`` (target space → base space), and its **inverse** draws samples:
+base draws ``z₀ ~ q₀ = N(0, I)`` are pushed to the target by ``z_K = f⁻¹(z₀) = g_K ∘ … ∘ g_1(z₀)``
+(:func:`push_to_target`). :func:`make_vi_flow` builds ``f = Inverse(Sequential([g_1 … g_K]))`` so
+that the sampling direction runs each layer's own ``_forward``: for
 :class:`~nflow_np.flows.planar.Planar` and :class:`~nflow_np.flows.radial.Radial` that is the
-paper's closed-form map; a coupling layer's ``_forward`` is just as good a bijection. By the change
-of variables,
+paper's closed-form map ``g_k``; a coupling layer's ``_forward`` is just as good a bijection. By
+the change of variables,
 
     log q_K(z_K) = log q₀(z₀) − Σ_k log|det ∂g_k/∂z_{k−1}| = log q₀(z₀) − logdet,
 
-with ``logdet`` the sum the flow returns. The density of ``q_K`` at an arbitrary point ``y`` needs
-the inverse (:func:`log_q`), which every layer of this library has.
+with ``logdet = log|det ∂f⁻¹/∂z₀|`` the sum the flow's inverse returns. The density of ``q_K`` at
+an arbitrary point ``y`` runs the flow forward, ``f(y)`` (:func:`log_q`); for planar and radial
+layers that is their numerical solve.
 
 Free energy (the negative ELBO; ``log Z`` does not depend on the flow)::
 
@@ -38,12 +42,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nflow_np.distributions import StandardNormal
-from nflow_np.flows.base import Flow, Sequential
+from nflow_np.flows.base import Flow, Inverse, Sequential
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling
 from nflow_np.flows.planar import Planar
 from nflow_np.flows.radial import Radial
 from nflow_np.module import as_float_dtype
 from nflow_np.optim import Adam, Optimizer, clip_grad_norm, global_grad_norm
+from nflow_np.seeding import as_generator
 from nflow_np.targets import Energy
 from nflow_np.train import NonFiniteLossError, cosine_lr
 from nflow_np.validation import check_batch
@@ -68,33 +73,36 @@ def _evaluate_energy(energy: Energy, z: np.ndarray) -> tuple[np.ndarray, np.ndar
     return value, grad
 
 
-def push_forward(flow: Flow, z0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``z_K = g(z₀)`` and ``log q_K(z_K) = log q₀(z₀) − logdet``; shapes (N, D) and (N,)."""
+def push_to_target(flow: Flow, z0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``z_K = f⁻¹(z₀)`` (the flow's inverse: base → target) and ``log q_K(z_K) = log q₀(z₀) − logdet``.
+
+    Shapes (N, D) and (N,); ``logdet = log|det ∂f⁻¹/∂z₀|``.
+    """
     check_batch(z0, "z0", flow.dim, flow.dtype)
-    z_k, logdet = flow._forward(z0)
+    z_k, logdet = flow._inverse(z0)
     return z_k, BASE.log_prob(z0) - logdet
 
 
 def log_q(flow: Flow, y: np.ndarray) -> np.ndarray:
-    """``log q_K(y) = log q₀(g⁻¹(y)) + log|det ∂g⁻¹/∂y|`` at arbitrary points ``y: (N, D)``; shape (N,).
+    """``log q_K(y) = log q₀(f(y)) + log|det ∂f/∂y|`` at arbitrary points ``y: (N, D)``; shape (N,).
 
-    Needs every layer's inverse; for planar and radial layers that is the numerical solve.
+    Runs the flow forward (target → base); for planar and radial layers that is the numerical solve.
     """
     check_batch(y, "y", flow.dim, flow.dtype)
-    z0, logdet_inverse = flow._inverse(y)
-    return BASE.log_prob(z0) + logdet_inverse
+    z0, logdet = flow._forward(y)
+    return BASE.log_prob(z0) + logdet
 
 
 def sample(flow: Flow, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``n`` draws ``z_K ~ q_K`` with their ``log q_K(z_K)``; shapes (n, D) and (n,)."""
     if int(n) < 1:
         raise ValueError(f"n must be a positive number of samples, got {n}")
-    return push_forward(flow, BASE.sample(int(n), flow.dim, rng, flow.dtype))
+    return push_to_target(flow, BASE.sample(int(n), flow.dim, as_generator(rng), flow.dtype))
 
 
 def free_energy(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -> float:
     """``F̂ = (1/N) Σ_n [log q₀(z₀⁽ⁿ⁾) − logdet⁽ⁿ⁾ + β U(z_K⁽ⁿ⁾)]`` for fixed base draws ``z0: (N, D)``."""
-    z_k, log_q_k = push_forward(flow, z0)
+    z_k, log_q_k = push_to_target(flow, z0)
     value, _ = _evaluate_energy(energy, z_k)
     return float(np.mean(log_q_k + beta * value))
 
@@ -102,7 +110,7 @@ def free_energy(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -
 def free_energy_and_backward(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -> float:
     """:func:`free_energy` and its gradient, **added** to every parameter's ``grads``.
 
-    One forward pass of the flow on ``z0`` and one backward pass with
+    One inverse pass of the flow on ``z0`` (:func:`push_to_target`) and its backward pass with
     ``d_z_K = β ∇U(z_K)/N`` and ``d_logdet = −1/N`` (module docstring).
 
     Returns
@@ -110,7 +118,7 @@ def free_energy_and_backward(flow: Flow, energy: Energy, z0: np.ndarray, beta: f
     float
         ``F̂`` at the current parameters.
     """
-    z_k, log_q_k = push_forward(flow, z0)
+    z_k, log_q_k = push_to_target(flow, z0)
     value, grad = _evaluate_energy(energy, z_k)
     n = z0.shape[0]
     d_z_k = (grad * (beta / n)).astype(z0.dtype, copy=False)
@@ -164,7 +172,7 @@ def fit_vi(
     log_every: int = 100,
     progress: bool = False,
 ) -> VIResult:
-    """Minimise the free energy of ``q_K`` (``flow`` pushed from ``N(0, I)``) w.r.t. ``p̃ = exp(−U)``.
+    """Minimise the free energy of ``q_K`` (``N(0, I)`` pushed by the flow's inverse) w.r.t. ``p̃ = exp(−U)``.
 
     Every step draws a fresh batch ``z₀ ~ N(0, I)`` and takes one optimizer step on
     :func:`free_energy_and_backward` with ``β = annealing_beta(step)``.
@@ -304,7 +312,7 @@ def estimate_kl(
     """
     if int(samples) < 2:
         raise ValueError(f"samples must be at least 2 for a standard error, got {samples}")
-    rng = np.random.default_rng(1) if rng is None else rng
+    rng = as_generator(rng, 1)
     values = []
     for start in range(0, samples, batch_size):
         z_k, log_q_k = sample(flow, min(batch_size, samples - start), rng)
@@ -328,18 +336,19 @@ def make_vi_flow(
     rng: np.random.Generator | None = None,
     dtype: object = np.float64,
     hidden: Sequence[int] = (32, 32),
-) -> Sequential:
-    """A stack of ``layers`` layers of one kind, for :func:`fit_vi`.
+) -> Inverse:
+    """A flow ``f = Inverse(Sequential([g_1 … g_K]))`` of ``layers`` layers of one kind, for :func:`fit_vi`.
 
-    ``planar`` and ``radial`` use their default initialisations; ``affine`` and ``additive`` are
-    coupling layers with alternating parity (their ``_forward`` serves as the sampling map; they
-    need ``dim ≥ 2``) and tanh MLPs of widths ``hidden``.
+    Its inverse, the sampling map ``f⁻¹ = g_K ∘ … ∘ g_1``, runs each layer's ``_forward`` (module
+    docstring). ``planar`` and ``radial`` use their default initialisations; ``affine`` and
+    ``additive`` are coupling layers with alternating parity (they need ``dim ≥ 2``) and tanh MLPs
+    of widths ``hidden``. The layers are ``flow.flow.flows``; parameters are named ``flow.<k>.<name>``.
     """
     if kind not in FLOW_KINDS:
         raise ValueError(f"unknown flow kind {kind!r}; choose from {', '.join(FLOW_KINDS)}")
     if int(layers) < 1:
         raise ValueError(f"layers must be at least 1, got {layers}")
-    rng = np.random.default_rng(0) if rng is None else rng
+    rng = as_generator(rng, 0)
     if kind == "planar":
         flows = [Planar(dim, rng=rng, dtype=dtype) for _ in range(layers)]
     elif kind == "radial":
@@ -351,4 +360,4 @@ def make_vi_flow(
         flows = [
             layer(dim, parity=k % 2, hidden=hidden, rng=rng, activation="tanh", dtype=dtype) for k in range(layers)
         ]
-    return Sequential(flows)
+    return Inverse(Sequential(flows))

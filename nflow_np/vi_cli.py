@@ -19,6 +19,8 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +112,8 @@ def add_vi_subcommand(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     vi.add_argument("--clip-norm", type=_positive_float, default=d["clip_norm"], help="gradient-norm clip" + default)
     vi.add_argument("--samples", type=_positive_int, default=d["samples"], help="draws for the KL estimate" + default)
-    vi.add_argument("--dim", type=_positive_int, default=d["dim"], help="dimension of a user target" + default)
+    vi.add_argument("--dim", type=_positive_int, default=None,
+                    help=f"dimension of a module:function target, refused for built-in ones (default: {d['dim']})")
     vi.add_argument("--dtype", choices=["float32", "float64"], default=d["dtype"], help=default)
     vi.add_argument("--seed", type=_non_negative_int, default=d["seed"], help="seeds init and draws" + default)
     vi.add_argument("--grid", type=_positive_int, default=d["grid"], help="plot resolution per side" + default)
@@ -145,13 +148,22 @@ def resolve_target(name: str, dim: int) -> tuple[object, int, float | None, Targ
 
 def run_vi_command(args: argparse.Namespace) -> int:
     """Train one flow per (target, K), print F and KL with standard errors, write summary.json and figure3.png."""
+    from nflow_np.provenance import describe, provenance
     from nflow_np.vi_plots import FigureRow, plot_figure3  # matplotlib only when the command runs
 
+    builtin = [name for name in args.target if name in TARGETS]
+    if args.dim is not None and builtin:
+        names = ", ".join(builtin)
+        what = f"{names} is a 2-D built-in target" if len(builtin) == 1 else f"{names} are 2-D built-in targets"
+        raise ValueError(f"--dim applies to module:function targets; {what}")
+    dim_given = VI_DEFAULTS["dim"] if args.dim is None else args.dim
     out = args.out or Path("runs") / f"vi-{args.flow}"
+    record = provenance(args.dtype, getattr(args, "threads", None))
+    print(f"nflow: {describe(record)}", flush=True)
     anneal_steps = args.anneal_steps or None
     results, rows = [], []
     for name in args.target:
-        energy, dim, log_z, target = resolve_target(name, args.dim)
+        energy, dim, log_z, target = resolve_target(name, dim_given)
         flows, kls = {}, {}
         for layers in args.layers:
             flow = make_vi_flow(args.flow, dim, layers, rng=np.random.default_rng(args.seed), dtype=args.dtype)
@@ -194,11 +206,13 @@ def run_vi_command(args: argparse.Namespace) -> int:
                 }
             )
             out.mkdir(parents=True, exist_ok=True)
-            np.savez(out / f"{name.replace(':', '_')}-{args.flow}-K{layers}.npz", **flow.state_dict())
+            # the layers g_1 … g_K by index (the flow is Inverse(Sequential(layers)), vi.make_vi_flow)
+            np.savez(out / f"{name.replace(':', '_')}-{args.flow}-K{layers}.npz", **flow.flow.state_dict())
         if target is not None:
             rows.append(FigureRow(target, log_z, flows, kls))
     arguments = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("handler",)}
-    summary = {"arguments": arguments, "unit": "nats", "results": results}
+    summary = {"arguments": arguments, "provenance": record, "backend": record["backend"], "unit": "nats",
+               "results": results}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     written = ["summary.json", "one .npz of parameters per run"]
     if rows:
@@ -214,16 +228,21 @@ def run_vi_command(args: argparse.Namespace) -> int:
 _components = positive_ints("4,8,16")
 
 
-def add_gmm_arguments(train_parser: argparse.ArgumentParser) -> None:
-    """Add the mixture's options to the ``train`` parser (ignored by the flow models)."""
+def add_gmm_arguments(train_parser: argparse.ArgumentParser, default: Callable[[str], str] | None = None) -> None:
+    """Add the mixture's options to the ``train`` parser (refused for the flow models).
+
+    ``default(name)`` gives the help's "(default: …)" text; without it the defaults are the mixture's.
+    """
+    default = default or {"components": " (default: 1,2,4,8,16,32)", "reg_covar": " (default: 1e-6)"}.get
     train_parser.add_argument(
         "--components",
         type=_components,
         default=(1, 2, 4, 8, 16, 32),
-        help="gmm only: numbers of components to try; the best validation NLL wins (default: 1,2,4,8,16,32)",
+        help="gmm only: numbers of components to try; the best validation NLL wins" + default("components"),
     )
     train_parser.add_argument(
-        "--reg-covar", type=_positive_float, default=1e-6, help="gmm only: covariance prior lambda (default: 1e-6)"
+        "--reg-covar", type=_positive_float, default=1e-6,
+        help="gmm only: covariance prior lambda" + default("reg_covar"),
     )
 
 
@@ -234,13 +253,17 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     ``summary.json`` to ``args.out`` (default ``runs/<data>-gmm``).
     """
     from nflow_np.data import load_toy
-    from nflow_np.gmm import GaussianMixture
+    from nflow_np.gmm import ConvergenceWarning, GaussianMixture
 
     splits = load_toy(args.data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
     tried = []
     best = None
     for k in args.components:
-        gmm = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(splits.train)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            gmm = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(splits.train)
+        for warning in caught:
+            print(f"nflow train: warning: {warning.message}", file=sys.stderr)
         val = gmm.nll(splits.val)
         tried.append({"components": k, "val_nll": val, "iterations": gmm.n_iter, "converged": gmm.converged})
         print(f"{args.data} / gmm K={k}: val NLL {val:.4f} nats ({gmm.n_iter} EM iterations)")
@@ -264,6 +287,8 @@ def run_gmm_command(args: argparse.Namespace) -> int:
         "elbo_history": gmm.elbo_history,
         "tried": tried,
     }
+    if getattr(args, "provenance", None) is not None:  # nflow train: how the numbers were made
+        summary |= {"provenance": args.provenance, "backend": args.provenance["backend"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(
         f"{args.data} / gmm: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, val {nll['val']:.4f}) "

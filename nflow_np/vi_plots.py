@@ -14,8 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+except ImportError as error:  # matplotlib is the optional extra "plots"
+    raise ImportError(f"drawing pictures needs matplotlib ({error}): pip install 'nflow_np[plots]'") from error
 
 from nflow_np.flows.base import Flow
 from nflow_np.targets import Target, grid_points

@@ -148,7 +148,7 @@ def test_a_new_run_never_overwrites_checkpoints(data, tmp_path):
     ("change", "message"),
     [
         ({"batch_size": 16}, r"batch_size: it has 32, this run 16"),
-        ({"epochs": 5}, r"epochs: it has 4, this run 5"),
+        ({"lr_schedule": "constant"}, r"lr_schedule: it has 'cosine', this run 'constant'"),
         ({"seed": 4}, r"seed: it has 3, this run 4"),
         ({"data": "other"}, r"train: the data differ"),
         ({"optimizer": "lr"}, r"its optimizer is"),

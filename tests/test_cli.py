@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nflow_np.cli import TRAIN_DEFAULTS, build_parser, main
+from nflow_np.cli_options import resolve_train
 from nflow_np.io import load_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -74,11 +75,13 @@ def test_sample_png_is_for_image_models(run: Path, tmp_path: Path, capsys: pytes
     assert "--out must end in .npy, .csv or .png" in capsys.readouterr().err
 
 
-def test_parser_defaults_are_train_defaults() -> None:
-    args = vars(build_parser().parse_args(["train"]))
+def test_the_parser_leaves_out_what_was_not_typed_and_resolve_fills_the_defaults() -> None:
+    given = {k: v for k, v in vars(build_parser().parse_args(["train", "--epochs", "100"])).items()
+             if k not in ("handler", "command", "backend", "threads")}
+    assert given == {"epochs": 100}  # typed, even though it equals the default
+    options = resolve_train(given)
     for key, value in TRAIN_DEFAULTS.items():
-        expected = tuple(int(w) for w in value.split(",")) if key == "hidden" else value
-        assert args[key] == expected, key
+        assert options[key] == value, key
 
 
 @pytest.mark.parametrize(
@@ -92,8 +95,8 @@ def test_parser_defaults_are_train_defaults() -> None:
         (["train", *TINY, "--batch-size", "1000"], "batch_size must be between 1 and the 512 training rows"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "required"),
-        (["eval", "/no/such/model"], "model.json: no such file"),
-        (["sample", "/no/such/model"], "model.json: no such file"),
+        (["eval", "/no/such/model"], "/no/such/model does not exist: train one first with `nflow train --out"),
+        (["sample", "/no/runs/digits-realnvp"], "train one first with `nflow train --data digits --model realnvp`"),
         (["sample", "/no/such/model", "--out", "x.txt"], "--out must end in .npy, .csv or .png"),
     ],
 )
@@ -148,13 +151,13 @@ def test_train_with_memory_invert_matches_the_standard_run(run: Path, tmp_path: 
 
 
 def test_a_missing_optional_package_is_one_line_and_exit_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
 ) -> None:
-    import nflow_np.cli as cli
+    import nflow_np.cli_commands as cli
 
     def missing(*args: object, **kwargs: object) -> None:
         raise ImportError("this data set ships with the optional package scikit-learn: pip install scikit-learn")
 
     monkeypatch.setattr(cli, "_train_images", missing)
-    assert main(["train", "--data", "digits", "--no-progress"]) == 2
+    assert main(["train", "--data", "digits", "--no-progress", "--out", str(tmp_path / "digits")]) == 2
     assert "pip install scikit-learn" in capsys.readouterr().err

@@ -256,16 +256,16 @@ def test_resume_refuses_a_checkpoint_with_hostile_arguments(tmp_path, capsys):
 @pytest.fixture
 def outlier_data(monkeypatch):
     """Make the toy data of `nflow train` hold one finite row so far out that its batch loss is inf."""
-    import nflow_np.cli
+    import nflow_np.density
 
-    load_toy = nflow_np.cli.load_toy
+    load_toy = nflow_np.density.load_toy
 
     def with_outlier(*args, **kwargs):
         splits = load_toy(*args, **kwargs)
         splits.train[7] = 1e200
         return splits
 
-    monkeypatch.setattr(nflow_np.cli, "load_toy", with_outlier)
+    monkeypatch.setattr(nflow_np.density, "load_toy", with_outlier)
 
 
 def test_cli_divergence_exits_1_and_keeps_the_last_checkpoint(tmp_path, capsys, outlier_data):

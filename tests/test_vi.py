@@ -16,7 +16,7 @@ from helpers import FD_FLOOR, assert_gradients_match, numerical_gradient, random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nflow_np import AffineCoupling, Rescale, Sequential
+from nflow_np import AffineCoupling, Inverse, Rescale, Sequential
 from nflow_np.flows.planar import Planar
 from nflow_np.flows.radial import Radial
 from nflow_np.targets import TARGETS, grid_points, u1
@@ -31,7 +31,7 @@ from nflow_np.vi import (
     free_energy_and_backward,
     log_q,
     make_vi_flow,
-    push_forward,
+    push_to_target,
     sample,
 )
 from nflow_np.vi_cli import add_vi_subcommand, main, run_vi_command
@@ -60,16 +60,17 @@ def boundary_radial(dim: int, rng: np.random.Generator, boundary: bool = True) -
     return flow
 
 
-def stack(kind: str, dim: int, rng: np.random.Generator) -> Sequential:
+def stack(kind: str, dim: int, rng: np.random.Generator) -> Inverse:
+    """A VI flow ``f = Inverse(Sequential(layers))``: its inverse (the sampling map) runs each layer's ``_forward``."""
     if kind == "planar":
-        return Sequential([boundary_planar(dim, rng) for _ in range(3)])
+        return Inverse(Sequential([boundary_planar(dim, rng) for _ in range(3)]))
     if kind == "radial":
-        return Sequential([boundary_radial(dim, rng) for _ in range(3)])
+        return Inverse(Sequential([boundary_radial(dim, rng) for _ in range(3)]))
     if kind == "affine":
         layers = [AffineCoupling(dim, parity=k % 2, hidden=(5,), rng=rng, activation="tanh") for k in range(2)]
-        return randomise(Sequential(layers), rng)
+        return Inverse(randomise(Sequential(layers), rng))
     coupling = randomise(AffineCoupling(dim, hidden=(4,), rng=rng), rng, std=0.3)
-    return Sequential([boundary_planar(dim, rng), boundary_radial(dim, rng), coupling])
+    return Inverse(Sequential([boundary_planar(dim, rng), boundary_radial(dim, rng), coupling]))
 
 
 def quadratic_energy(centre: np.ndarray, scale: float):
@@ -107,7 +108,7 @@ def test_free_energy_gradient_matches_differences(kind: str, n: int, seed: int, 
         for name, param, _ in flow.named_parameters()
     }
     # the helpers' floor: FD_FLOOR times the size S of the loss's terms (tests/helpers.py docstring)
-    z_k, logdet = flow.forward(z0)
+    z_k, logdet = flow.inverse(z0)
     size = 1.0 + float(np.mean(np.abs(BASE.log_prob(z0)) + np.abs(logdet) + beta * np.abs(energy(z_k)[0])))
     assert_gradients_match(analytic, numeric, FD_FLOOR * size, f"free energy of a {kind} stack")
 
@@ -119,15 +120,15 @@ def test_gradient_signs_by_hand() -> None:
     q = N(0, s²I) the exact slope is d KL/ds = 2 (2s/σ² − 2/s) = 12 at s = 1: the energy term (pushed
     by +β∇U/N) outweighs the entropy term (pushed by −1/N per log-det); a sign error in either flips it.
     """
-    flow = Sequential([Radial(2, rng=np.random.default_rng(0))])
-    flow.flows[0].params["z0"][...] = 0
+    flow = Inverse(Sequential([Radial(2, rng=np.random.default_rng(0))]))
+    flow.flow.flows[0].params["z0"][...] = 0
     energy = quadratic_energy(np.zeros(2), 0.5)  # target tighter than q₀: contracting lowers F
     z0 = np.random.default_rng(1).standard_normal((4000, 2))
     flow.zero_grad()
     free_energy_and_backward(flow, energy, z0)
-    d_beta_hat = flow.flows[0].grads["beta_hat"][0]
+    d_beta_hat = flow.flow.flows[0].grads["beta_hat"][0]
     assert d_beta_hat > 0  # raising β̂ raises β, expands q, moves it away from the tight target
-    param = flow.flows[0].params["beta_hat"]
+    param = flow.flow.flows[0].params["beta_hat"]
     numeric = numerical_gradient(lambda: free_energy(flow, energy, z0), param)[0]
     assert d_beta_hat == pytest.approx(numeric, rel=1e-6)
 
@@ -137,11 +138,11 @@ def test_gradient_signs_by_hand() -> None:
 
 def test_free_energy_is_exact_kl_for_gaussians() -> None:
     """q_K = N(0, e^{2σ}) through a Rescale layer, p = N(c, s²) normalised: KL in closed form."""
-    flow = Sequential([Rescale(2)])
-    flow.flows[0].params["log_scale"][...] = [0.3, -0.4]
+    flow = Inverse(Sequential([Rescale(2)]))
+    flow.flow.flows[0].params["log_scale"][...] = [0.3, -0.4]
     centre, scale = np.array([0.5, -1.0]), 0.8
     energy = quadratic_energy(centre, scale)
-    variance = np.exp(2 * flow.flows[0].params["log_scale"])
+    variance = np.exp(2 * flow.flow.flows[0].params["log_scale"])
     exact = 0.5 * np.sum(variance / scale**2 + centre**2 / scale**2 - 1 - np.log(variance / scale**2))
     estimate = estimate_kl(flow, energy, log_z=0.0, samples=40000, rng=np.random.default_rng(3))
     assert estimate.kl == pytest.approx(estimate.free_energy)
@@ -158,11 +159,11 @@ def test_identity_flow_on_its_own_base_has_zero_free_energy() -> None:
 
 
 @pytest.mark.parametrize("kind", ["planar", "radial", "affine", "mixed"])
-def test_log_q_agrees_with_push_forward(kind: str) -> None:
+def test_log_q_agrees_with_push_to_target(kind: str) -> None:
     """Density through the inverse at z_K equals log q₀(z₀) − logdet along the sampling path."""
     rng = np.random.default_rng(4)
     flow = stack(kind, 2, rng)
-    z_k, log_q_k = push_forward(flow, rng.standard_normal((50, 2)))
+    z_k, log_q_k = push_to_target(flow, rng.standard_normal((50, 2)))
     np.testing.assert_allclose(log_q(flow, z_k), log_q_k, rtol=1e-9, atol=1e-9)
 
 
@@ -170,7 +171,7 @@ def test_q_k_integrates_to_one() -> None:
     """∫ q_K = 1 by the midpoint rule (boundary parameters would put spikes narrower than the grid)."""
     rng = np.random.default_rng(5)
     coupling = randomise(AffineCoupling(2, hidden=(4,), rng=rng), rng, std=0.3)
-    flow = Sequential([boundary_planar(2, rng, False), boundary_radial(2, rng, False), coupling])
+    flow = Inverse(Sequential([boundary_planar(2, rng, False), boundary_radial(2, rng, False), coupling]))
     grid = grid_points((-9.0, 9.0), 500)
     assert np.exp(log_q(flow, grid)).sum() * (18 / 500) ** 2 == pytest.approx(1.0, abs=1e-4)
 
@@ -253,7 +254,7 @@ def test_argument_errors() -> None:
         estimate_kl(flow, u1, samples=1)
     assert set(FLOW_KINDS) == {"planar", "radial", "affine", "additive"}
     for kind in FLOW_KINDS:
-        assert len(make_vi_flow(kind, 2, 3)) == 3
+        assert len(make_vi_flow(kind, 2, 3).flow) == 3
 
 
 def test_base_is_the_standard_normal() -> None:

@@ -21,6 +21,7 @@ from nflow_np.flows.base import Flow
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.module import as_float_dtype
 from nflow_np.nn import MLP, Layer
+from nflow_np.seeding import as_generator
 
 
 def parity_mask(dim: int, parity: int) -> np.ndarray:
@@ -96,7 +97,7 @@ class Coupling(Flow):
         self.d1, self.d2 = int(mask.sum()), int((~mask).sum())
         out = COUPLING_LAWS[law].out_features(self.d2)
         if net is None:
-            rng = np.random.default_rng(0) if rng is None else rng
+            rng = as_generator(rng, 0)
             net = MLP([self.d1, *hidden, out], rng, activation=activation, dtype=dtype, zero_last=True)
         self.out_features = out
         sizes = getattr(net, "sizes", None)

@@ -41,6 +41,7 @@ import numpy as np
 
 from nflow_np.flows.base import Flow
 from nflow_np.module import as_float_dtype
+from nflow_np.seeding import as_generator
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -163,7 +164,7 @@ class Planar(Flow):
     ) -> None:
         super().__init__(dim)
         dtype = as_float_dtype(dtype)
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = as_generator(rng, 0)
         direction = rng.standard_normal(dim)
         w = direction / np.linalg.norm(direction) * rng.uniform(0.5 * init_scale, init_scale)
         u = rng.uniform(-init_scale, init_scale, dim)

@@ -37,6 +37,7 @@ import numpy as np
 from nflow_np.flows.base import Flow
 from nflow_np.flows.planar import sigmoid, softplus
 from nflow_np.module import as_float_dtype
+from nflow_np.seeding import as_generator
 
 
 def solve_radial(radius_out: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
@@ -128,7 +129,7 @@ class Radial(Flow):
     ) -> None:
         super().__init__(dim)
         dtype = as_float_dtype(dtype)
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = as_generator(rng, 0)
         self.add_param("z0", rng.normal(0.0, init_scale, dim).astype(dtype))
         self.add_param("alpha_hat", np.zeros(1, dtype=dtype))
         # softplus(β̂) = α = log 2  ⇔  β̂ = log(e^{log 2} − 1) = 0

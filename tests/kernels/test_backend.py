@@ -20,6 +20,7 @@ from nflow_np import AdditiveCoupling, AffineCoupling, backend
 from nflow_np.architectures import build_model
 from nflow_np.data.toy2d import make_two_moons
 from nflow_np.flows.coupling_law import COUPLING_LAWS
+from nflow_np.packaging import kernel_module
 from nflow_np.train import fit
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +41,8 @@ def test_default_is_the_fastest_available_resolved_on_first_use() -> None:
     """No NFLOW_BACKEND: importing nflow_np imports no kernel module; the first use picks "auto"."""
     code = (
         "import sys, nflow_np\n"
-        "print('kernels.numba_cpu' in sys.modules)\n"
+        "from nflow_np.packaging import kernel_module\n"
+        "print(kernel_module('numba_cpu') in sys.modules)\n"
         "print(nflow_np.get_backend())\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "NFLOW_BACKEND"}
@@ -61,7 +63,7 @@ def test_unknown_backend_and_law_are_errors() -> None:
 
 def test_unavailable_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     before = backend.get_backend()
-    monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", "kernels.not_installed_here")
+    monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", kernel_module("not_installed_here"))
     with pytest.raises(backend.BackendUnavailableError, match="pip install cupy-cuda12x"):
         backend.set_backend("cupy")
     assert backend.get_backend() == before

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from law_check import FUNCTIONS, assert_matches_reference, call, draw
 
 from nflow_np.flows.coupling_law import COUPLING_LAWS as REFERENCE
+from nflow_np.packaging import kernel_module
 
 
 def gpu_laws(module_name: str) -> dict:
@@ -29,7 +30,7 @@ def gpu_laws(module_name: str) -> dict:
     return module.COUPLING_LAWS
 
 
-BACKENDS = pytest.mark.parametrize("module_name", ["kernels.numba_cuda", "kernels.cupy_kernels"])
+BACKENDS = pytest.mark.parametrize("module_name", [kernel_module("numba_cuda"), kernel_module("cupy_kernels")])
 
 
 @BACKENDS

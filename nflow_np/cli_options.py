@@ -1,0 +1,144 @@
+"""Which ``nflow train`` options apply to which run, the defaults that really apply there, and the refusals.
+
+Three kinds of run take different options: a flow on toy (or the user's) data, a flow on images
+(``--data digits|mnist``, :data:`~nflow_np.image_training.IMAGE_RECIPES`) and the EM baseline
+(``--model gmm``). The parser gives every ``train`` option the default :data:`argparse.SUPPRESS`, so
+the namespace it returns holds exactly the options typed on the command line (``given``), never a
+default that happens to equal what was typed. :func:`resolve_train` then fills in the defaults of the
+chosen kind and refuses, with the reason, every given option that the kind would not honour.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from nflow_np.data.images import IMAGE_DATASETS
+from nflow_np.train import fit
+
+_FIT = {name: p.default for name, p in inspect.signature(fit).parameters.items()}
+
+TRAIN_DEFAULTS: dict[str, object] = {
+    "data": "two_moons",
+    "model": "realnvp",
+    "layers": 8,
+    "hidden": (64, 64),
+    "activation": "relu",
+    "epochs": 100,
+    "batch_size": 256,
+    "lr": 2e-3,
+    "lr_schedule": "cosine",
+    "patience": 20,
+    "clip_norm": None,
+    "dtype": "float64",
+    "seed": 0,
+    "n_train": 15000,
+    "n_val": 5000,
+    "n_test": 5000,
+    "out": None,
+    "progress": True,
+    "plots": True,
+    "checkpoint_every": 0,
+    "resume": None,
+    "skip_nonfinite": False,
+    "memory": "store",
+    "anchor_every": None,
+    "force": False,
+}
+"""Every default of ``nflow train`` on toy data. ``out`` None: ``runs/<data>-<model>``; ``patience`` 0:
+no early stopping; ``clip_norm`` None: no clipping; ``anchor_every`` None: chosen (docs/memory.md)."""
+if "time_limit" in _FIT:  # fit's wall-clock budget, where this version of fit has one
+    TRAIN_DEFAULTS["time_limit"] = None
+
+GMM_DEFAULTS: dict[str, object] = {
+    key: TRAIN_DEFAULTS[key] for key in ("data", "seed", "n_train", "n_val", "n_test", "out", "progress", "plots")
+} | {"model": "gmm", "components": (1, 2, 4, 8, 16, 32), "reg_covar": 1e-6, "force": False}
+"""``nflow train --model gmm``: EM has no layers, epochs or learning rate (``progress``/``plots``: it shows
+no bar and draws nothing, so hiding them is honoured as it stands)."""
+
+_IMAGE_COMMON = {"seed": 0, "dtype": "float32", "lr_schedule": "cosine", "out": None, "progress": True,
+                 "memory": "store", "anchor_every": None, "force": False}
+
+
+def image_defaults(data: str, model: str) -> dict[str, object]:
+    """The defaults of an image run: the recipe of ``(data, model)`` and the settings every image run shares."""
+    from nflow_np.image_training import IMAGE_RECIPES
+
+    recipe = IMAGE_RECIPES[(data, model)]
+    keys = ("hidden", "epochs", "batch_size", "lr", "patience", "weight_decay", "time_limit", "alpha")
+    chosen = {key: recipe[key] for key in keys}
+    chosen["patience"] = chosen["patience"] or 0  # the command line's 0 is the recipe's None: never stop early
+    return {"data": data, "model": model} | chosen | _IMAGE_COMMON
+
+
+def run_kind(data: str, model: str) -> str:
+    """``"gmm"``, ``"image"`` or ``"toy"`` (toy also covers a user's data file)."""
+    if model == "gmm":
+        return "gmm"
+    return "image" if data in IMAGE_DATASETS else "toy"
+
+
+def defaults_for(data: str, model: str) -> dict[str, object]:
+    """Every option the run of ``data`` and ``model`` honours, with the value it takes when not given."""
+    kind = run_kind(data, model)
+    if kind == "gmm":
+        return dict(GMM_DEFAULTS) | {"data": data}
+    if kind == "image":
+        return image_defaults(data, model)
+    return dict(TRAIN_DEFAULTS) | {"data": data, "model": model}
+
+
+_WHY_NOT = {
+    "gmm": "EM fits a mixture in closed-form steps: it has no layers, epochs, learning rate, dtype or checkpoints",
+    "image": "image runs use the fixed splits of the data set, the architectures of nflow_np/image_models.py, "
+    "a cosine learning rate, and always draw their pictures; checkpoints are for toy runs",
+    "toy": "they are settings of the image recipes (digits, mnist) or of --model gmm",
+}
+_FOR = {"gmm": "--model gmm", "image": "image data ({data})", "toy": "toy data ({data}) with a flow model"}
+
+
+def flag(name: str) -> str:
+    """``"batch_size"`` → ``"--batch-size"`` (``"n"`` → ``"-n"``)."""
+    return "-n" if name == "n" else "--" + name.replace("_", "-")
+
+
+def refuse_unknown(given: dict[str, object], honoured: dict[str, object], kind: str, data: str) -> None:
+    """Raise ``ValueError`` naming every option in ``given`` that the run does not honour, and why."""
+    refused = [name for name in given if name not in honoured]
+    if refused:
+        flags = ", ".join(flag(name) for name in refused)
+        verb = "does" if len(refused) == 1 else "do"
+        raise ValueError(f"{flags} {verb} not apply to {_FOR[kind].format(data=data)}: {_WHY_NOT[kind]}")
+
+
+def resolve_train(given: dict[str, object]) -> dict[str, object]:
+    """The options of the run: ``given`` (the options typed) over the defaults of its kind.
+
+    Raises
+    ------
+    ValueError
+        A given option that this kind of run would not honour (named, with the reason), or a value
+        it cannot honour (``--lr-schedule constant`` for images, ``--dtype float32`` for a mixture).
+    """
+    data = str(given.get("data", TRAIN_DEFAULTS["data"]))
+    model = str(given.get("model", TRAIN_DEFAULTS["model"]))
+    kind = run_kind(data, model)
+    honoured = defaults_for(data, model)
+    refuse_unknown(given, honoured, kind, data)
+    if kind == "gmm" and data in IMAGE_DATASETS:
+        raise ValueError(f"--model gmm fits toy data; {data} is an image data set (use --model nice or realnvp)")
+    if kind == "image" and given.get("lr_schedule", "cosine") != "cosine":
+        raise ValueError("--lr-schedule constant does not apply to image data: image runs follow a cosine schedule")
+    options = honoured | given
+    if options.get("anchor_every") is not None and options.get("memory") != "invert":
+        raise ValueError("--anchor-every applies to --memory invert only")
+    return options | {"kind": kind, "given": sorted(given)}
+
+
+def help_defaults(data: str | None, model: str | None) -> tuple[dict[str, object], str]:
+    """The defaults ``nflow train --help`` shows for the data and model on the command line, and whose they are."""
+    data = data or str(TRAIN_DEFAULTS["data"])
+    model = model or str(TRAIN_DEFAULTS["model"])
+    try:
+        return defaults_for(data, model), f"{data} / {model}"
+    except KeyError:  # an unknown data set or model: the parser names it
+        return dict(TRAIN_DEFAULTS), f"{TRAIN_DEFAULTS['data']} / {TRAIN_DEFAULTS['model']}"

@@ -1,0 +1,220 @@
+"""Density estimation on toy data, end to end: the run behind ``nflow train`` for a flow on 2-D data.
+
+Data (:func:`~nflow_np.data.load_toy`), model (:func:`~nflow_np.architectures.build_model`), fitting
+(:func:`~nflow_np.train.fit`), metrics, the model folder (:func:`~nflow_np.io.save_model`),
+``summary.json`` (with the provenance of :mod:`nflow_np.provenance`) and the density plots. The
+command line only parses and checks options; :func:`train_density` takes them as one dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from nflow_np import backend
+from nflow_np.architectures import build_model
+from nflow_np.data import load_toy
+from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write, save_model
+from nflow_np.model import FlowModel
+from nflow_np.optim import Adam
+from nflow_np.provenance import provenance
+from nflow_np.train import TrainResult, evaluate_nll, fit
+from nflow_np.validation import NonFiniteError
+
+INVERT_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
+"""``--memory invert`` without ``--anchor-every``: anchors chosen for this reconstruction error (docs/memory.md)."""
+CHECKPOINT_DIR = "checkpoints"  # under the run's output folder
+REPLACED_CHECKPOINTS = ".replaced-checkpoints"
+"""Where ``--force`` moves an earlier run's checkpoints until the new model is published (then they go)."""
+
+
+def json_ready(value: object) -> object:
+    """``value`` with tuples as lists, paths as strings and non-finite floats as ``None`` (strict JSON)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def compile_kernels(model: FlowModel, rows: np.ndarray, say: bool = True) -> float:
+    """Run one training step of a copy of ``model`` so that a kernel backend compiles (or loads) its kernels now.
+
+    ``rows: (N, D)`` are a few rows of the model's data, in its dtype.
+
+    The copy keeps the model's parameters, running statistics and optimizer untouched, so the run
+    that follows computes exactly what it would have without this. Says so in one line on stderr
+    (``say``) and returns the seconds it took; nothing happens on the NumPy reference.
+    """
+    name = backend.get_backend()
+    if name == "numpy":
+        return 0.0
+    if say:
+        print(f"nflow: preparing the {name} kernels (compiled on first use, ~20 s; cached afterwards) ...",
+              end="", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    scratch = copy.deepcopy(model)
+    rows = np.zeros((8, model.dim), dtype=rows.dtype)  # harmless inputs: the data may hold a row that overflows
+    scratch.nll_and_backward(rows)
+    Adam(scratch, lr=1e-3).step()  # the fused optimizer kernel, where the backend has one
+    scratch.log_prob(rows[:2])
+    scratch.sample(2, np.random.default_rng(0))
+    seconds = time.perf_counter() - start
+    if say:
+        print(f" done in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def _nll(model: FlowModel, x: np.ndarray) -> float:
+    """Mean NLL of ``x``; ``inf`` (null in summary.json) if a row's density overflows, as an outlier may."""
+    try:
+        return evaluate_nll(model, x)
+    except NonFiniteError:
+        return math.inf
+
+
+def _fit(options: dict, out: Path, model: FlowModel, train: np.ndarray, val: np.ndarray) -> TrainResult:
+    """:func:`~nflow_np.train.fit` with the run's options; checkpoints go to ``out/checkpoints``."""
+    extra = {"time_limit": options["time_limit"]} if options.get("time_limit") is not None else {}
+    return fit(
+        model,
+        train,
+        val,
+        optimizer=Adam(model, lr=options["lr"]),
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+        patience=options["patience"] or None,
+        clip_norm=options["clip_norm"],
+        lr_schedule=options["lr_schedule"],
+        skip_nonfinite=options["skip_nonfinite"],
+        checkpoint_dir=out / CHECKPOINT_DIR if options["checkpoint_every"] or options["resume"] else None,
+        checkpoint_every=options["checkpoint_every"],
+        resume=options["resume"] is not None,
+        metadata={"arguments": options["arguments"]},
+        progress=options["progress"],
+        **extra,
+    )
+
+
+def set_aside_checkpoints(out: Path) -> None:
+    """``--force``: move an earlier run's checkpoints out of the way of the new run (removed once it is published)."""
+    old = out / CHECKPOINT_DIR
+    if old.is_dir():
+        aside = out / REPLACED_CHECKPOINTS
+        if aside.exists():
+            shutil.rmtree(aside)
+        old.rename(aside)
+
+
+def remove_replaced(out: Path) -> None:
+    """Remove what :func:`set_aside_checkpoints` kept, once the new model is published."""
+    aside = out / REPLACED_CHECKPOINTS
+    if aside.is_dir():
+        shutil.rmtree(aside)
+
+
+def train_density(options: dict, out: Path) -> dict:
+    """Train a flow on a toy data set with ``options`` (every ``nflow train`` option resolved); write ``out``.
+
+    Parameters
+    ----------
+    options : dict
+        The keys of :data:`nflow_np.cli_options.TRAIN_DEFAULTS`, plus ``arguments`` (the JSON-ready
+        record of the run kept in checkpoints and ``summary.json``).
+    out : pathlib.Path
+        The run's folder: ``model.npz`` + ``model.json``, ``summary.json``, ``density.png`` and
+        ``samples.png`` (2-D data, unless ``plots`` is off), ``checkpoints/`` if asked for.
+
+    Returns
+    -------
+    dict
+        The summary written to ``summary.json``, with ``files`` (the names written).
+
+    Raises
+    ------
+    ValueError
+        Bad options or data, before anything is trained or written.
+    NonFiniteLossError
+        Training diverged (the message names the last good checkpoint).
+    """
+    dtype = options["dtype"]
+    splits = load_toy(
+        options["data"], n_train=options["n_train"], n_val=options["n_val"], n_test=options["n_test"],
+        seed=options["seed"], dtype=dtype,
+    )
+    model = build_model(
+        options["model"], splits.train.shape[1], layers=options["layers"], hidden=options["hidden"],
+        activation=options["activation"], dtype=dtype, seed=options["seed"],
+    ).to_device()  # the active backend's array module: on a GPU backend the whole model lives on the device
+    tolerance = INVERT_TOLERANCE[dtype] if options["memory"] == "invert" and options["anchor_every"] is None else None
+    model.set_memory(options["memory"], options["anchor_every"], tolerance)
+    compile_seconds = compile_kernels(model, splits.train, say=options["progress"])
+    if options.get("force"):
+        set_aside_checkpoints(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _fit(options, out, model, splits.train, splits.val)
+    for warning in caught:
+        print(f"nflow train: warning: {warning.message}", file=sys.stderr)
+    nll = {"train": _nll(model, splits.train), "val": result.best_val_nll, "test": _nll(model, splits.test)}
+    arguments = options["arguments"]
+    metadata = {"data": options["data"], "model": options["model"], "seed": options["seed"],
+                "n_test": options["n_test"]}
+    save_model(model, out, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
+    remove_replaced(out)
+    summary = {
+        "data": options["data"],
+        "model": options["model"],
+        "arguments": arguments,
+        "provenance": provenance(dtype, options.get("threads")),
+        "backend": backend.get_backend(),
+        "n_params": model.num_parameters(),
+        "nll_unit": "nats",
+        "train_nll": nll["train"],
+        "val_nll": nll["val"],
+        "test_nll": nll["test"],
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "steps": result.steps,
+        "train_seconds": result.seconds,
+        "compile_seconds": compile_seconds,
+        "stopped_early": result.stopped_early,
+        "skipped_batches": result.skipped_batches,
+        "resumed_from": result.resumed_from,
+        "checkpoint": result.checkpoint,
+        "history": result.history,
+    }
+    atomic_write(out / "summary.json", (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8"))
+    files = [WEIGHTS_FILE, CONFIG_FILE, "summary.json"]
+    if model.dim == 2 and options["plots"]:
+        from nflow_np import plots  # matplotlib is only imported when there is something to draw
+
+        plots.plot_density(model, splits.test, out / "density.png")
+        plots.plot_samples(model, splits.test, out / "samples.png", seed=options["seed"])
+        files += ["density.png", "samples.png"]
+    return summary | {"files": files}
+
+
+def describe(summary: dict) -> str:
+    """The one line ``nflow train`` prints after a toy run."""
+    stopped = ", stopped early" if summary["stopped_early"] else ""
+    if summary["skipped_batches"]:
+        stopped += f", skipped {summary['skipped_batches']} non-finite batches"
+    return (
+        f"{summary['data']} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
+        f"{summary['train_nll']:.4f}, val {summary['val_nll']:.4f}); best epoch {summary['best_epoch']} of "
+        f"{summary['epochs_run']}{stopped}; {summary['steps']} steps in {summary['train_seconds']:.1f} s"
+    )
