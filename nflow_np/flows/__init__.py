@@ -1,6 +1,7 @@
 """Flow layers: bijections that return their log-determinant with their output."""
 
 from nflow_np.flows.base import Flow, Inverse, Sequential
+from nflow_np.flows.conv_coupling import ConvAffineCoupling  # imported here so that model files know its kind
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling, Coupling, parity_mask
 from nflow_np.flows.coupling_law import COUPLING_LAWS, AdditiveLaw, AffineLaw
 from nflow_np.flows.elementwise import Permutation, Rescale, Reverse
@@ -18,6 +19,7 @@ __all__ = [
     "AffineCoupling",
     "AffineLaw",
     "BatchNorm",
+    "ConvAffineCoupling",
     "Coupling",
     "Dequantize",
     "FactorOut",

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from nflow_np.files.safe import MAX_DEPTH
 from nflow_np.flows.coupling import AffineCoupling
 from nflow_np.flows.image import Shape, channel_mask, check_shape, checkerboard_mask
 from nflow_np.flows.normalization import batch_norms
 from nflow_np.nn.layers import Layer
 from nflow_np.nn.resnet import ResNet, resnet_parameters
+from nflow_np.specs import MAX_DIM, SpecReader, register_flow
 
 MASKS = ("checkerboard", "channel")
 
@@ -121,6 +123,7 @@ class MaskedResNet(Layer):
         return d_input[:, :c].reshape(n, c * h * w)[:, self.idx1]
 
 
+@register_flow("conv_affine_coupling", "shape", "mask", "parity", "features", "blocks", "kernel_size", "momentum")
 class ConvAffineCoupling(AffineCoupling):
     """RealNVP's convolutional affine coupling on rows of ``(C, H, W)`` images.
 
@@ -166,26 +169,29 @@ class ConvAffineCoupling(AffineCoupling):
         super().__init__(int(np.prod(shape)), mask=image_mask(shape, mask, parity), net=net, dtype=dtype)
         self.shape, self.mask_kind, self.parity = shape, mask, int(parity)
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "conv_affine_coupling", "shape", "mask", "parity", "features", "blocks", "kernel_size",
+        "momentum"}`` (``docs/conv.md``)."""
+        net = self.net
+        return {"kind": "conv_affine_coupling", "shape": list(self.shape), "mask": self.mask_kind,
+                "parity": self.parity, "features": int(net.features), "blocks": int(net.blocks),
+                "kernel_size": int(net.kernel_size), "momentum": float(net.momentum)}  # fmt: skip
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> ConvAffineCoupling:
+        shape = tuple(read.list("shape", int, minimum=1, maximum=MAX_DIM))
+        mask, parity = read.choice("mask", MASKS), read.int("parity", 0, 1)
+        features, kernel_size = read.dim("features"), read.dim("kernel_size")
+        blocks = read.int("blocks", 0, MAX_DEPTH)
+        read.take(conv_coupling_parameters(shape, mask, parity, features, blocks, kernel_size))
+        return cls(shape, mask, parity, features=features, blocks=blocks, kernel_size=kernel_size,
+                   momentum=read.real("momentum"), dtype=read.dtype)  # fmt: skip
+
     @property
     def invertible_in_backward(self) -> bool:
         # in training mode the net's batch norms update their running averages on every call: a
         # recomputation in memory="invert" would count the batch twice, so the input is stored instead
         return not any(layer.training for layer in batch_norms(self.net))
-
-
-def conv_coupling_spec(flow: ConvAffineCoupling) -> dict:
-    """The model file's description of ``flow`` (``nflow_np.io``, kind ``conv_affine_coupling``)."""
-    net = flow.net
-    return {
-        "kind": "conv_affine_coupling",
-        "shape": list(flow.shape),
-        "mask": flow.mask_kind,
-        "parity": flow.parity,
-        "features": int(net.features),
-        "blocks": int(net.blocks),
-        "kernel_size": int(net.kernel_size),
-        "momentum": float(net.momentum),
-    }
 
 
 def conv_coupling_parameters(shape: Shape, mask: str, parity: int, features: int, blocks: int, kernel_size: int) -> int:
