@@ -89,13 +89,13 @@ def test_training_step_uses_batch_statistics_and_evaluation_the_running_averages
     model = small_realnvp(rng, levels=4)
     x = rng.integers(0, 4, size=(8, 16)).astype(np.float64)
     layers = [m for m in model.modules() if isinstance(m, BatchNorm)]
-    before = [layer.params["running_mean"].copy() for layer in layers]
+    before = [layer.buffers["running_mean"].copy() for layer in layers]
     model.log_prob(x)  # evaluation: running averages untouched
-    assert all(np.array_equal(b, layer.params["running_mean"]) for b, layer in zip(before, layers, strict=True))
+    assert all(np.array_equal(b, layer.buffers["running_mean"]) for b, layer in zip(before, layers, strict=True))
     model.zero_grad()
     model.nll_and_backward(x)
     assert not any(layer.training for layer in layers)  # restored
-    assert all(not np.array_equal(b, layer.params["running_mean"]) for b, layer in zip(before, layers, strict=True))
+    assert all(not np.array_equal(b, layer.buffers["running_mean"]) for b, layer in zip(before, layers, strict=True))
 
 
 def test_recalibration_makes_evaluation_match_the_batch_statistics() -> None:
