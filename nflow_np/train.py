@@ -53,11 +53,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss or its gradient became NaN or Inf.
 
     Raised by :func:`train_step` before the update (the parameters are those before the step, its
-    ``loss`` and ``norm`` attributes say which was not finite); :func:`fit` then restores the best
-    parameters seen so far.
+    ``loss`` and ``norm`` attributes say which was not finite; ``None`` where the error was raised
+    elsewhere, e.g. by a VI target); :func:`fit` then restores the best parameters seen so far.
     """
 
-    def __init__(self, message: str, loss: float = math.nan, norm: float = math.nan) -> None:
+    def __init__(self, message: str, loss: float | None = None, norm: float | None = None) -> None:
         super().__init__(message)
         self.loss, self.norm = loss, norm
 
