@@ -15,9 +15,9 @@ One file, an ``.npz`` archive read with ``allow_pickle=False``, holds
 
     {"format": "nflow-checkpoint", "format_version": 1, "backend": "numpy",
      "model": {"dtype", "dim", "base", "flow"},           # as in model.json
-     "optimizer": {"kind": "adam", "lr", "betas", "eps", "weight_decay"},
+     "optimizer": {"kind": "adam", "lr", "betas", "eps", "weight_decay"},  # + "groups" if it has any
      "run": {"epochs", "batch_size", "seed", "patience", "clip_norm", "lr_schedule",
-             "train": {"shape", "dtype", "sha256"}, "val": {...} or null},
+             "train": {"shape", "dtype", "sha256"}, "val": {...} or null},   # + "time_limit" if set
      "state": {"epoch", "batch", "steps", "skipped", "epoch_loss", "epoch_batches", "rng",
                "best_val", "best_epoch", "history", "seconds", "finished", "stopped_early"},
      "arrays_sha256": "…", "metadata": {...}}
