@@ -174,3 +174,18 @@ def test_groups_are_checked_and_recorded_in_checkpoints():
     grouped = Adam(model, lr=1e-3, groups=[{"params": "flow.1.*", "weight_decay": 0.01}])
     assert optimizer_config(grouped, 1e-3)["groups"] == [{"params": ["flow.1.*"], "lr": 1e-3, "weight_decay": 0.01}]
     assert "groups" not in optimizer_config(Adam(model, lr=1e-3), 1e-3)  # as in checkpoints written before groups
+
+
+def test_a_resume_with_other_groups_is_refused(tmp_path: Path):
+    data = load_toy("two_moons", n_train=256, n_val=128, n_test=128, seed=1)
+
+    def run(group_lr: float, **extra):
+        model = build_model("realnvp", 2, layers=2, hidden=(8,), seed=0)
+        optimizer = Adam(model, lr=1e-3, groups=[{"params": "flow.1.*", "lr": group_lr}])
+        return fit(model, data.train, data.val, optimizer=optimizer, batch_size=64, progress=False,
+                   checkpoint_dir=tmp_path, **extra)
+
+    run(1e-4, epochs=2)
+    assert run(1e-4, resume=True, epochs=3).steps == 3 * 4
+    with pytest.raises(ValueError, match="cannot resume .* its optimizer is"):
+        run(2e-4, resume=True, epochs=4)
