@@ -191,6 +191,7 @@ def train_density(options: dict, out: Path) -> dict:
         "train_seconds": result.seconds,
         "compile_seconds": compile_seconds,
         "stopped_early": result.stopped_early,
+        "stopped_by": result.stopped_by,
         "skipped_batches": result.skipped_batches,
         "resumed_from": result.resumed_from,
         "checkpoint": result.checkpoint,
@@ -210,6 +211,8 @@ def train_density(options: dict, out: Path) -> dict:
 def describe(summary: dict) -> str:
     """The one line ``nflow train`` prints after a toy run."""
     stopped = ", stopped early" if summary["stopped_early"] else ""
+    if summary.get("stopped_by") == "time_limit":
+        stopped += ", stopped by the time limit"
     if summary["skipped_batches"]:
         stopped += f", skipped {summary['skipped_batches']} non-finite batches"
     return (
