@@ -79,7 +79,8 @@ def train_step(
        (VI's free energy), which must add its gradient to ``grads`` the same way;
     3. ``reduce_gradients(model)``, if given: the one place between backward and update where the
        gradients of this batch are final, e.g. where a data-parallel run all-reduces (averages) them
-       across workers, so that clipping and the update below see the global gradient;
+       across workers, so that clipping and the update below see the global gradient (leaving the
+       same gradients on every worker keeps the workers' parameters, and their NaN checks, in step);
     4. the global gradient norm, clipped to ``clip`` if given (:func:`~nflow_np.optim.clip_grad_norm`);
        a non-finite loss or norm raises before anything is updated;
     5. ``optimizer.step()``.
