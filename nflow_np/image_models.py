@@ -103,8 +103,9 @@ class ImageFlowModel(FlowModel):
         stream = self.dequantize.rng.bit_generator.state  # training's noise stream resumes afterwards
         self.dequantize.reseed(seed)
         total = 0.0
-        for start in range(0, rows.shape[0], batch_size):
-            total -= float(self.log_prob(rows[start : start + batch_size]).sum())
+        with self._inference("log_prob"):  # one thread plan and flush for all batches, no caches kept
+            for start in range(0, rows.shape[0], batch_size):
+                total -= float(self.log_prob(rows[start : start + batch_size]).sum())
         self.dequantize.rng.bit_generator.state = stream
         nll = total / rows.shape[0]
         return {

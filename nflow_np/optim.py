@@ -20,7 +20,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from nflow_np import backend
+from nflow_np import backend, threads
 from nflow_np.backend import array_module, to_host
 from nflow_np.module import Module
 
@@ -198,11 +198,12 @@ class Optimizer:
         """Apply one update using the gradients currently in ``grads`` (frozen parameters skipped)."""
         self.step_count += 1
         trainable = {name: (param, grad) for name, param, grad in self.module.trainable_parameters()}
-        for group in self.groups:
-            lr = group["lr"] * self.lr_scale
-            for name in group["names"]:
-                if name in trainable:
-                    self._update(name, *trainable[name], lr, group["weight_decay"])
+        with threads.compute("train"):  # thread plan and flush-to-zero (Adam's moments underflow)
+            for group in self.groups:
+                lr = group["lr"] * self.lr_scale
+                for name in group["names"]:
+                    if name in trainable:
+                        self._update(name, *trainable[name], lr, group["weight_decay"])
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
         raise NotImplementedError
