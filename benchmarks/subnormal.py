@@ -91,9 +91,7 @@ def nice_step_variants(s: Settings) -> dict:
     tiny_params = {name: value * SCALE if ".net." in f".{name}" else value for name, value in params.items()}
     weights = dict.fromkeys(variants, params) | {"subnormal weights": tiny_params}
     for _ in range(2):  # two steps, so the state holds moments of the right shapes and signs
-        model.zero_grad()
-        model.nll_and_backward(x)
-        optimizer.step()
+        train_step(model, optimizer, x)
     normal_state = optimizer.state_dict()
     tiny_state = {key: value * SCALE if "/" in key else value for key, value in normal_state.items()}
     states = dict.fromkeys(variants, normal_state) | {"subnormal Adam moments": tiny_state}
