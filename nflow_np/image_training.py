@@ -112,7 +112,8 @@ def build_image_model(
     channels: int = 64,
     blocks: int = 4,
 ) -> ImageFlowModel:
-    """:func:`build_nice` or :func:`build_realnvp` (``model``) with the given widths and logit ``α``.
+    """:func:`build_nice`, :func:`build_realnvp` or :func:`build_realnvp_resnet` (``model``) with the given
+    widths (``hidden``; ``channels`` and ``blocks`` for ``realnvp_resnet``'s ResNets) and logit ``α``.
 
     ``partition`` is NICE's (``"parity"`` or ``"checkerboard"``); RealNVP's masks are fixed.
     """
