@@ -26,12 +26,12 @@ NET = {"features": 2, "blocks": 1, "kernel_size": 3}
 
 
 def randomise_conv(flow: Flow, rng: np.random.Generator, std: float = 0.5) -> Flow:
-    """Every parameter ``N(0, std²)`` (as ``helpers.randomise``), then positive running variances."""
-    for _, param, _ in flow.named_parameters():
-        param[...] = rng.normal(0.0, std, size=param.shape)
+    """Every parameter and buffer ``N(0, std²)`` (as ``helpers.randomise``), then positive running variances."""
+    for _, value in flow.named_state():
+        value[...] = rng.normal(0.0, std, size=value.shape)
     for module in flow.modules():
-        if "running_var" in module.params:
-            module.params["running_var"][...] = rng.uniform(0.5, 2.0, size=module.params["running_var"].shape)
+        if "running_var" in module.buffers:
+            module.buffers["running_var"][...] = rng.uniform(0.5, 2.0, size=module.buffers["running_var"].shape)
     return flow
 
 

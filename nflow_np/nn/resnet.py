@@ -171,8 +171,8 @@ class ResNet(Layer):
 
 
 def resnet_parameters(in_channels: int, out_channels: int, features: int, blocks: int, kernel_size: int) -> int:
-    """Number of scalars in ``ResNet(...).named_parameters()`` (batch norms: ``log_gamma``, ``beta`` and
-    both running averages), computed without building it (the model loader's budget check)."""
+    """Number of scalars in ``ResNet(...).state_dict()`` (batch norms: ``log_gamma``, ``beta`` and the
+    running averages, which are buffers), computed without building it (the model loader's budget check)."""
     k2 = kernel_size * kernel_size
 
     def conv(c_in: int, c_out: int) -> int:

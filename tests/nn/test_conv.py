@@ -47,8 +47,8 @@ def direct_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
 def positive_running_var(module: object, rng: np.random.Generator) -> object:
     """Random positive running variances for every batch norm below ``module`` (after :func:`randomise`)."""
     for m in module.modules():
-        if "running_var" in m.params:
-            m.params["running_var"][...] = rng.uniform(0.5, 2.0, size=m.params["running_var"].shape)
+        if "running_var" in m.buffers:
+            m.buffers["running_var"][...] = rng.uniform(0.5, 2.0, size=m.buffers["running_var"].shape)
     return module
 
 
@@ -187,7 +187,8 @@ def test_resnet_starts_at_zero_counts_its_parameters_and_keeps_the_dtype() -> No
         y = net.forward(x)
         assert y.shape == (2, 4, 5, 3) and y.dtype == dtype and not y.any()  # zero-initialised last conv
         assert net.backward(np.ones_like(y)).dtype == dtype
-    assert net.num_parameters() == resnet_parameters(3, 4, 6, 2, 3)
+    # what the model file stores: the parameters and the batch norms' running averages (buffers)
+    assert sum(v.size for v in net.state_dict().values()) == resnet_parameters(3, 4, 6, 2, 3)
 
 
 def test_resnet_batch_norms_follow_training_mode() -> None:
