@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from conv_cases import CONV_FLOW_CASES
 
 from nflow_np import (
     AdditiveCoupling,
@@ -314,6 +315,7 @@ CASES: list[FlowCase] = [
     FlowCase("squeeze", _squeeze),
     FlowCase("logit", _logit, sample=logit_inputs),
     FlowCase("dequantize", _dequantize, sample=level_inputs, bijective=False),
+    *[FlowCase(name, build) for name, build in CONV_FLOW_CASES],  # tests/conv_cases.py
 ]
 """Every kind of flow layer of the library (``nflow_np/flows``), each proven by the property suite."""
 

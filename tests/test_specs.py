@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conv_cases import CONV_FLOW_CASES
 from helpers import FLOW_CASES
 
 from nflow_np import specs
@@ -48,8 +47,7 @@ def _preprocessing(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return Sequential([Dequantize(dim, 5, seed=3), Scale(dim, 1 / 5), Logit(dim, 0.05)])
 
 
-EXTRA_CASES = [("image_layers", _image_layers, 8), ("preprocessing", _preprocessing, DIM),
-               *[(name, factory, 8) for name, factory in CONV_FLOW_CASES]]  # fmt: skip
+EXTRA_CASES = [("image_layers", _image_layers, 8), ("preprocessing", _preprocessing, DIM)]
 ALL_CASES = [(name, factory, DIM) for name, factory in FLOW_CASES] + EXTRA_CASES
 
 
