@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nflow_np import backend
+from nflow_np import backend, distributed
 from nflow_np.checkpoint import (
     CheckpointError,
     TrainState,
@@ -95,8 +95,10 @@ def cosine_lr(base_lr: float, step: int, total_steps: int, final_fraction: float
     return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def evaluate_nll(model: FlowModel, x: np.ndarray, batch_size: int = 8192) -> float:
-    """Mean NLL (nats) of all rows of ``x``, computed in batches to bound memory."""
+def evaluate_nll(model: FlowModel, x: np.ndarray, batch_size: int = 8192, comm: object = None) -> float:
+    """Mean NLL (nats) of all rows of ``x``, computed in batches to bound memory (sharded over ``comm``'s ranks)."""
+    if comm is not None:
+        return distributed.evaluate_nll(comm, model, x, batch_size)
     total = 0.0
     for start in range(0, x.shape[0], batch_size):
         total += float(-model.log_prob(x[start : start + batch_size]).sum())
@@ -122,6 +124,7 @@ def fit(
     metadata: dict | None = None,
     progress: bool = True,
     memory: str | None = None,
+    comm: object = None,
 ) -> TrainResult:
     """Fit ``model`` to the rows of ``train`` by minibatch maximum likelihood.
 
@@ -172,6 +175,12 @@ def fit(
         Set the model's memory mode (:meth:`~nflow_np.model.FlowModel.set_memory`) before training:
         ``"invert"`` recomputes activations by inversion instead of storing them (``docs/memory.md``).
         Default: leave the model's as it is.
+    comm : mpi4py communicator or "auto", optional
+        Train data-parallel over its ranks (:mod:`nflow_np.distributed`, ``docs/distributed.md``): every
+        rank passes the same arguments and data; each computes its shard of every batch and of the
+        validation set, the gradients are summed in rank order, and every rank takes the same step.
+        Only rank 0 shows progress and writes checkpoints; every rank reads them on ``resume``, at any
+        number of ranks. ``"auto"``: ``MPI.COMM_WORLD`` under ``mpiexec -n P > 1``, else one process.
 
     Returns
     -------
@@ -187,6 +196,7 @@ def fit(
         or a whole epoch was skipped). The model is first restored to the best parameters seen;
         no checkpoint is written, so the last one stays the last good one.
     """
+    comm = distributed.resolve(comm)
     dtype = model.dtype
     train = check_data(train, "train", model.dim, dtype)
     if val is not None:
@@ -229,15 +239,17 @@ def fit(
             train=data_fingerprint(train),
             val=data_fingerprint(val),
         )
-        if resume:
-            state, result.resumed_from = _resume(checkpoint_dir, model, optimizer, run, steps_per_epoch)
+        if resume:  # rank 0 first: it sets damaged checkpoints aside before the others read
+            state, result.resumed_from = distributed.root_first(
+                comm, lambda: _resume(checkpoint_dir, model, optimizer, run, steps_per_epoch)
+            )
             optimizer.lr = base_lr  # the state holds the scheduled rate of its step; the loop sets it again
             rng.bit_generator.state = state.rng
         elif list_checkpoints(checkpoint_dir):
             raise ValueError(
                 f"{checkpoint_dir} already holds checkpoints of a run; resume it or choose another folder"
             )
-        remove_temporary_files(checkpoint_dir)  # left by a writer killed before its rename
+        distributed.on_root(comm, lambda: remove_temporary_files(checkpoint_dir))  # left by a killed writer
 
     def diverged(what: str) -> NonFiniteLossError:
         last_good = result.checkpoint or result.resumed_from
@@ -247,12 +259,12 @@ def fit(
 
     def checkpoint() -> None:
         state.seconds = time.perf_counter() - start
-        result.checkpoint = save_checkpoint(
+        result.checkpoint = distributed.on_root(comm, lambda: save_checkpoint(
             checkpoint_dir, model, optimizer, state, run, lr=base_lr, backend=backend.get_backend(), metadata=metadata
-        )
+        ))
 
     start = time.perf_counter() - state.seconds
-    bar = tqdm(total=total_steps, initial=state.steps, disable=not progress, desc="train", unit="step", leave=False)
+    bar = tqdm(total=total_steps, initial=state.steps, disable=not (progress and distributed.is_root(comm)), desc="train", unit="step", leave=False)
     try:
         while not state.finished:
             state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
@@ -264,7 +276,7 @@ def fit(
                 model.zero_grad()
                 # overflow is checked for explicitly just below, so NumPy's warnings would only be noise
                 with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    loss = model.nll_and_backward(batch)
+                    loss = distributed.backward(comm, model, batch, model.nll_and_backward)
                     # the norm is needed anyway to catch a NaN/Inf gradient before it reaches the parameters
                     norm = clip_grad_norm(model, clip_norm) if clip_norm else global_grad_norm(model)
                 state.batch = i + 1
@@ -287,7 +299,7 @@ def fit(
             if state.epoch_batches == 0:
                 raise diverged(f"every batch of epoch {state.epoch} had a non-finite loss or gradient")
             try:
-                entry = _end_epoch(model, val, state, epochs, patience, start)
+                entry = _end_epoch(model, val, state, epochs, patience, start, comm)
             except NonFiniteError as error:
                 raise diverged(f"the validation NLL after epoch {state.epoch} is not finite ({error})") from error
             shown = "-" if entry["val_nll"] is None else f"{entry['val_nll']:.4f}"
@@ -322,7 +334,13 @@ def _check_same_device(model: FlowModel, optimizer: Optimizer) -> None:
 
 
 def _end_epoch(
-    model: FlowModel, val: np.ndarray | None, state: TrainState, epochs: int, patience: int | None, start: float
+    model: FlowModel,
+    val: np.ndarray | None,
+    state: TrainState,
+    epochs: int,
+    patience: int | None,
+    start: float,
+    comm: object = None,
 ) -> dict:
     """Validate, record the epoch in ``state.history``, keep the best parameters, decide whether to stop.
 
@@ -337,7 +355,7 @@ def _end_epoch(
         "skipped": state.batch - state.epoch_batches,
     }
     if val is not None:
-        entry["val_nll"] = evaluate_nll(model, val)
+        entry["val_nll"] = evaluate_nll(model, val, comm=comm)
         if entry["val_nll"] < state.best_val:
             state.best_val, state.best_params, state.best_epoch = entry["val_nll"], model.state_dict(), state.epoch
     else:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from nflow_np import distributed
 from nflow_np.distributions import StandardNormal
 from nflow_np.flows.base import Flow, Inverse, Sequential
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling
@@ -171,6 +172,7 @@ def fit_vi(
     seed: int = 0,
     log_every: int = 100,
     progress: bool = False,
+    comm: object = None,
 ) -> VIResult:
     """Minimise the free energy of ``q_K`` (``N(0, I)`` pushed by the flow's inverse) w.r.t. ``p̃ = exp(−U)``.
 
@@ -206,7 +208,10 @@ def fit_vi(
     log_every : int
         Steps between :attr:`VIResult.history` entries.
     progress : bool
-        Show a tqdm bar.
+        Show a tqdm bar (rank 0 only).
+    comm : mpi4py communicator or "auto", optional
+        Data-parallel over its ranks (:mod:`nflow_np.distributed`): every rank draws the same ``z₀``,
+        computes its shard, and the gradients are summed in rank order before the same step on every rank.
 
     Returns
     -------
@@ -229,6 +234,7 @@ def fit_vi(
         decay_start = min(anneal_steps or 0, steps)
     if not 0 <= decay_start <= steps:
         raise ValueError(f"decay_start must lie in [0, steps = {steps}], got {decay_start}")
+    comm = distributed.resolve(comm)
     dtype = as_float_dtype(flow.dtype or np.float64)
     optimizer = Adam(flow, lr=5e-3) if optimizer is None else optimizer
     base_lr = optimizer.lr
@@ -236,7 +242,7 @@ def fit_vi(
     result = VIResult()
     running, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, disable=not progress, desc="vi", unit="step", leave=False)
+    bar = tqdm(total=steps, disable=not (progress and distributed.is_root(comm)), desc="vi", unit="step", leave=False)
     try:
         for step in range(steps):
             beta = annealing_beta(step, anneal_steps, beta0)
@@ -244,7 +250,7 @@ def fit_vi(
                 optimizer.lr = cosine_lr(base_lr, step - decay_start, steps - decay_start)
             z0 = BASE.sample(batch_size, flow.dim, rng, dtype)
             flow.zero_grad()
-            loss = free_energy_and_backward(flow, energy, z0, beta)
+            loss = distributed.backward(comm, flow, z0, lambda z: free_energy_and_backward(flow, energy, z, beta))
             norm = clip_grad_norm(flow, clip_norm) if clip_norm else global_grad_norm(flow)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise NonFiniteLossError(

@@ -1,0 +1,320 @@
+"""Data-parallel training on MPI whose result does not depend on the number of ranks (``docs/distributed.md``).
+
+Every rank holds the whole model and draws the same seeded global batch; rank ``k`` of ``P`` takes the
+contiguous shard ``rows[start_k : start_k + n_k]`` of it (:func:`shard`: the first ``N mod P`` ranks one
+row more), computes the mean loss ``L_k`` of its shard and its gradient ``g_k``, and the ranks combine
+
+    ``L = Σ_k (n_k / N) L_k``,   ``g = Σ_k (n_k / N) g_k``        (k = 0, 1, …, P − 1, in this order)
+
+which is the mean over the global batch, ``(1/N) Σ_n ∇ℓ_n``, as one process computes it. The reduction
+is one flat buffer per step (every gradient, the loss and a failure flag), gathered to rank 0, summed
+there in rank order and broadcast (:func:`reduce_gradients`): the order of the additions is fixed by the
+ranks, never by which message arrives first, and every rank receives the same bits, so all ranks take
+the same optimizer step and their parameters never drift apart. At ``P = 1`` the result is bit for bit
+the single-process one; at ``P > 1`` the sums are grouped differently (per shard, then across shards),
+so it agrees to rounding (``docs/distributed.md#floating-point``).
+
+``comm`` everywhere is ``None`` (one process: every function here is the plain computation), an
+``mpi4py`` communicator, or ``"auto"`` (``MPI.COMM_WORLD`` when launched by ``mpiexec`` with more than
+one rank). ``mpi4py`` is imported only when a communicator is used (``pip install 'nflow_np[mpi]'``).
+
+Failures: an exception on one rank inside a step, an evaluation or a root-only write is reported at the
+next collective call and raised on every rank, the same type and message naming the rank
+(:func:`collectively`), so no rank waits for one that has stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from nflow_np import backend
+
+MPI_EXTRA = "pip install 'nflow_np[mpi]'"
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
+"""Set by the launchers (MPICH's Hydra, Open MPI, PMIx, Slurm): how :func:`launched_size` sees a world
+without starting MPI."""
+WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+class RankError(RuntimeError):
+    """An error raised on one rank, re-raised on every rank (when its own type cannot carry the message)."""
+
+
+def _mpi() -> Any:
+    """``mpi4py.MPI``, or an ImportError that says what to install."""
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise ImportError(
+            f"distributed training needs mpi4py and an MPI library: {MPI_EXTRA} ({error})"
+        ) from None
+    return MPI
+
+
+def launched_size() -> int:
+    """The number of ranks the launcher started (1 without ``mpiexec``), read from its environment variables."""
+    for name in WORLD_SIZE_VARIABLES[:3]:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher numbered it (0 without ``mpiexec``), without starting MPI."""
+    for name in WORLD_RANK_VARIABLES[:3]:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def resolve(comm: object) -> Any:
+    """``None`` (one process), an mpi4py communicator as it is, or ``"auto"``: ``MPI.COMM_WORLD`` under ``mpiexec -n P > 1``.
+
+    Raises
+    ------
+    ImportError
+        ``"auto"`` under a launcher, or a communicator asked for, without mpi4py installed.
+    TypeError
+        Anything else.
+    """
+    if comm is None:
+        return None
+    if isinstance(comm, str):
+        if comm != "auto":
+            raise TypeError(f"comm must be None, 'auto' or an mpi4py communicator, got {comm!r}")
+        return _mpi().COMM_WORLD if launched_size() > 1 else None
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Gather", "Bcast", "bcast", "gather")):
+        raise TypeError(f"comm must be None, 'auto' or an mpi4py communicator, got {type(comm).__name__}")
+    return comm
+
+
+def rank(comm: Any) -> int:
+    """This process's rank (0 for ``comm = None``)."""
+    return 0 if comm is None else comm.Get_rank()
+
+
+def size(comm: Any) -> int:
+    """The number of ranks ``P`` (1 for ``comm = None``)."""
+    return 1 if comm is None else comm.Get_size()
+
+
+def is_root(comm: Any) -> bool:
+    """Whether this process is rank 0, the one that prints, shows progress and writes files."""
+    return rank(comm) == 0
+
+
+def shard(comm: Any, n: int) -> slice:
+    """The contiguous rows of ``n`` that this rank computes: ``n_k = ⌊n/P⌋ + (k < n mod P)``, in rank order.
+
+    The shards tile ``range(n)`` exactly; with ``n < P`` the last ranks get empty shards.
+    """
+    k, p = rank(comm), size(comm)
+    quotient, remainder = divmod(n, p)
+    start = k * quotient + min(k, remainder)
+    return slice(start, start + quotient + (k < remainder))
+
+
+def _raise_agreed(comm: Any, failed: int, error: BaseException | None) -> None:
+    """Every rank: raise the error of the lowest failing rank (``failed`` says whether there is one).
+
+    Collective: every rank calls it with the same ``failed``. The error travels as (type, message), so an
+    exception whose attributes do not pickle still arrives; it is rebuilt with the rank in its message.
+    """
+    if not failed:
+        return
+    mine = None if error is None else (type(error), f"{type(error).__name__}: {error}", str(error))
+    reports = comm.gather((rank(comm), mine), root=0)
+    if is_root(comm):
+        first = next((report for report in reports if report[1] is not None))
+    else:
+        first = None
+    where, (kind, described, message) = comm.bcast(first, root=0)
+    text = f"rank {where} of {size(comm)} failed: {message}"
+    try:
+        agreed = kind(text)
+    except Exception:  # an exception type whose constructor wants other arguments
+        agreed = RankError(f"rank {where} of {size(comm)} failed: {described}")
+    agreed.nflow_agreed = True  # the command line prints it on rank 0 only
+    if error is not None and where == rank(comm):
+        raise agreed from error
+    raise agreed
+
+
+@contextlib.contextmanager
+def collectively(comm: Any) -> Iterator[None]:
+    """Run the block on every rank; if it raises on any rank, raise that error on every rank.
+
+    Every rank must enter the block (it ends with a collective call). With ``comm = None`` it is a no-op.
+    """
+    if comm is None:
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as raised:
+        error = raised
+    failed = comm.allreduce(int(error is not None))
+    _raise_agreed(comm, failed, error)
+
+
+def on_root(comm: Any, call: Callable[[], Any]) -> Any:
+    """``call()`` on rank 0 only (a file write), its result broadcast; an error there is raised on every rank."""
+    result = None
+    with collectively(comm):
+        if is_root(comm):
+            result = call()
+    return result if comm is None else comm.bcast(result, root=0)
+
+
+def root_first(comm: Any, call: Callable[[], Any]) -> Any:
+    """``call()`` on rank 0, then on the other ranks (reading what rank 0 may have tidied, e.g. a checkpoint folder)."""
+    result = None
+    with collectively(comm):
+        if is_root(comm):
+            result = call()
+    with collectively(comm):
+        if not is_root(comm):
+            result = call()
+    return result
+
+
+def broadcast(comm: Any, value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (a clock reading that decides when to stop, so all ranks decide alike)."""
+    return value if comm is None else comm.bcast(value, root=0)
+
+
+def sum_in_rank_order(comm: Any, values: np.ndarray) -> np.ndarray:
+    """``Σ_k values_k`` over the ranks, added on rank 0 in rank order, the same bits on every rank.
+
+    ``values`` is a flat host array of the same length and dtype on every rank; the result is a new array.
+    """
+    values = np.ascontiguousarray(values)
+    if comm is None:
+        return values.copy()
+    gathered = np.empty((size(comm), values.size), dtype=values.dtype) if is_root(comm) else None
+    comm.Gather(values, gathered, root=0)
+    total = np.empty_like(values)
+    if is_root(comm):
+        total[...] = gathered[0]
+        for row in gathered[1:]:  # k = 1, …, P − 1: the order is the ranks', not the arrivals'
+            total += row
+    comm.Bcast(total, root=0)
+    return total
+
+
+def _uninitialized(module: Any) -> bool:
+    """Whether a layer still waits for its data-dependent start (ActNorm's first batch)."""
+    return any(getattr(layer, "initialized", True) is False for layer in module.modules())
+
+
+def _refuse_batch_statistics(module: Any) -> None:
+    """Training-mode batch norms normalise by their shard's statistics, which no reduction after the backward can fix."""
+    for layer in module.modules():
+        if getattr(layer, "training", False) and "running_mean" in getattr(layer, "params", {}):
+            if getattr(layer, "statistics", None) is None:
+                raise ValueError(
+                    f"{type(layer).__name__} in training mode normalises each shard by its own batch statistics, "
+                    "so a distributed step would differ from the single-process one; sync them "
+                    "(distributed.sync_batch_norms) or set training = False"
+                )
+
+
+def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Callable[[np.ndarray], float]) -> float:
+    """One data-parallel forward/backward of ``module`` on the global ``batch``: the mean loss, gradients in ``grads``.
+
+    ``loss_and_backward(rows)`` is the single-process step (e.g. ``model.nll_and_backward``): it returns
+    the mean loss of ``rows`` and adds its gradient to ``module``'s ``grads`` (zeroed by the caller). Each
+    rank calls it on its :func:`shard` of ``batch`` (every rank holds the same ``batch``), then
+    :func:`reduce_gradients` leaves the global batch's mean gradient on every rank.
+
+    A layer waiting for a data-dependent start (ActNorm) first sees the whole global batch on every rank,
+    as it would in one process. An exception on a rank is raised on every rank (:func:`collectively`).
+    """
+    if comm is None:
+        return loss_and_backward(batch)
+    _refuse_batch_statistics(module)
+    n = batch.shape[0]
+    error, loss, rows = None, 0.0, batch[shard(comm, n)]
+    try:
+        if _uninitialized(module):  # the start one process takes from this batch, taken from all of it
+            loss_and_backward(batch)
+            module.zero_grad()
+        if rows.shape[0]:
+            loss = loss_and_backward(rows)
+    except Exception as raised:
+        error = raised
+    return reduce_gradients(comm, module, loss, rows.shape[0], n, error)
+
+
+def reduce_gradients(
+    comm: Any, module: Any, loss: float, n_local: int, n_global: int, error: BaseException | None = None
+) -> float:
+    """Replace this rank's shard-mean gradients by the global batch's mean: ``g = Σ_k (n_k/N) g_k`` in rank order.
+
+    One flat buffer ``[w·g_k (every parameter, in named_parameters order), w·L_k, failed]`` with
+    ``w = n_local / n_global`` is gathered to rank 0, summed there in rank order and broadcast
+    (:func:`sum_in_rank_order`); each gradient array is then overwritten with its slice. The buffer
+    has the gradients' dtype.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator or None
+    module : Module
+        Its ``grads`` hold the mean gradient of this rank's ``n_local`` rows.
+    loss : float
+        Mean loss of those rows (ignored if ``n_local`` is 0).
+    n_local, n_global : int
+        Rows of this rank's shard and of the global batch.
+    error : Exception, optional
+        What this rank raised while computing its shard: every rank then raises it.
+
+    Returns
+    -------
+    float
+        The global batch's mean loss, the same on every rank.
+    """
+    if comm is None:
+        if error is not None:
+            raise error
+        return loss
+    grads = [grad for _, _, grad in module.named_parameters()]
+    dtype = grads[0].dtype if grads else np.dtype(np.float64)
+    sizes = [grad.size for grad in grads]
+    buffer = np.zeros(sum(sizes) + 2, dtype=dtype)
+    weight = n_local / n_global
+    if error is None and n_local:
+        offset = 0
+        for grad, count in zip(grads, sizes, strict=True):
+            np.multiply(backend.to_host(grad).reshape(-1), dtype.type(weight), out=buffer[offset : offset + count])
+            offset += count
+        buffer[-2] = weight * loss
+    buffer[-1] = error is not None
+    total = sum_in_rank_order(comm, buffer)
+    _raise_agreed(comm, int(total[-1]), error)
+    offset = 0
+    for grad, count in zip(grads, sizes, strict=True):
+        values = total[offset : offset + count].reshape(grad.shape)
+        grad[...] = values if isinstance(grad, np.ndarray) else backend.array_module(grad).asarray(values)
+        offset += count
+    return float(total[-2])
+
+
+def evaluate_nll(comm: Any, model: Any, x: np.ndarray, batch_size: int = 8192) -> float:
+    """Mean NLL (nats) of the rows of ``x``: each rank sums ``−log p`` over its shard, the sums added in rank order.
+
+    An error on one rank (a row whose density overflows) is raised on every rank, its type kept.
+    """
+    rows = x[shard(comm, x.shape[0])]
+    total = np.zeros(1)
+    with collectively(comm):
+        for start in range(0, rows.shape[0], batch_size):
+            total[0] += float(-model.log_prob(rows[start : start + batch_size]).sum())
+    return float(sum_in_rank_order(comm, total)[0]) / x.shape[0]

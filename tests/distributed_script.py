@@ -1,0 +1,102 @@
+"""What ``tests/test_distributed.py`` runs under ``mpiexec -n P``: a fit (or VI fit) whose parameters rank 0 saves.
+
+    mpiexec -n P python tests/distributed_script.py fit|vi|fail|fail-eval OUT.npz [--resume DIR] [--checkpoint DIR]
+
+``fit``: 100 float64 Adam steps of a RealNVP on two moons (batch 96, so P = 3 gives shards 32, 32, 32 and
+P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process or data-parallel.
+``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
+``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from nflow_np import distributed
+from nflow_np.architectures import build_model
+from nflow_np.data import load_toy
+from nflow_np.optim import Adam
+from nflow_np.train import fit
+
+ROWS, BATCH, EPOCHS = 960, 96, 10  # 10 steps per epoch: 100 steps
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """Two moons, float64: 960 training rows, 101 validation rows."""
+    splits = load_toy("two_moons", n_train=ROWS, n_val=101, n_test=1, seed=3)
+    return splits.train, splits.val
+
+
+def run_fit(comm: object, resume: str | None, checkpoint: str | None, epochs: int = EPOCHS) -> dict[str, np.ndarray]:
+    """The fit the test compares across rank counts; the final parameters."""
+    train, val = data()
+    model = build_model("realnvp", 2, layers=4, hidden=(32, 32), seed=1)
+    fit(
+        model, train, val, optimizer=Adam(model, lr=3e-3), epochs=epochs, batch_size=BATCH, seed=5, patience=None,
+        progress=False, comm=comm, checkpoint_dir=checkpoint or resume, checkpoint_every=30 if checkpoint else 0,
+        resume=resume is not None,
+    )
+    return model.state_dict()
+
+
+def run_vi(comm: object) -> dict[str, np.ndarray]:
+    """100 VI steps on the banana target; the final parameters."""
+    from nflow_np.targets import get_target
+    from nflow_np.vi import fit_vi, make_vi_flow
+
+    flow = make_vi_flow("planar", 2, 4, rng=np.random.default_rng(2))
+    fit_vi(flow, get_target("U1"), steps=100, batch_size=50, optimizer=Adam(flow, lr=1e-2), anneal_steps=50,
+           seed=4, comm=comm)
+    return flow.state_dict()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("what", choices=("fit", "vi", "fail", "fail-eval"))
+    parser.add_argument("out")
+    parser.add_argument("--resume")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--single", action="store_true", help="one process, comm=None")
+    args = parser.parse_args()
+    comm = None if args.single else "auto"
+    world = distributed.resolve(comm)
+    if args.what == "vi":
+        params = run_vi(comm)
+    else:
+        if args.what.startswith("fail"):
+            from nflow_np.model import FlowModel
+
+            plain_step, plain_log_prob = FlowModel.nll_and_backward, FlowModel.log_prob
+            calls = {"steps": 0}
+
+            def failing_step(self: FlowModel, x: np.ndarray) -> float:
+                calls["steps"] += 1
+                if calls["steps"] == 3 and distributed.rank(world) == 1:
+                    raise RuntimeError("injected failure in the third step")
+                return plain_step(self, x)
+
+            def failing_log_prob(self: FlowModel, x: np.ndarray) -> np.ndarray:
+                if distributed.rank(world) == distributed.size(world) - 1:
+                    raise ValueError("injected failure in the validation")
+                return plain_log_prob(self, x)
+
+            if args.what == "fail":
+                FlowModel.nll_and_backward = failing_step
+            else:
+                FlowModel.log_prob = failing_log_prob
+        try:
+            params = run_fit(comm, args.resume, args.checkpoint, args.epochs)
+        except Exception as error:
+            print(f"rank {distributed.rank(world)}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+            return 3
+    if distributed.is_root(world):
+        np.savez(args.out, **params)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
