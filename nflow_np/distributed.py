@@ -75,7 +75,10 @@ def launched_rank() -> int:
 
 
 def resolve(comm: object) -> Any:
-    """``None`` (one process), an mpi4py communicator as it is, or ``"auto"``: ``MPI.COMM_WORLD`` under ``mpiexec -n P > 1``.
+    """The communicator ``comm`` names: ``None`` (one process), an mpi4py communicator, or ``"auto"``.
+
+    ``"auto"`` is ``MPI.COMM_WORLD`` under ``mpiexec -n P`` with ``P > 1``, else ``None``; mpi4py is
+    imported only then.
 
     Raises
     ------
@@ -132,7 +135,7 @@ def _raise_agreed(comm: Any, failed: int, error: BaseException | None) -> None:
     mine = None if error is None else (type(error), f"{type(error).__name__}: {error}", str(error))
     reports = comm.gather((rank(comm), mine), root=0)
     if is_root(comm):
-        first = next((report for report in reports if report[1] is not None))
+        first = next(report for report in reports if report[1] is not None)
     else:
         first = None
     where, (kind, described, message) = comm.bcast(first, root=0)
@@ -216,15 +219,25 @@ def _uninitialized(module: Any) -> bool:
 
 
 def _refuse_batch_statistics(module: Any) -> None:
-    """Training-mode batch norms normalise by their shard's statistics, which no reduction after the backward can fix."""
-    for layer in module.modules():
-        if getattr(layer, "training", False) and "running_mean" in getattr(layer, "params", {}):
-            if getattr(layer, "statistics", None) is None:
-                raise ValueError(
-                    f"{type(layer).__name__} in training mode normalises each shard by its own batch statistics, "
-                    "so a distributed step would differ from the single-process one; sync them "
-                    "(distributed.sync_batch_norms) or set training = False"
-                )
+    """Refuse batch norms: a training step normalises each shard by its own statistics, which no gradient sum fixes.
+
+    (A synchronised batch norm would sum the per-channel moments over the ranks in its forward and
+    backward passes; ``docs/distributed.md#batch-norm``.)
+    """
+    for name, layer in _named_modules(module):
+        if "running_mean" in getattr(layer, "params", {}):
+            raise ValueError(
+                f"{type(layer).__name__} {name or '(the model)'} normalises each training batch by its own "
+                "statistics, so a data-parallel step (each rank's shard normalised by the shard's statistics) "
+                "would not be the single-process step: distributed training does not support batch norms yet "
+                "(train a model without them, e.g. NICE, or run one process)"
+            )
+
+
+def _named_modules(module: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    yield prefix.rstrip("."), module
+    for name, child in getattr(module, "children", {}).items():
+        yield from _named_modules(child, f"{prefix}{name}.")
 
 
 def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Callable[[np.ndarray], float]) -> float:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np import distributed
 from nflow_np.data.images import load_images
 from nflow_np.flows.normalization import batch_norms, recalibrate
 from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, initialize_rescale
@@ -115,6 +116,7 @@ def fit_for(
     progress: bool = False,
     calibration_rows: int = 1000,
     on_epoch: Callable[[dict], None] | None = None,
+    comm: object = None,
 ) -> dict:
     """Fit ``model`` for at most ``epochs`` epochs and ``time_limit`` seconds; keep the best validation NLL.
 
@@ -127,6 +129,9 @@ def fit_for(
     ``calibration_rows``) training rows (:func:`~nflow_np.flows.normalization.recalibrate`) before
     the validation NLL is measured: with parameters that move fast, exponential running averages
     lag behind them, and the evaluation-mode density would drift from the one being trained.
+
+    With ``comm`` (:mod:`nflow_np.distributed`) every epoch and the validation run data-parallel, and
+    rank 0's clock decides the learning rate and when the budget is spent, so every rank agrees.
 
     Returns
     -------
@@ -143,7 +148,7 @@ def fit_for(
     start = time.perf_counter()
     stopped_by = "epochs"
     for epoch in range(1, epochs + 1):
-        elapsed = time.perf_counter() - start
+        elapsed = distributed.broadcast(comm, time.perf_counter() - start)  # one clock for every rank
         if time_limit is not None and history and elapsed + history[-1]["epoch_seconds"] > time_limit:
             stopped_by = "time_limit"
             break
@@ -159,13 +164,14 @@ def fit_for(
             seed=seed + epoch,
             patience=None,
             progress=progress,
+            comm=comm,
         )
         steps += result.steps
         if has_batch_norm:
             recalibrate(model.flow, model.log_prob, calibration)
         entry = result.history[0] | {"epoch": epoch, "lr": optimizer.lr, "step": steps}
-        entry["val_nll"] = evaluate_nll(model, rows_val)
-        entry["epoch_seconds"] = time.perf_counter() - start - elapsed
+        entry["val_nll"] = evaluate_nll(model, rows_val, comm=comm)
+        entry["epoch_seconds"] = distributed.broadcast(comm, time.perf_counter() - start) - elapsed
         entry["seconds"] = time.perf_counter() - start
         history.append(entry)
         if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
@@ -200,6 +206,7 @@ def train_image_model(
     tolerance: float | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     record: dict | None = None,
+    comm: object = None,
     **overrides: object,
 ) -> dict:
     """Train ``model_name`` on ``data`` with :data:`IMAGE_RECIPES` (and ``overrides``); write ``out``.
@@ -210,7 +217,8 @@ def train_image_model(
 
     Writes ``model.npz``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
-    ``reconstructions.png`` and ``interpolations.png``.
+    ``reconstructions.png`` and ``interpolations.png``. With ``comm`` the training runs data-parallel
+    (:mod:`nflow_np.distributed`; models without batch norms, i.e. NICE) and rank 0 writes the files.
 
     Returns
     -------
@@ -253,6 +261,7 @@ def train_image_model(
         seed=seed,
         progress=progress,
         on_epoch=on_epoch,
+        comm=comm,
     )
     metrics = {name: model.evaluate(getattr(splits, name), seed=seed) for name in ("train", "val", "test")}
     out = Path(out)
@@ -264,10 +273,14 @@ def train_image_model(
         "levels": splits.levels,
         "test": metrics["test"],
     }
-    save_model(model, out, metadata)
-    image_plots.plot_samples(model, out / "samples.png", seed=seed)
-    image_plots.plot_reconstructions(model, splits.test, out / "reconstructions.png")
-    image_plots.plot_interpolations(model, splits.test, out / "interpolations.png")
+
+    def pictures() -> None:
+        save_model(model, out, metadata)
+        image_plots.plot_samples(model, out / "samples.png", seed=seed)
+        image_plots.plot_reconstructions(model, splits.test, out / "reconstructions.png")
+        image_plots.plot_interpolations(model, splits.test, out / "interpolations.png")
+
+    distributed.on_root(comm, pictures)
     summary = {
         "data": data,
         "model": model_name,
@@ -281,5 +294,5 @@ def train_image_model(
         **{f"{name}_{key}": value for name, m in metrics.items() for key, value in m.items()},
     } | run | (record or {})
     text = json.dumps(summary, indent=2, default=float, allow_nan=False)
-    atomic_write(out / "summary.json", (text + "\n").encode("utf-8"))
+    distributed.on_root(comm, lambda: atomic_write(out / "summary.json", (text + "\n").encode("utf-8")))
     return summary

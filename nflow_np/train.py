@@ -264,7 +264,8 @@ def fit(
         ))
 
     start = time.perf_counter() - state.seconds
-    bar = tqdm(total=total_steps, initial=state.steps, disable=not (progress and distributed.is_root(comm)), desc="train", unit="step", leave=False)
+    shown = progress and distributed.is_root(comm)  # rank 0 speaks for the job
+    bar = tqdm(total=total_steps, initial=state.steps, disable=not shown, desc="train", unit="step", leave=False)
     try:
         while not state.finished:
             state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)

@@ -37,6 +37,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -250,7 +251,7 @@ def fit_vi(
                 optimizer.lr = cosine_lr(base_lr, step - decay_start, steps - decay_start)
             z0 = BASE.sample(batch_size, flow.dim, rng, dtype)
             flow.zero_grad()
-            loss = distributed.backward(comm, flow, z0, lambda z: free_energy_and_backward(flow, energy, z, beta))
+            loss = distributed.backward(comm, flow, z0, partial(free_energy_and_backward, flow, energy, beta=beta))
             norm = clip_grad_norm(flow, clip_norm) if clip_norm else global_grad_norm(flow)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise NonFiniteLossError(

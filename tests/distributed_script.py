@@ -1,11 +1,14 @@
 """What ``tests/test_distributed.py`` runs under ``mpiexec -n P``: a fit (or VI fit) whose parameters rank 0 saves.
 
-    mpiexec -n P python tests/distributed_script.py fit|vi|fail|fail-eval OUT.npz [--resume DIR] [--checkpoint DIR]
+    mpiexec -n P python tests/distributed_script.py fit|vi|fail|fail-eval OUT.npz [--checkpoint DIR] [--resume DIR]
+    mpiexec -n P python tests/distributed_script.py cli-fail|cli-leave -- NFLOW-TRAIN-ARGUMENTS...
 
 ``fit``: 100 float64 Adam steps of a RealNVP on two moons (batch 96, so P = 3 gives shards 32, 32, 32 and
 P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process or data-parallel.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
 ``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation.
+``cli-fail``: ``nflow train`` with rank 1 raising in its third step; ``cli-leave``: rank 1 raising
+before training, outside any collective call (so the others wait for it inside the first step).
 """
 
 from __future__ import annotations
@@ -53,7 +56,33 @@ def run_vi(comm: object) -> dict[str, np.ndarray]:
     return flow.state_dict()
 
 
+def command_line(what: str, argv: list[str]) -> int:
+    """``nflow train argv`` on every rank, with rank 1 failing as ``what`` says."""
+    from nflow_np import cli, density
+    from nflow_np.model import FlowModel
+
+    rank = distributed.launched_rank()
+    if what == "cli-fail":
+        plain_step, calls = FlowModel.nll_and_backward, {"steps": 0}
+
+        def failing_step(self: FlowModel, x: np.ndarray) -> float:
+            calls["steps"] += 1
+            if calls["steps"] == 3 and rank == 1:
+                raise RuntimeError("injected failure in the third step")
+            return plain_step(self, x)
+
+        FlowModel.nll_and_backward = failing_step
+    elif rank == 1:
+        def leave(*args: object, **kwargs: object) -> float:
+            raise OSError("injected failure before training")
+
+        density.compile_kernels = leave
+    return cli.main(argv)
+
+
 def main() -> int:
+    if sys.argv[1].startswith("cli-"):
+        return command_line(sys.argv[1], sys.argv[3:])
     parser = argparse.ArgumentParser()
     parser.add_argument("what", choices=("fit", "vi", "fail", "fail-eval"))
     parser.add_argument("out")
