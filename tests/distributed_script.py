@@ -33,12 +33,14 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return splits.train, splits.val
 
 
-def run_fit(comm: object, resume: str | None, checkpoint: str | None, epochs: int = EPOCHS) -> dict[str, np.ndarray]:
+def run_fit(
+    comm: object, resume: str | None, checkpoint: str | None, epochs: int = EPOCHS, batch: int = BATCH
+) -> dict[str, np.ndarray]:
     """The fit the test compares across rank counts; the final parameters."""
     train, val = data()
     model = build_model("realnvp", 2, layers=4, hidden=(32, 32), seed=1)
     fit(
-        model, train, val, optimizer=Adam(model, lr=3e-3), epochs=epochs, batch_size=BATCH, seed=5, patience=None,
+        model, train, val, optimizer=Adam(model, lr=3e-3), epochs=epochs, batch_size=batch, seed=5, patience=None,
         progress=False, comm=comm, checkpoint_dir=checkpoint or resume, checkpoint_every=30 if checkpoint else 0,
         resume=resume is not None,
     )
@@ -89,6 +91,7 @@ def main() -> int:
     parser.add_argument("--resume")
     parser.add_argument("--checkpoint")
     parser.add_argument("--epochs", type=int, default=EPOCHS)
+    parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--single", action="store_true", help="one process, comm=None")
     args = parser.parse_args()
     comm = None if args.single else "auto"
@@ -118,7 +121,7 @@ def main() -> int:
             else:
                 FlowModel.log_prob = failing_log_prob
         try:
-            params = run_fit(comm, args.resume, args.checkpoint, args.epochs)
+            params = run_fit(comm, args.resume, args.checkpoint, args.epochs, args.batch)
         except Exception as error:
             print(f"rank {distributed.rank(world)}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             return 3

@@ -1,0 +1,215 @@
+"""Data-parallel training on MPI (nflow_np/distributed.py, docs/distributed.md).
+
+The runs at P = 2 and 3 ranks are ``mpiexec`` subprocesses of ``tests/distributed_script.py`` and of
+``nflow train``; their final parameters are compared with the single-process run on the same global
+batches after 100 float64 Adam steps. Claim (docs/distributed.md#floating-point): at P = 1 bit for bit
+equal; at P > 1 equal to 1e-6 relative (the sums are grouped per shard; measured ~1e-14).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import distributed_script
+import numpy as np
+import pytest
+
+from nflow_np import backend, distributed
+from nflow_np.architectures import build_model
+from nflow_np.flows.normalization import BatchNorm
+
+SCRIPT = Path(__file__).with_name("distributed_script.py")
+REPO = Path(__file__).resolve().parents[1]
+RELATIVE = 1e-6
+HANG_GUARD = 300  # seconds: a run that has not ended by then is hanging (the failures end in ~10 s)
+TOY = ["--data", "two_moons", "--model", "realnvp", "--layers", "4", "--hidden", "32,32", "--n-train", "960",
+       "--n-val", "101", "--n-test", "99", "--batch-size", "96", "--no-plots", "--no-progress",
+       "--lr-schedule", "constant"]
+
+
+def environment() -> dict[str, str]:
+    """This checkout first on the path, this backend, one BLAS thread per rank."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    return os.environ | {"PYTHONPATH": path, "NFLOW_BACKEND": backend.get_backend(), "OPENBLAS_NUM_THREADS": "1",
+                         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def mpiexec(ranks: int, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``mpiexec -n ranks python arguments...`` in the repository."""
+    done = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, *arguments], cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=HANG_GUARD)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def nflow(ranks: int, *arguments: str) -> subprocess.CompletedProcess:
+    """``nflow train ...`` as ``python -m nflow_np`` under ``mpiexec -n ranks`` (1: a plain process)."""
+    command = [sys.executable, "-m", "nflow_np", *arguments]
+    if ranks > 1:
+        command = ["mpiexec", "-n", str(ranks), *command]
+    done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=HANG_GUARD)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def assert_close(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> None:
+    """Every float array within ``RELATIVE`` of the reference's largest entry; the same names."""
+    assert sorted(ours) == sorted(reference)
+    for name, value in reference.items():
+        if value.dtype.kind == "f":
+            scale = max(float(np.abs(value).max()), 1e-300)
+            assert float(np.abs(ours[name] - value).max()) <= RELATIVE * scale, name
+        else:
+            np.testing.assert_array_equal(ours[name], value)
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+# -- the pieces, in one process -------------------------------------------------------------------------------
+
+
+class FakeComm:
+    """Rank ``k`` of ``p`` for the functions that only ask where they are."""
+
+    def __init__(self, k: int, p: int) -> None:
+        self.k, self.p = k, p
+
+    def Get_rank(self) -> int:
+        return self.k
+
+    def Get_size(self) -> int:
+        return self.p
+
+
+@pytest.mark.parametrize("p", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 96, 97, 101])
+def test_shards_tile_the_batch_in_rank_order(n: int, p: int) -> None:
+    shards = [distributed.shard(FakeComm(k, p), n) for k in range(p)]
+    assert [i for s in shards for i in range(n)[s]] == list(range(n))
+    sizes = [s.stop - s.start for s in shards]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in distributed.WORLD_SIZE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.resolve(None) is None
+    assert distributed.resolve("auto") is None  # not launched by mpiexec: one process, nothing imported
+    with pytest.raises(TypeError, match="'auto' or an mpi4py communicator"):
+        distributed.resolve("world")
+    with pytest.raises(TypeError, match="got FakeComm"):
+        distributed.resolve(FakeComm(0, 2))
+    from mpi4py import MPI
+
+    assert distributed.resolve(MPI.COMM_SELF) is MPI.COMM_SELF
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # import mpi4py now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'nflow_np\[mpi\]'"):
+        distributed.resolve("auto")
+
+
+def test_one_rank_is_the_single_process_run_bit_for_bit() -> None:
+    """P = 1 through the whole reduction (weight 1, a sum of one term) changes no bit."""
+    from mpi4py import MPI
+
+    single = distributed_script.run_fit(None, None, None, epochs=3)
+    one_rank = distributed_script.run_fit(MPI.COMM_SELF, None, None, epochs=3)
+    for name, value in single.items():
+        np.testing.assert_array_equal(one_rank[name], value, err_msg=name)
+
+
+def test_batch_norms_are_refused() -> None:
+    from mpi4py import MPI
+
+    model = build_model("realnvp", 2, layers=2, hidden=(8,))
+    model.flow.flows.insert(1, BatchNorm(2))
+    model.flow.children = {str(k): layer for k, layer in enumerate(model.flow.flows)}
+    with pytest.raises(ValueError, match="BatchNorm flow.1 normalises each training batch by its own statistics"):
+        distributed.backward(MPI.COMM_SELF, model, np.zeros((4, 2)), model.nll_and_backward)
+
+
+# -- the library under mpiexec ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fit_on_ranks_matches_one_process(ranks: int, tmp_path: Path) -> None:
+    """Batch 96 (shards 48 or 32), validation 101 rows (shards 51/50, 34/34/33), 100 steps."""
+    mpiexec(ranks, str(SCRIPT), "fit", str(tmp_path / "params.npz"))
+    assert_close(load(tmp_path / "params.npz"), distributed_script.run_fit(None, None, None))
+
+
+def test_fit_vi_on_three_ranks_matches_one_process(tmp_path: Path) -> None:
+    """50 draws per step: shards 17, 17, 16."""
+    mpiexec(3, str(SCRIPT), "vi", str(tmp_path / "params.npz"))
+    assert_close(load(tmp_path / "params.npz"), distributed_script.run_vi(None))
+
+
+@pytest.mark.parametrize(("what", "message"), [("fail", "RuntimeError: rank 1 of 3 failed: injected failure in the "
+                                                "third step"),
+                                               ("fail-eval", "ValueError: rank 2 of 3 failed: injected failure in "
+                                                "the validation")])
+def test_a_failing_rank_stops_every_rank_with_its_error(what: str, message: str, tmp_path: Path) -> None:
+    done = mpiexec(3, str(SCRIPT), what, str(tmp_path / "params.npz"), check=False)
+    assert done.returncode != 0
+    for k in range(3):  # every rank raised the failing rank's error, rank 0 included
+        assert f"rank {k}: {message}" in done.stderr
+    assert not (tmp_path / "params.npz").exists()
+
+
+# -- nflow train under mpiexec ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_nflow_train_on_ranks_matches_one_process(ranks: int, tmp_path: Path) -> None:
+    nflow(1, "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "one"))
+    done = nflow(ranks, "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "many"))
+    assert done.stdout.count("wrote model.npz") == 1 and done.stderr == ""  # rank 0 alone speaks
+    assert_close(load(tmp_path / "many" / "model.npz"), load(tmp_path / "one" / "model.npz"))
+
+
+def test_checkpoint_at_two_ranks_resumes_at_one_and_three(tmp_path: Path) -> None:
+    """50 steps at P = 2, then 50 more at P = 1 and at P = 3: the run checkpointed and resumed in one process."""
+    first = [*TOY, "--epochs", "5", "--checkpoint-every", "50"]
+    nflow(1, "train", *first, "--out", str(tmp_path / "single"))
+    nflow(1, "train", "--resume", str(tmp_path / "single"), "--epochs", "10", "--no-progress")
+    nflow(2, "train", *first, "--out", str(tmp_path / "two"))
+    shutil.copytree(tmp_path / "two", tmp_path / "two-again")
+    nflow(1, "train", "--resume", str(tmp_path / "two"), "--epochs", "10", "--no-progress")
+    nflow(3, "train", "--resume", str(tmp_path / "two-again"), "--epochs", "10", "--no-progress")
+    reference = load(tmp_path / "single" / "model.npz")
+    assert_close(load(tmp_path / "two" / "model.npz"), reference)
+    assert_close(load(tmp_path / "two-again" / "model.npz"), reference)
+
+
+def test_nflow_train_stops_every_rank_when_one_fails_in_a_step(tmp_path: Path) -> None:
+    done = mpiexec(2, str(SCRIPT), "cli-fail", "--", "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "run"),
+                   check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "nflow train: error: rank 1 of 2 failed: injected failure in the third step"
+    assert not (tmp_path / "run" / "model.npz").exists()
+
+
+def test_nflow_train_aborts_the_job_when_a_rank_leaves_outside_a_step(tmp_path: Path) -> None:
+    """Rank 1 fails before training while rank 0 waits for it in the first step: the exit agreement aborts."""
+    done = mpiexec(2, str(SCRIPT), "cli-leave", "--", "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "run"),
+                   check=False)
+    assert done.returncode != 0
+    assert "nflow (rank 1 of 2): OSError: injected failure before training; the other ranks do not" in done.stderr
+    assert not (tmp_path / "run" / "model.npz").exists()
+
+
+def test_ranks_with_empty_shards_contribute_nothing(tmp_path: Path) -> None:
+    """Batches of 2 rows on 3 ranks: rank 2's shards are empty (weight 0); the run is still the one-process run."""
+    mpiexec(3, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--batch", "2", "--epochs", "1")
+    assert_close(load(tmp_path / "params.npz"), distributed_script.run_fit(None, None, None, epochs=1, batch=2))
