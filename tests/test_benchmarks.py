@@ -81,7 +81,7 @@ def test_smoke_suite_writes_well_formed_results_and_plots(tmp_path: Path) -> Non
 
 def test_suite_runs_without_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    monkeypatch.delitem(sys.modules, "benchmarks.torch_reference", raising=False)
+    monkeypatch.delitem(sys.modules, f"{suite.__package__}.torch_reference", raising=False)
     results = run_suite(tmp_path, "--sections", "sample", "train", "--repeats", "1", "--no-plots")
     check_well_formed(results, ["train", "sample"])
     assert results["machine"]["torch"] is None
