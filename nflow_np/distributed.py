@@ -240,6 +240,50 @@ def _named_modules(module: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield from _named_modules(child, f"{prefix}{name}.")
 
 
+class _ShardOfGlobalDraws:
+    """A layer's generator, seen by a rank: each draw for the shard's rows is the slice of one draw for all rows.
+
+    So a layer that draws per-row noise in its forward pass (dequantisation) gives each row the noise one
+    process would have given it, and every rank's generator advances alike (by the whole batch's draws).
+    """
+
+    def __init__(self, rng: np.random.Generator, n_global: int, rows: slice) -> None:
+        self.rng, self.n_global, self.rows = rng, n_global, rows
+
+    def _slice(self, method: str, shape: tuple, **kwargs: object) -> np.ndarray:
+        return getattr(self.rng, method)((self.n_global, *tuple(shape)[1:]), **kwargs)[self.rows]
+
+    def random(self, size: tuple, dtype: object = np.float64) -> np.ndarray:
+        return self._slice("random", size, dtype=dtype)
+
+    def standard_normal(self, size: tuple, dtype: object = np.float64) -> np.ndarray:
+        return self._slice("standard_normal", size, dtype=dtype)
+
+
+def _drawing_layers(module: Any) -> list[Any]:
+    """The layers that draw from a NumPy generator of their own in the forward pass (``rng``)."""
+    return [layer for layer in module.modules() if isinstance(getattr(layer, "rng", None), np.random.Generator)]
+
+
+@contextlib.contextmanager
+def _global_draws(module: Any, n_global: int, rows: slice) -> Iterator[None]:
+    """Inside the block, the drawing layers of ``module`` draw for ``n_global`` rows and keep ``rows``."""
+    layers = _drawing_layers(module)
+    for layer in layers:
+        layer.rng = _ShardOfGlobalDraws(layer.rng, n_global, rows)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.rng = layer.rng.rng
+
+
+def _skip_draws(module: Any, n_global: int, dtype: np.dtype) -> None:
+    """An empty shard: advance each drawing layer's generator as the others' do (``n_global`` rows of ``dtype``)."""
+    for layer in _drawing_layers(module):
+        layer.rng.random((n_global, layer.dim), dtype=dtype)
+
+
 def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Callable[[np.ndarray], float]) -> float:
     """One data-parallel forward/backward of ``module`` on the global ``batch``: the mean loss, gradients in ``grads``.
 
@@ -254,14 +298,20 @@ def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Calla
     if comm is None:
         return loss_and_backward(batch)
     _refuse_batch_statistics(module)
-    n = batch.shape[0]
-    error, loss, rows = None, 0.0, batch[shard(comm, n)]
+    n, mine = batch.shape[0], shard(comm, batch.shape[0])
+    error, loss, rows = None, 0.0, batch[mine]
     try:
         if _uninitialized(module):  # the start one process takes from this batch, taken from all of it
+            states = [layer.rng.bit_generator.state for layer in _drawing_layers(module)]
             loss_and_backward(batch)
             module.zero_grad()
+            for layer, state in zip(_drawing_layers(module), states, strict=True):
+                layer.rng.bit_generator.state = state  # the step below draws this batch's noise again
         if rows.shape[0]:
-            loss = loss_and_backward(rows)
+            with _global_draws(module, n, mine):
+                loss = loss_and_backward(rows)
+        else:
+            _skip_draws(module, n, batch.dtype)
     except Exception as raised:
         error = raised
     return reduce_gradients(comm, module, loss, rows.shape[0], n, error)
@@ -325,9 +375,14 @@ def evaluate_nll(comm: Any, model: Any, x: np.ndarray, batch_size: int = 8192) -
 
     An error on one rank (a row whose density overflows) is raised on every rank, its type kept.
     """
-    rows = x[shard(comm, x.shape[0])]
     total = np.zeros(1)
     with collectively(comm):
-        for start in range(0, rows.shape[0], batch_size):
-            total[0] += float(-model.log_prob(rows[start : start + batch_size]).sum())
+        for start in range(0, x.shape[0], batch_size):  # one process's batches, each one sharded
+            chunk = x[start : start + batch_size]
+            mine = shard(comm, chunk.shape[0])
+            if mine.stop > mine.start:
+                with _global_draws(model, chunk.shape[0], mine):
+                    total[0] += float(-model.log_prob(chunk[mine]).sum())
+            else:
+                _skip_draws(model, chunk.shape[0], chunk.dtype)
     return float(sum_in_rank_order(comm, total)[0]) / x.shape[0]

@@ -155,6 +155,12 @@ def test_fit_vi_on_three_ranks_matches_one_process(tmp_path: Path) -> None:
     assert_close(load(tmp_path / "params.npz"), distributed_script.run_vi(None))
 
 
+def test_image_nice_on_three_ranks_matches_one_process(tmp_path: Path) -> None:
+    """Dequantisation noise drawn in the forward pass: each shard gets the rows' noise one process draws."""
+    mpiexec(3, str(SCRIPT), "nice", str(tmp_path / "params.npz"))
+    assert_close(load(tmp_path / "params.npz"), distributed_script.run_nice(None))
+
+
 @pytest.mark.parametrize(("what", "message"), [("fail", "RuntimeError: rank 1 of 3 failed: injected failure in the "
                                                 "third step"),
                                                ("fail-eval", "ValueError: rank 2 of 3 failed: injected failure in "
