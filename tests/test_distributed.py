@@ -8,6 +8,7 @@ equal; at P > 1 equal to 1e-6 relative (the sums are grouped per shard; measured
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -219,3 +220,17 @@ def test_ranks_with_empty_shards_contribute_nothing(tmp_path: Path) -> None:
     """Batches of 2 rows on 3 ranks: rank 2's shards are empty (weight 0); the run is still the one-process run."""
     mpiexec(3, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--batch", "2", "--epochs", "1")
     assert_close(load(tmp_path / "params.npz"), distributed_script.run_fit(None, None, None, epochs=1, batch=2))
+
+
+def test_distributed_benchmark_runs_quick(tmp_path: Path) -> None:
+    """``python -m benchmarks.distributed --quick`` at P = 1 and 2: a row per model and rank count, every rank timed."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--quick", "--steps", "2", "--out",
+                           str(tmp_path)], cwd=REPO, env=environment(), capture_output=True, text=True,
+                          timeout=HANG_GUARD)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((tmp_path / "distributed.json").read_text())["results"]
+    assert [(r["model"], r["ranks"]) for r in results] == [("realnvp", 1), ("realnvp", 2), ("nice", 1), ("nice", 2)]
+    for r in results:
+        assert len(r["per_rank_ms"]) == r["ranks"] and r["samples_per_s"] > 0 and r["steps"] == 2
+        assert all(m["reduce"] >= 0 and m["compute"] > 0 for m in r["per_rank_ms"])
+    assert "samples/s" in (tmp_path / "distributed.txt").read_text()
