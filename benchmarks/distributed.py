@@ -78,7 +78,7 @@ def worker(model: str, steps: int, quick: bool) -> dict:
             comm.Barrier()  # every step starts together, so "reduce" measures this step's wait only
             t0 = time.perf_counter()
             flow.zero_grad()
-            with distributed._global_draws(flow, batch, mine):
+            with distributed.global_draws(flow, batch, mine):
                 loss = flow.nll_and_backward(x[mine])
             t1 = time.perf_counter()
             distributed.reduce_gradients(comm, flow, loss, mine.stop - mine.start, batch)

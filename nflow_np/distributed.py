@@ -28,11 +28,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from nflow_np import backend
+from nflow_np.distributed_layers import batch_norms, drawing_layers, global_draws, skip_draws, synced_batch_norms
 
 MPI_EXTRA = "pip install 'nflow_np[mpi]'"
 WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
@@ -218,72 +220,6 @@ def _uninitialized(module: Any) -> bool:
     return any(getattr(layer, "initialized", True) is False for layer in module.modules())
 
 
-def _refuse_batch_statistics(module: Any) -> None:
-    """Refuse batch norms: a training step normalises each shard by its own statistics, which no gradient sum fixes.
-
-    (A synchronised batch norm would sum the per-channel moments over the ranks in its forward and
-    backward passes; ``docs/distributed.md#batch-norm``.)
-    """
-    for name, layer in _named_modules(module):
-        if "running_mean" in getattr(layer, "params", {}):
-            raise ValueError(
-                f"{type(layer).__name__} {name or '(the model)'} normalises each training batch by its own "
-                "statistics, so a data-parallel step (each rank's shard normalised by the shard's statistics) "
-                "would not be the single-process step: distributed training does not support batch norms yet "
-                "(train a model without them, e.g. NICE, or run one process)"
-            )
-
-
-def _named_modules(module: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    yield prefix.rstrip("."), module
-    for name, child in getattr(module, "children", {}).items():
-        yield from _named_modules(child, f"{prefix}{name}.")
-
-
-class _ShardOfGlobalDraws:
-    """A layer's generator, seen by a rank: each draw for the shard's rows is the slice of one draw for all rows.
-
-    So a layer that draws per-row noise in its forward pass (dequantisation) gives each row the noise one
-    process would have given it, and every rank's generator advances alike (by the whole batch's draws).
-    """
-
-    def __init__(self, rng: np.random.Generator, n_global: int, rows: slice) -> None:
-        self.rng, self.n_global, self.rows = rng, n_global, rows
-
-    def _slice(self, method: str, shape: tuple, **kwargs: object) -> np.ndarray:
-        return getattr(self.rng, method)((self.n_global, *tuple(shape)[1:]), **kwargs)[self.rows]
-
-    def random(self, size: tuple, dtype: object = np.float64) -> np.ndarray:
-        return self._slice("random", size, dtype=dtype)
-
-    def standard_normal(self, size: tuple, dtype: object = np.float64) -> np.ndarray:
-        return self._slice("standard_normal", size, dtype=dtype)
-
-
-def _drawing_layers(module: Any) -> list[Any]:
-    """The layers that draw from a NumPy generator of their own in the forward pass (``rng``)."""
-    return [layer for layer in module.modules() if isinstance(getattr(layer, "rng", None), np.random.Generator)]
-
-
-@contextlib.contextmanager
-def _global_draws(module: Any, n_global: int, rows: slice) -> Iterator[None]:
-    """Inside the block, the drawing layers of ``module`` draw for ``n_global`` rows and keep ``rows``."""
-    layers = _drawing_layers(module)
-    for layer in layers:
-        layer.rng = _ShardOfGlobalDraws(layer.rng, n_global, rows)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.rng = layer.rng.rng
-
-
-def _skip_draws(module: Any, n_global: int, dtype: np.dtype) -> None:
-    """An empty shard: advance each drawing layer's generator as the others' do (``n_global`` rows of ``dtype``)."""
-    for layer in _drawing_layers(module):
-        layer.rng.random((n_global, layer.dim), dtype=dtype)
-
-
 def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Callable[[np.ndarray], float]) -> float:
     """One data-parallel forward/backward of ``module`` on the global ``batch``: the mean loss, gradients in ``grads``.
 
@@ -297,24 +233,52 @@ def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Calla
     """
     if comm is None:
         return loss_and_backward(batch)
-    _refuse_batch_statistics(module)
     n, mine = batch.shape[0], shard(comm, batch.shape[0])
+    if n < size(comm) and batch_norms(module):
+        raise ValueError(
+            f"a batch of {n} rows on {size(comm)} ranks leaves a rank without rows, and its batch norms could not "
+            "take part in the batch statistics: use a batch of at least one row per rank"
+        )
     error, loss, rows = None, 0.0, batch[mine]
     try:
         if _uninitialized(module):  # the start one process takes from this batch, taken from all of it
-            states = [layer.rng.bit_generator.state for layer in _drawing_layers(module)]
+            states = [layer.rng.bit_generator.state for layer in drawing_layers(module)]
+            running = [{k: v.copy() for k, v in layer.params.items() if k.startswith("running_")}
+                       for layer in batch_norms(module)]
             loss_and_backward(batch)
             module.zero_grad()
-            for layer, state in zip(_drawing_layers(module), states, strict=True):
+            for layer, state in zip(drawing_layers(module), states, strict=True):
                 layer.rng.bit_generator.state = state  # the step below draws this batch's noise again
+            for layer, saved in zip(batch_norms(module), running, strict=True):
+                for name, value in saved.items():  # ... and moves the running averages again
+                    layer.params[name][...] = value
         if rows.shape[0]:
-            with _global_draws(module, n, mine):
+            add = partial(sum_in_rank_order, comm)
+            with global_draws(module, n, mine), synced_batch_norms(add, module, rows.shape[0], n):
                 loss = loss_and_backward(rows)
         else:
-            _skip_draws(module, n, batch.dtype)
+            skip_draws(module, n, batch.dtype)
     except Exception as raised:
+        if batch_norms(module):
+            _abort(comm, raised)
         error = raised
     return reduce_gradients(comm, module, loss, rows.shape[0], n, error)
+
+
+def _abort(comm: Any, error: BaseException) -> None:
+    """End the job from a rank that failed inside a step with batch norms, whose partners wait in a batch statistic.
+
+    The batch norms' reductions sit inside the forward and backward passes, so the other ranks cannot
+    reach the step's reduction where an error is shared: the error is printed here and ``MPI_Abort``
+    ends every rank (``docs/distributed.md#failures``).
+    """
+    import sys
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"nflow: rank {rank(comm)} of {size(comm)} failed inside a step whose batch norms the other ranks wait "
+          f"in ({type(error).__name__}: {error}): aborting the job", file=sys.stderr, flush=True)
+    comm.Abort(2)
 
 
 def reduce_gradients(
@@ -381,8 +345,8 @@ def evaluate_nll(comm: Any, model: Any, x: np.ndarray, batch_size: int = 8192) -
             chunk = x[start : start + batch_size]
             mine = shard(comm, chunk.shape[0])
             if mine.stop > mine.start:
-                with _global_draws(model, chunk.shape[0], mine):
+                with global_draws(model, chunk.shape[0], mine):
                     total[0] += float(-model.log_prob(chunk[mine]).sum())
             else:
-                _skip_draws(model, chunk.shape[0], chunk.dtype)
+                skip_draws(model, chunk.shape[0], chunk.dtype)
     return float(sum_in_rank_order(comm, total)[0]) / x.shape[0]

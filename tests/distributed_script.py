@@ -5,7 +5,8 @@
 
 ``fit``: 100 float64 Adam steps of a RealNVP on two moons (batch 96, so P = 3 gives shards 32, 32, 32 and
 P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process or data-parallel.
-``nice``: a small image NICE on the digits, whose dequantisation draws noise in the forward pass.
+``nice``, ``realnvp``: a small image NICE or RealNVP (batch norms) on the digits; dequantisation draws noise in the
+forward pass.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
 ``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation.
 ``cli-fail``: ``nflow train`` with rank 1 raising in its third step; ``cli-leave``: rank 1 raising
@@ -22,7 +23,7 @@ import numpy as np
 from nflow_np import distributed
 from nflow_np.architectures import build_model
 from nflow_np.data import load_toy
-from nflow_np.optim import Adam
+from nflow_np.optim import SGD, Adam
 from nflow_np.train import fit
 
 ROWS, BATCH, EPOCHS = 960, 96, 10  # 10 steps per epoch: 100 steps
@@ -83,19 +84,26 @@ def command_line(what: str, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def run_nice(comm: object) -> dict[str, np.ndarray]:
-    """Two epochs of a small NICE on the 8×8 digits (dequantisation noise drawn in the forward pass), batch 90."""
+def run_image(comm: object, kind: str = "nice") -> dict[str, np.ndarray]:
+    """Two epochs of a small NICE or RealNVP on the 8×8 digits, batch 90.
+
+    Both draw dequantisation noise in the forward pass; the RealNVP's batch norms normalise by the batch's moments.
+    """
     from nflow_np.data.images import load_images
     from nflow_np.image_models import initialize_rescale
     from nflow_np.image_training import build_image_model
 
     splits = load_images("digits", seed=0, dtype=np.float64)
-    model = build_image_model("nice", splits.shape, splits.levels, (16, 16), None, np.float64, 0)
-    initialize_rescale(model, splits.train[:1000])
+    model = build_image_model(kind, splits.shape, splits.levels, (16, 16), None, np.float64, 0)
+    if kind == "nice":
+        initialize_rescale(model, splits.train[:1000])
     rows = splits.train.reshape(splits.train.shape[0], -1)
     val = splits.val.reshape(splits.val.shape[0], -1)
-    fit(model, rows, val, optimizer=Adam(model, lr=1e-3), epochs=2, batch_size=90, seed=1, patience=None,
-        progress=False, comm=comm)
+    # RealNVP by SGD: its batch norms' log-scale gradients nearly cancel (~1e-8), where Adam's step
+    # g / (√v + ε) magnifies a rounding difference by lr/ε ~ 1e5 (docs/distributed.md#floating-point)
+    optimizer = Adam(model, lr=1e-3) if kind == "nice" else SGD(model, lr=1e-2)
+    fit(model, rows, val, optimizer=optimizer, epochs=2, batch_size=90, seed=1, patience=None, progress=False,
+        comm=comm)
     return model.state_dict()
 
 
@@ -103,7 +111,7 @@ def main() -> int:
     if sys.argv[1].startswith("cli-"):
         return command_line(sys.argv[1], sys.argv[3:])
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("fit", "vi", "nice", "fail", "fail-eval"))
+    parser.add_argument("what", choices=("fit", "vi", "nice", "realnvp", "fail", "fail-eval"))
     parser.add_argument("out")
     parser.add_argument("--resume")
     parser.add_argument("--checkpoint")
@@ -115,8 +123,8 @@ def main() -> int:
     world = distributed.resolve(comm)
     if args.what == "vi":
         params = run_vi(comm)
-    elif args.what == "nice":
-        params = run_nice(comm)
+    elif args.what in ("nice", "realnvp"):
+        params = run_image(comm, args.what)
     else:
         if args.what.startswith("fail"):
             from nflow_np.model import FlowModel
