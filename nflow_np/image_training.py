@@ -218,7 +218,7 @@ def train_image_model(
     Writes ``model.npz``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
     ``reconstructions.png`` and ``interpolations.png``. With ``comm`` the training runs data-parallel
-    (:mod:`nflow_np.distributed`; models without batch norms, i.e. NICE) and rank 0 writes the files.
+    (:mod:`nflow_np.distributed`; batch norms use the whole batch's moments) and rank 0 writes the files.
 
     Returns
     -------
