@@ -1,7 +1,7 @@
 """What ``tests/test_distributed.py`` runs under ``mpiexec -n P``: a fit (or VI fit) whose parameters rank 0 saves.
 
     mpiexec -n P python tests/distributed_script.py fit|vi|fail|fail-eval OUT.npz [--checkpoint DIR] [--resume DIR]
-    mpiexec -n P python tests/distributed_script.py cli-fail|cli-leave -- NFLOW-TRAIN-ARGUMENTS...
+    mpiexec -n P python tests/distributed_script.py cli-fail|cli-leave|cli-kill -- NFLOW-TRAIN-ARGUMENTS...
 
 ``fit``: 100 float64 Adam steps of a RealNVP on two moons (batch 96, so P = 3 gives shards 32, 32, 32 and
 P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process or data-parallel.
@@ -10,12 +10,15 @@ forward pass.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
 ``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation.
 ``cli-fail``: ``nflow train`` with rank 1 raising in its third step; ``cli-leave``: rank 1 raising
-before training, outside any collective call (so the others wait for it inside the first step).
+before training, outside any collective call (so the others wait for it inside the first step);
+``cli-kill``: rank 1 killed by SIGKILL in its 45th step.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 import numpy as np
@@ -76,6 +79,16 @@ def command_line(what: str, argv: list[str]) -> int:
             return plain_step(self, x)
 
         FlowModel.nll_and_backward = failing_step
+    elif what == "cli-kill":
+        plain_step, calls = FlowModel.nll_and_backward, {"steps": 0}
+
+        def killed_step(self: FlowModel, x: np.ndarray) -> float:
+            calls["steps"] += 1
+            if calls["steps"] == 45 and rank == 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return plain_step(self, x)
+
+        FlowModel.nll_and_backward = killed_step
     elif rank == 1:
         def leave(*args: object, **kwargs: object) -> float:
             raise OSError("injected failure before training")

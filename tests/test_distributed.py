@@ -233,6 +233,30 @@ def test_nflow_train_aborts_the_job_when_a_rank_leaves_outside_a_step(tmp_path: 
     assert not (tmp_path / "run" / "model.npz").exists()
 
 
+def test_a_rank_killed_by_a_signal_ends_the_job_and_the_checkpoint_resumes(tmp_path: Path) -> None:
+    """SIGKILL on rank 1 in step 45: MPI's launcher ends the job; the checkpoint of step 30 resumes in one process."""
+    arguments = [*TOY, "--epochs", "10", "--checkpoint-every", "30"]
+    done = mpiexec(2, str(SCRIPT), "cli-kill", "--", "train", *arguments, "--out", str(tmp_path / "run"), check=False)
+    assert done.returncode != 0
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-000000030.npz"]
+    nflow(1, "train", "--resume", str(tmp_path / "run"), "--no-plots", "--no-progress")
+    nflow(1, "train", *arguments, "--out", str(tmp_path / "uninterrupted"))
+    assert_close(load(tmp_path / "run" / "model.npz"), load(tmp_path / "uninterrupted" / "model.npz"))
+
+
+def test_one_process_imports_no_mpi(tmp_path: Path) -> None:
+    """fit, nflow train and "auto" outside mpiexec never import mpi4py (it is an optional extra)."""
+    code = ("import sys, numpy as np; from nflow_np.cli import main; from nflow_np.train import fit; "
+            "from nflow_np.architectures import build_model; m = build_model('nice', 2, layers=2, hidden=(4,)); "
+            "fit(m, np.zeros((8, 2)), epochs=1, batch_size=4, progress=False, comm='auto'); "
+            f"main(['train', '--data', 'two_moons', '--epochs', '1', '--n-train', '64', '--no-plots', '--out', "
+            f"{str(tmp_path / 'run')!r}]); assert 'mpi4py' not in sys.modules, 'mpi4py was imported'")
+    environment_without_launcher = {k: v for k, v in environment().items() if k not in distributed.WORLD_SIZE_VARIABLES}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment_without_launcher,
+                          capture_output=True, text=True, timeout=HANG_GUARD)
+    assert done.returncode == 0, done.stderr
+
+
 def test_ranks_with_empty_shards_contribute_nothing(tmp_path: Path) -> None:
     """Batches of 2 rows on 3 ranks: rank 2's shards are empty (weight 0); the run is still the one-process run."""
     mpiexec(3, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--batch", "2", "--epochs", "1")
