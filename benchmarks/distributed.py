@@ -3,10 +3,11 @@
     python -m benchmarks.distributed [--ranks 1 2] [--steps 60] [--quick] [--out runs/bench/distributed]
 
 For each model, ``mpiexec -n P`` runs the data-parallel step of :mod:`nflow_np.distributed` with one
-BLAS (and Numba) thread per rank, and times its three parts on every rank: the shard's forward and
-backward pass (``compute``), :func:`~nflow_np.distributed.reduce_gradients` (``reduce``: the gather,
-the sum in rank order and the broadcast of one flat buffer, including the wait for the slowest rank)
-and the Adam step. Throughput is the global batch over the median step time. Models:
+BLAS (and Numba) thread per rank, and times its parts on every rank: the shard's forward and backward
+pass (``compute``), a barrier (``wait``: for the slowest rank's compute, i.e. load imbalance),
+:func:`~nflow_np.distributed.reduce_gradients` (``reduce``: the gather, the sum in rank order and the
+broadcast of one flat buffer) and the Adam step. The table shows the slowest rank's compute, the longest
+wait, and that rank's reduce and Adam. Throughput is the global batch over the median step time. Models:
 
 - ``realnvp``: the benchmark suite's RealNVP (``benchmarks/sections.py``: 64 dimensions, 8 affine
   couplings of 256-256 nets, batch 512, float32) on Gaussian rows;
@@ -69,7 +70,7 @@ def worker(model: str, steps: int, quick: bool) -> dict:
     flow, rows, batch = build(model, quick)
     optimizer = Adam(flow, lr=1e-4)
     order = np.random.default_rng(1).permutation(rows.shape[0])
-    parts = {"compute": [], "reduce": [], "adam": [], "step": []}
+    parts = {"compute": [], "wait": [], "reduce": [], "adam": [], "step": []}
     warm_up = 3
     with threadpool_limits(limits=1, user_api="blas"):
         for i in range(warm_up + steps):
@@ -81,12 +82,14 @@ def worker(model: str, steps: int, quick: bool) -> dict:
             with distributed.global_draws(flow, batch, mine):
                 loss = flow.nll_and_backward(x[mine])
             t1 = time.perf_counter()
-            distributed.reduce_gradients(comm, flow, loss, mine.stop - mine.start, batch)
+            comm.Barrier()  # measured apart: the wait for the slowest rank's compute
             t2 = time.perf_counter()
-            optimizer.step()
+            distributed.reduce_gradients(comm, flow, loss, mine.stop - mine.start, batch)
             t3 = time.perf_counter()
+            optimizer.step()
+            t4 = time.perf_counter()
             if i >= warm_up:
-                for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0), strict=True):
+                for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
                     parts[name].append(seconds)
     medians = {name: float(np.median(values)) for name, values in parts.items()}
     everyone = comm.gather(medians, root=0)
@@ -117,7 +120,7 @@ def run(ranks: int, model: str, steps: int, quick: bool) -> dict:
 
 def table(results: list[dict]) -> str:
     """One row per model and rank count: samples/s, speed-up over P = 1, ms per step split into its parts."""
-    lines = ["model     P  batch  samples/s  speed-up  step ms (min-max)      compute ms  reduce ms  adam ms  "
+    lines = ["model     P  batch  samples/s  speed-up  step ms (min-max)      compute ms  wait ms  reduce ms  adam ms  "
              "buffer MiB"]
     single = {r["model"]: r["samples_per_s"] for r in results if r["ranks"] == 1}
     for r in results:
@@ -127,7 +130,8 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"{r['model']:<8} {r['ranks']:>2} {r['batch']:>6} {r['samples_per_s']:>10.0f} {speedup:>9.2f}  "
             f"{step['median']:>7.2f} ({step['min']:.2f}-{step['max']:.2f})  {slowest['compute']:>10.2f} "
-            f"{slowest['reduce']:>10.2f} {slowest['adam']:>8.2f} {r['buffer_bytes'] / 2**20:>11.2f}"
+            f"{max(m['wait'] for m in r['per_rank_ms']):>8.2f} {slowest['reduce']:>10.2f} {slowest['adam']:>8.2f} "
+            f"{r['buffer_bytes'] / 2**20:>11.2f}"
         )
     return "\n".join(lines)
 

@@ -287,9 +287,10 @@ def reduce_gradients(
     """Replace this rank's shard-mean gradients by the global batch's mean: ``g = Σ_k (n_k/N) g_k`` in rank order.
 
     One flat buffer ``[w·g_k (every parameter, in named_parameters order), w·L_k, failed]`` with
-    ``w = n_local / n_global`` is gathered to rank 0, summed there in rank order and broadcast
-    (:func:`sum_in_rank_order`); each gradient array is then overwritten with its slice. The buffer
-    has the gradients' dtype.
+    ``w = n_local / n_global`` is gathered to rank 0 (into the gather's own row there: ``MPI_IN_PLACE``),
+    summed there in rank order and broadcast (as :func:`sum_in_rank_order`); each gradient array is
+    then overwritten with its slice. The buffer has the gradients' dtype and is kept between steps.
+    With one rank nothing is sent: the weight is 1 and the sum has one term.
 
     Parameters
     ----------
@@ -308,14 +309,15 @@ def reduce_gradients(
     float
         The global batch's mean loss, the same on every rank.
     """
-    if comm is None:
+    if comm is None or size(comm) == 1:  # w = 1 and a sum of one term: the gradients as they are
         if error is not None:
             raise error
         return loss
     grads = [grad for _, _, grad in module.named_parameters()]
     dtype = grads[0].dtype if grads else np.dtype(np.float64)
     sizes = [grad.size for grad in grads]
-    buffer = np.zeros(sum(sizes) + 2, dtype=dtype)
+    gathered = _buffers(comm, sum(sizes) + 2, dtype)
+    buffer = gathered[0]  # on rank 0 its own row of the gather, so that it is never copied
     weight = n_local / n_global
     if error is None and n_local:
         offset = 0
@@ -323,8 +325,17 @@ def reduce_gradients(
             np.multiply(backend.to_host(grad).reshape(-1), dtype.type(weight), out=buffer[offset : offset + count])
             offset += count
         buffer[-2] = weight * loss
+    else:
+        buffer[:-1] = 0
     buffer[-1] = error is not None
-    total = sum_in_rank_order(comm, buffer)
+    if is_root(comm):
+        comm.Gather(_mpi().IN_PLACE, gathered, root=0)
+        for row in gathered[1:]:  # k = 1, …, P − 1: the order is the ranks', not the arrivals'
+            buffer += row
+    else:
+        comm.Gather(buffer, None, root=0)
+    comm.Bcast(buffer, root=0)
+    total = buffer
     _raise_agreed(comm, int(total[-1]), error)
     offset = 0
     for grad, count in zip(grads, sizes, strict=True):
@@ -332,6 +343,21 @@ def reduce_gradients(
         grad[...] = values if isinstance(grad, np.ndarray) else backend.array_module(grad).asarray(values)
         offset += count
     return float(total[-2])
+
+
+_BUFFERS: dict[tuple, np.ndarray] = {}
+
+
+def _buffers(comm: Any, count: int, dtype: np.dtype) -> np.ndarray:
+    """The reduction's buffers, kept from step to step (fresh pages every step would cost a page fault each).
+
+    Rank 0: the ``(P, count)`` gather; another rank: its ``(1, count)`` row. Overwritten by every step.
+    """
+    key = (id(comm), comm.Get_size(), is_root(comm), count, np.dtype(dtype).str)
+    if key not in _BUFFERS:
+        _BUFFERS.clear()  # one model trains at a time: keep only its buffers
+        _BUFFERS[key] = np.zeros((size(comm) if is_root(comm) else 1, count), dtype=dtype)
+    return _BUFFERS[key]
 
 
 def evaluate_nll(comm: Any, model: Any, x: np.ndarray, batch_size: int = 8192) -> float:
