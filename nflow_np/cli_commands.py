@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np import distributed
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
 from nflow_np.cli_options import TRAIN_DEFAULTS, flag, resolve_train
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
@@ -139,15 +140,12 @@ def train(args: argparse.Namespace) -> int:
     record = provenance(options.get("dtype", "float64"), args.threads)
     print(f"nflow: {describe(record)}", flush=True)
     if options["kind"] == "gmm":
-        from nflow_np.distributed import launched_size
         from nflow_np.vi_cli import run_gmm_command
 
-        if launched_size() > 1:
+        if distributed.launched_size() > 1:
             raise ValueError("a Gaussian mixture (--model gmm) is fitted in one process: run it without mpiexec")
 
         return run_gmm_command(argparse.Namespace(**options, provenance=record))
-    from nflow_np import distributed
-
     comm = distributed.resolve("auto")  # MPI.COMM_WORLD under mpiexec -n P > 1 (docs/distributed.md)
     if options["kind"] == "image":
         return _train_images(options, out, record, comm)
@@ -186,8 +184,6 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
         bar.set_postfix(val_nll=f"{entry['val_nll']:.2f}", refresh=True)
 
     if options.get("force"):
-        from nflow_np import distributed
-
         distributed.on_root(comm, lambda: set_aside_checkpoints(out))
     # the kernels the image models share with a small toy model (coupling laws, nets, Adam), compiled before
     # the progress bar starts, so that its ETA measures training
@@ -196,8 +192,8 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
     try:
         summary = train_image_model(
             options["data"], options["model"], out, seed=options["seed"], dtype=options["dtype"], progress=False,
-            on_epoch=on_epoch, record={"provenance": record, "backend": record["backend"]}, comm=comm, **memory,
-            **settings,
+            on_epoch=on_epoch, comm=comm, **memory, **settings,
+            record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
         )
     finally:
         bar.close()

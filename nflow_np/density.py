@@ -184,6 +184,7 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         "arguments": arguments,
         "provenance": provenance(dtype, options.get("threads")),
         "backend": backend.get_backend(),
+        "ranks": distributed.size(comm),  # MPI ranks that trained it (docs/distributed.md)
         "n_params": model.num_parameters(),
         "nll_unit": "nats",
         "train_nll": nll["train"],
