@@ -37,10 +37,10 @@ from nflow_np import backend
 from nflow_np.distributed_layers import batch_norms, drawing_layers, global_draws, skip_draws, synced_batch_norms
 
 MPI_EXTRA = "pip install 'nflow_np[mpi]'"
-WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS")
-"""Set by the launchers (MPICH's Hydra, Open MPI, PMIx, Slurm): how :func:`launched_size` sees a world
-without starting MPI."""
-WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+WORLD_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+"""Set by the launchers (MPICH's Hydra, Slurm's PMI, Open MPI): how :func:`launched_size` sees a world without
+starting MPI. A PMIx launcher that sets neither sets ``PMIX_RANK``; then MPI itself is asked."""
+WORLD_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 
 
 class RankError(RuntimeError):
@@ -59,17 +59,19 @@ def _mpi() -> Any:
 
 
 def launched_size() -> int:
-    """The number of ranks the launcher started (1 without ``mpiexec``), read from its environment variables."""
-    for name in WORLD_SIZE_VARIABLES[:3]:
+    """The number of ranks the launcher started (1 without ``mpiexec``), from its environment variables."""
+    for name in WORLD_SIZE_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
+    if os.environ.get("PMIX_RANK", "").isdigit():
+        return _mpi().COMM_WORLD.Get_size()
     return 1
 
 
 def launched_rank() -> int:
     """This process's rank as the launcher numbered it (0 without ``mpiexec``), without starting MPI."""
-    for name in WORLD_RANK_VARIABLES[:3]:
+    for name in WORLD_RANK_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)

@@ -104,7 +104,7 @@ def test_shards_tile_the_batch_in_rank_order(n: int, p: int) -> None:
 
 
 def test_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in distributed.WORLD_SIZE_VARIABLES:
+    for name in (*distributed.WORLD_SIZE_VARIABLES, *distributed.WORLD_RANK_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     assert distributed.resolve(None) is None
     assert distributed.resolve("auto") is None  # not launched by mpiexec: one process, nothing imported
@@ -251,7 +251,8 @@ def test_one_process_imports_no_mpi(tmp_path: Path) -> None:
             "fit(m, np.zeros((8, 2)), epochs=1, batch_size=4, progress=False, comm='auto'); "
             f"main(['train', '--data', 'two_moons', '--epochs', '1', '--n-train', '64', '--no-plots', '--out', "
             f"{str(tmp_path / 'run')!r}]); assert 'mpi4py' not in sys.modules, 'mpi4py was imported'")
-    environment_without_launcher = {k: v for k, v in environment().items() if k not in distributed.WORLD_SIZE_VARIABLES}
+    launcher = (*distributed.WORLD_SIZE_VARIABLES, *distributed.WORLD_RANK_VARIABLES)
+    environment_without_launcher = {k: v for k, v in environment().items() if k not in launcher}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=environment_without_launcher,
                           capture_output=True, text=True, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
