@@ -275,11 +275,13 @@ def _abort(comm: Any, error: BaseException) -> None:
     ends every rank (``docs/distributed.md#failures``).
     """
     import sys
+    import time
     import traceback
 
     traceback.print_exception(error, file=sys.stderr)
     print(f"nflow: rank {rank(comm)} of {size(comm)} failed inside a step whose batch norms the other ranks wait "
           f"in ({type(error).__name__}: {error}): aborting the job", file=sys.stderr, flush=True)
+    time.sleep(1.0)  # the launcher forwards the message before the abort tears the job down
     comm.Abort(2)
 
 

@@ -31,6 +31,7 @@ from nflow_np import distributed
 EXIT_TIMEOUT = 10.0
 """Seconds a failed rank waits for the others at the exit agreement before aborting the job."""
 POLL = 0.005  # seconds between tests of the agreement, so a waiting rank does not spin on a core
+FORWARD = 1.0  # seconds between a rank's last words and MPI_Abort
 
 
 class Job:
@@ -78,6 +79,7 @@ class Job:
                 print(f"nflow (rank {distributed.rank(self.world)} of {distributed.size(self.world)}): "
                       f"{type(error).__name__}: {error}; the other ranks do not answer: aborting the job",
                       file=sys.stderr, flush=True)
+                time.sleep(FORWARD)  # the launcher forwards the message before the abort tears the job down
                 self.world.Abort(2)
             time.sleep(POLL)
         self._restore()
