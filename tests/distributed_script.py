@@ -8,7 +8,8 @@ P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process o
 ``nice``, ``realnvp``: a small image NICE or RealNVP (batch norms) on the digits; dequantisation draws noise in the
 forward pass.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
-``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation.
+``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation;
+``fail-realnvp``: rank 1 raises in the third step of the image RealNVP, whose batch norms hold collective calls.
 ``cli-fail``: ``nflow train`` with rank 1 raising in its third step; ``cli-leave``: rank 1 raising
 before training, outside any collective call (so the others wait for it inside the first step);
 ``cli-kill``: rank 1 killed by SIGKILL in its 45th step.
@@ -124,7 +125,7 @@ def main() -> int:
     if sys.argv[1].startswith("cli-"):
         return command_line(sys.argv[1], sys.argv[3:])
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("fit", "vi", "nice", "realnvp", "fail", "fail-eval"))
+    parser.add_argument("what", choices=("fit", "vi", "nice", "realnvp", "fail", "fail-eval", "fail-realnvp"))
     parser.add_argument("out")
     parser.add_argument("--resume")
     parser.add_argument("--checkpoint")
@@ -156,12 +157,15 @@ def main() -> int:
                     raise ValueError("injected failure in the validation")
                 return plain_log_prob(self, x)
 
-            if args.what == "fail":
+            if args.what in ("fail", "fail-realnvp"):
                 FlowModel.nll_and_backward = failing_step
             else:
                 FlowModel.log_prob = failing_log_prob
         try:
-            params = run_fit(comm, args.resume, args.checkpoint, args.epochs, args.batch)
+            if args.what == "fail-realnvp":
+                params = run_image(comm, "realnvp")
+            else:
+                params = run_fit(comm, args.resume, args.checkpoint, args.epochs, args.batch)
         except Exception as error:
             print(f"rank {distributed.rank(world)}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             return 3

@@ -180,6 +180,15 @@ def test_a_failing_rank_stops_every_rank_with_its_error(what: str, message: str,
     assert not (tmp_path / "params.npz").exists()
 
 
+def test_a_rank_failing_inside_a_step_with_batch_norms_aborts_the_job(tmp_path: Path) -> None:
+    """The others wait in a batch norm's moments, not at the step's reduction: the failing rank aborts the job."""
+    done = mpiexec(3, str(SCRIPT), "fail-realnvp", str(tmp_path / "params.npz"), check=False)
+    assert done.returncode != 0
+    assert "RuntimeError: injected failure in the third step" in done.stderr
+    assert "rank 1 of 3 failed inside a step whose batch norms the other ranks wait in" in done.stderr
+    assert not (tmp_path / "params.npz").exists()
+
+
 # -- nflow train under mpiexec ----------------------------------------------------------------------------------
 
 
