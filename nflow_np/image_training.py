@@ -263,7 +263,7 @@ def train_image_model(
         on_epoch=on_epoch,
         comm=comm,
     )
-    metrics = {name: model.evaluate(getattr(splits, name), seed=seed) for name in ("train", "val", "test")}
+    metrics = {name: model.evaluate(getattr(splits, name), seed=seed, comm=comm) for name in ("train", "val", "test")}
     out = Path(out)
     metadata = {
         "data": data,

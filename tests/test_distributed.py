@@ -209,6 +209,10 @@ def test_nflow_train_images_on_two_ranks_matches_one_process(tmp_path: Path) -> 
     assert done.stdout.count("wrote model.npz") == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
     assert_close(load(tmp_path / "two" / "model.npz"), load(tmp_path / "one" / "model.npz"))
+    one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert (one["ranks"], two["ranks"]) == (1, 2)
+    for split in ("train", "val", "test"):  # sharded over the ranks, each row with the noise one process draws
+        assert two[f"{split}_nll"] == pytest.approx(one[f"{split}_nll"], rel=1e-12)
 
 
 def test_checkpoint_at_two_ranks_resumes_at_one_and_three(tmp_path: Path) -> None:
