@@ -7,12 +7,12 @@ row more), computes the mean loss ``L_k`` of its shard and its gradient ``g_k``,
     ``L = Σ_k (n_k / N) L_k``,   ``g = Σ_k (n_k / N) g_k``        (k = 0, 1, …, P − 1, in this order)
 
 which is the mean over the global batch, ``(1/N) Σ_n ∇ℓ_n``, as one process computes it. The reduction
-is one flat buffer per step (every gradient, the loss and a failure flag), gathered to rank 0, summed
-there in rank order and broadcast (:func:`reduce_gradients`): the order of the additions is fixed by the
-ranks, never by which message arrives first, and every rank receives the same bits, so all ranks take
-the same optimizer step and their parameters never drift apart. At ``P = 1`` the result is bit for bit
-the single-process one; at ``P > 1`` the sums are grouped differently (per shard, then across shards),
-so it agrees to rounding (``docs/distributed.md#floating-point``).
+is one flat buffer per step (every gradient, the loss and a failure flag), reduced by a reduce-scatter
+whose additions run in rank order and an all-gather (:func:`reduce_gradients`): the order of the
+additions is fixed by the ranks, never by which message arrives first, and every rank receives the same
+bits, so all ranks take the same optimizer step and their parameters never drift apart. At ``P = 1``
+the result is bit for bit the single-process one; at ``P > 1`` the sums are grouped differently (per
+shard, then across shards), so it agrees to rounding (``docs/distributed.md#floating-point``).
 
 ``comm`` everywhere is ``None`` (one process: every function here is the plain computation), an
 ``mpi4py`` communicator, or ``"auto"`` (``MPI.COMM_WORLD`` when launched by ``mpiexec`` with more than
@@ -97,7 +97,7 @@ def resolve(comm: object) -> Any:
         if comm != "auto":
             raise TypeError(f"comm must be None, 'auto' or an mpi4py communicator, got {comm!r}")
         return _mpi().COMM_WORLD if launched_size() > 1 else None
-    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Gather", "Bcast", "bcast", "gather")):
+    if not all(hasattr(comm, name) for name in ("Get_rank", "Get_size", "Alltoall", "Allgather", "bcast", "gather")):
         raise TypeError(f"comm must be None, 'auto' or an mpi4py communicator, got {type(comm).__name__}")
     return comm
 
@@ -199,21 +199,21 @@ def broadcast(comm: Any, value: Any) -> Any:
 
 
 def sum_in_rank_order(comm: Any, values: np.ndarray) -> np.ndarray:
-    """``Σ_k values_k`` over the ranks, added on rank 0 in rank order, the same bits on every rank.
+    """``Σ_k values_k`` over the ranks, added in rank order, the same bits on every rank.
 
-    ``values`` is a flat host array of the same length and dtype on every rank; the result is a new array.
+    For small arrays (a batch norm's moments, an evaluation's sum): every rank gathers every rank's
+    ``values`` (one ``MPI_Allgather``) and adds them itself in rank order; IEEE addition is correctly
+    rounded, so the same additions in the same order give every rank the same bits. ``values`` is a flat
+    host array of the same length and dtype on every rank; the result is a new array.
     """
-    values = np.ascontiguousarray(values)
+    values = np.ascontiguousarray(values).reshape(-1)
     if comm is None:
         return values.copy()
-    gathered = np.empty((size(comm), values.size), dtype=values.dtype) if is_root(comm) else None
-    comm.Gather(values, gathered, root=0)
-    total = np.empty_like(values)
-    if is_root(comm):
-        total[...] = gathered[0]
-        for row in gathered[1:]:  # k = 1, …, P − 1: the order is the ranks', not the arrivals'
-            total += row
-    comm.Bcast(total, root=0)
+    gathered = np.empty((size(comm), values.size), dtype=values.dtype)
+    comm.Allgather(values, gathered)
+    total = gathered[0].copy()
+    for row in gathered[1:]:  # k = 1, …, P − 1: the order is the ranks', not the arrivals'
+        total += row
     return total
 
 
@@ -291,10 +291,12 @@ def reduce_gradients(
     """Replace this rank's shard-mean gradients by the global batch's mean: ``g = Σ_k (n_k/N) g_k`` in rank order.
 
     One flat buffer ``[w·g_k (every parameter, in named_parameters order), w·L_k, failed]`` with
-    ``w = n_local / n_global`` is gathered to rank 0 (into the gather's own row there: ``MPI_IN_PLACE``),
-    summed there in rank order and broadcast (as :func:`sum_in_rank_order`); each gradient array is
-    then overwritten with its slice. The buffer has the gradients' dtype and is kept between steps.
-    With one rank nothing is sent: the weight is 1 and the sum has one term.
+    ``w = n_local / n_global``, cut into ``P`` blocks: rank ``j`` receives block ``j`` of every rank
+    (``MPI_Alltoall``), adds them in rank order, and every rank receives every summed block
+    (``MPI_Allgather``): a reduce-scatter and an all-gather, each element added by one rank in rank
+    order, so every rank holds the same bits. Each gradient array is then overwritten with its slice.
+    The buffers have the gradients' dtype and are kept between steps. With one rank nothing is sent:
+    the weight is 1 and the sum has one term.
 
     Parameters
     ----------
@@ -320,8 +322,9 @@ def reduce_gradients(
     grads = [grad for _, _, grad in module.named_parameters()]
     dtype = grads[0].dtype if grads else np.dtype(np.float64)
     sizes = [grad.size for grad in grads]
-    gathered = _buffers(comm, sum(sizes) + 2, dtype)
-    buffer = gathered[0]  # on rank 0 its own row of the gather, so that it is never copied
+    k = rank(comm)
+    blocks, received = _buffers(comm, sum(sizes) + 2, dtype)
+    buffer = blocks.reshape(-1)[: sum(sizes) + 2]  # block j (padded) is what rank j sums
     weight = n_local / n_global
     if error is None and n_local:
         offset = 0
@@ -332,13 +335,12 @@ def reduce_gradients(
     else:
         buffer[:-1] = 0
     buffer[-1] = error is not None
-    if is_root(comm):
-        comm.Gather(_mpi().IN_PLACE, gathered, root=0)
-        for row in gathered[1:]:  # k = 1, …, P − 1: the order is the ranks', not the arrivals'
-            buffer += row
-    else:
-        comm.Gather(buffer, None, root=0)
-    comm.Bcast(buffer, root=0)
+    comm.Alltoall(blocks, received)  # received[i] = rank i's block k
+    mine = blocks[k]
+    np.copyto(mine, received[0])
+    for row in received[1:]:  # i = 1, …, P − 1: the order is the ranks', not the arrivals'
+        mine += row
+    comm.Allgather(_mpi().IN_PLACE, blocks)  # every rank's summed block, to every rank
     total = buffer
     _raise_agreed(comm, int(total[-1]), error)
     offset = 0
@@ -349,18 +351,20 @@ def reduce_gradients(
     return float(total[-2])
 
 
-_BUFFERS: dict[tuple, np.ndarray] = {}
+_BUFFERS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _buffers(comm: Any, count: int, dtype: np.dtype) -> np.ndarray:
-    """The reduction's buffers, kept from step to step (fresh pages every step would cost a page fault each).
+def _buffers(comm: Any, count: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The reduction's two ``(P, ⌈count/P⌉)`` buffers (blocks sent, blocks received), kept between steps.
 
-    Rank 0: the ``(P, count)`` gather; another rank: its ``(1, count)`` row. Overwritten by every step.
+    Fresh pages every step would cost a page fault each; every step overwrites them (the padding stays 0).
     """
-    key = (id(comm), comm.Get_size(), is_root(comm), count, np.dtype(dtype).str)
+    p = size(comm)
+    key = (id(comm), p, count, np.dtype(dtype).str)
     if key not in _BUFFERS:
         _BUFFERS.clear()  # one model trains at a time: keep only its buffers
-        _BUFFERS[key] = np.zeros((size(comm) if is_root(comm) else 1, count), dtype=dtype)
+        block = -(-count // p)
+        _BUFFERS[key] = (np.zeros((p, block), dtype=dtype), np.zeros((p, block), dtype=dtype))
     return _BUFFERS[key]
 
 
