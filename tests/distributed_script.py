@@ -132,6 +132,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--batch", type=int, default=BATCH)
     parser.add_argument("--single", action="store_true", help="one process, comm=None")
+    parser.add_argument("--every-rank", action="store_true", help="every rank saves its parameters too")
     args = parser.parse_args()
     comm = None if args.single else "auto"
     world = distributed.resolve(comm)
@@ -171,6 +172,8 @@ def main() -> int:
             return 3
     if distributed.is_root(world):
         np.savez(args.out, **params)
+    if args.every_rank:  # each rank's own parameters, to show they are the same bits
+        np.savez(f"{args.out}.rank{distributed.rank(world)}.npz", **params)
     return 0
 
 

@@ -148,9 +148,13 @@ def test_batch_norms_need_a_row_on_every_rank() -> None:
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_fit_on_ranks_matches_one_process(ranks: int, tmp_path: Path) -> None:
-    """Batch 96 (shards 48 or 32), validation 101 rows (shards 51/50, 34/34/33), 100 steps."""
-    mpiexec(ranks, str(SCRIPT), "fit", str(tmp_path / "params.npz"))
+    """Batch 96 (shards 48 or 32), validation 101 rows (shards 51/50, 34/34/33), 100 steps; every rank the same bits."""
+    mpiexec(ranks, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--every-rank")
     assert_close(load(tmp_path / "params.npz"), distributed_script.run_fit(None, None, None))
+    for k in range(ranks):
+        theirs = load(tmp_path / f"params.npz.rank{k}.npz")
+        for name, value in load(tmp_path / "params.npz").items():
+            np.testing.assert_array_equal(theirs[name], value, err_msg=f"rank {k}: {name}")
 
 
 def test_fit_vi_on_three_ranks_matches_one_process(tmp_path: Path) -> None:
