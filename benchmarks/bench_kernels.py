@@ -38,6 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nflow_np.backend import bind_law, coupling_law, using
 from nflow_np.flows.coupling_law import AffineLaw
 from nflow_np.packaging import kernel_module
 
@@ -88,14 +89,15 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
     if backend == "numpy":
         if op == "forward":
             return lambda: AffineLaw.forward(x2, h, scale)
-        return lambda: AffineLaw.backward_forward(x2, h, scale, d_z2, d_logdet)
+        return lambda: AffineLaw.forward_vjp(x2, h, scale, d_z2, d_logdet)
     numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
 
-    if backend == "numba (law)":
-        law = numba_cpu.AffineLaw
+    if backend == "numba (law)":  # the layer's own call: what AffineCoupling gets from the seam
+        with using("numba"):
+            law = coupling_law("affine")
         if op == "forward":
             return lambda: law.forward(x2, h, scale)
-        return lambda: law.backward_forward(x2, h, scale, d_z2, d_logdet)
+        return lambda: law.forward_vjp(x2, h, scale, d_z2, d_logdet)
     n, d2 = x2.shape
     out, logdet, d_h = np.empty_like(x2), np.empty(n, x2.dtype), np.empty_like(h)
     if op == "forward":
@@ -104,7 +106,7 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
 
     def backward() -> None:
         chunks[:] = 0
-        numba_cpu.affine_backward_into(x2, h, scale, d_z2, d_logdet, out, d_h, chunks)
+        numba_cpu.affine_forward_vjp_into(x2, h, scale, d_z2, d_logdet, out, d_h, chunks)
 
     return backward
 
@@ -119,7 +121,7 @@ def gpu_backends() -> dict[str, tuple[dict, object]]:
             module.require_device()
         except (ImportError, RuntimeError):
             continue
-        found[name] = (module.COUPLING_LAWS, cupy)
+        found[name] = ({"affine": bind_law(AffineLaw, module.FUSED)}, cupy)
     return found
 
 
@@ -129,7 +131,7 @@ def gpu_calls(laws: dict, cupy: object, op: str, a: dict[str, np.ndarray]) -> tu
     if op == "forward":
         call = lambda: law.forward(d["x2"], d["h"], d["scale"])  # noqa: E731
     else:
-        call = lambda: law.backward_forward(d["x2"], d["h"], d["scale"], d["d_z2"], d["d_logdet"])  # noqa: E731
+        call = lambda: law.forward_vjp(d["x2"], d["h"], d["scale"], d["d_z2"], d["d_logdet"])  # noqa: E731
     return call, cupy.cuda.Device().synchronize
 
 
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if importlib.util.find_spec("numba") is not None:
-        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))  # sets OMP_WAIT_POLICY before Numba's threads
+        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
 
         if args.serial:
             numba_cpu.PARALLEL_MIN_ELEMENTS = 2**62

@@ -122,6 +122,7 @@ def copy_bandwidth(device: Device, nbytes: int, repeats: int) -> float:
 
 def laws(simulate: bool, repeats: int) -> dict:
     from benchmarks.bench_kernels import affine_bytes, inputs
+    from nflow_np.backend import bind_law
     from nflow_np.flows.coupling_law import AffineLaw as Reference
 
     device = Device(simulate)
@@ -134,7 +135,7 @@ def laws(simulate: bool, repeats: int) -> dict:
 
             module = importlib.import_module(kernel_module(module_name))
             module.require_device()
-            law = module.COUPLING_LAWS["affine"]
+            law = bind_law(Reference, module.FUSED)
         except (ImportError, RuntimeError) as error:
             unavailable[name] = f"{type(error).__name__}: {error}"
             continue
@@ -161,7 +162,7 @@ def law_call(law: type, op: str, a: dict) -> Callable[[], tuple]:
     """The affine law's ``forward`` or its backward (of the forward direction) on the arrays ``a``."""
     if op == "forward":
         return lambda: law.forward(a["x2"], a["h"], a["scale"])
-    return lambda: law.backward_forward(a["x2"], a["h"], a["scale"], a["d_z2"], a["d_logdet"])
+    return lambda: law.forward_vjp(a["x2"], a["h"], a["scale"], a["d_z2"], a["d_logdet"])
 
 
 def max_relative_error(got: list[np.ndarray], want: tuple) -> float:

@@ -87,7 +87,7 @@ def numba_ready() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
     try:
-        importlib.import_module(kernel_module("numba_cpu"))  # sets OMP_WAIT_POLICY before Numba's thread pool starts
+        importlib.import_module(kernel_module("numba_cpu"))
     except Exception as error:
         return f"kernels.numba_cpu does not import: {error}"
     return None

@@ -2,8 +2,10 @@
 
 This package never imports ``nflow_np``; ``nflow_np.backend`` reaches it lazily, importing a
 module only when its backend is selected. The NumPy reference the kernels must match is
-``nflow_np.flows.coupling_law``; each backend module exposes ``COUPLING_LAWS`` (law classes with
-the reference's static methods) and ``require_device()``. Design, accuracy and timings:
+``nflow_np.flows.coupling_law``; each backend module exports a ``FUSED`` table of only what it
+accelerates (``{"affine.forward": kernel, ...}``, the names ``nflow_np.backend.fused`` takes; a kernel
+may return ``NotImplemented`` to leave a call to the reference) and, where a device is needed,
+``require_device()``. Design, accuracy and timings:
 ``docs/kernels.md``.
 
 - :mod:`kernels.numba_cpu`    backend ``"numba"``       (needs numba)

@@ -18,7 +18,7 @@ from pathlib import Path
 import cupy
 import numpy as np
 
-from .gpu_laws import make_laws
+from .gpu_laws import fused_table
 from .validation import check_law_inputs
 
 SOURCE_PATH = Path(__file__).with_name("cuda") / "coupling.cu"
@@ -106,5 +106,5 @@ def _affine_backward(inp, h, scale, d_out, d_logdet, sign):
     return device.get(d_inp), device.get(d_h), device.get(d_scale)
 
 
-COUPLING_LAWS: dict[str, type] = make_laws(_additive, _additive_backward, _affine, _affine_backward, "CuPy")
-AdditiveLaw, AffineLaw = COUPLING_LAWS["additive"], COUPLING_LAWS["affine"]
+FUSED = fused_table(_additive, _additive_backward, _affine, _affine_backward)
+"""Both laws, every direction and its VJP (``nflow_np.backend.fused`` names)."""

@@ -1,8 +1,8 @@
-"""The reference's law classes, built over a GPU module's four fused operations.
+"""The reference's law functions, built over a GPU module's four fused operations.
 
 ``kernels.numba_cuda`` and ``kernels.cupy_kernels`` differ only in how they launch their kernels;
-the classes that give those kernels the signatures of ``nflow_np.flows.coupling_law`` are the same
-and are made here once. ``sign`` is ``+1`` for the forward pass and ``−1`` for the inverse.
+the ``FUSED`` table that gives those kernels the signatures of ``nflow_np.flows.coupling_law`` is
+the same and is made here once. ``sign`` is ``+1`` for the forward pass and ``−1`` for the inverse.
 
 Arrays (the choice, for both modules): a law returns the kind of array it was given.
 
@@ -22,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-def make_laws(
+def fused_table(
     additive: Callable,
     additive_backward: Callable,
     affine: Callable,
     affine_backward: Callable,
-    where: str,
-) -> dict[str, type]:
-    """``{"additive": AdditiveLaw, "affine": AffineLaw}`` calling the given operations.
+) -> dict[str, Callable]:
+    """The ``FUSED`` table of a GPU module: each law function of the reference, calling the given operations.
 
     Parameters
     ----------
@@ -42,60 +41,18 @@ def make_laws(
         ``affine(inp, h, scale, sign) -> (out, logdet)``.
     affine_backward : callable
         ``affine_backward(inp, h, scale, d_out, d_logdet, sign) -> (d_inp, d_h, d_scale)``.
-    where : str
-        Names the backend in the classes' docstrings.
     """
-
-    class AdditiveLaw:
-        __doc__ = f"NICE's additive law on the GPU ({where}); maths in :mod:`nflow_np.flows.coupling_law`."
-
-        name = "additive"
-        has_scale = False
-
-        @staticmethod
-        def out_features(d2: int) -> int:
-            return d2
-
-        @staticmethod
-        def forward(x2, h, scale):
-            return additive(x2, h, scale, 1.0)
-
-        @staticmethod
-        def inverse(z2, h, scale):
-            return additive(z2, h, scale, -1.0)
-
-        @staticmethod
-        def backward_forward(x2, h, scale, d_z2, d_logdet):
-            return additive_backward(d_z2, 1.0, (x2, h, scale, d_z2, d_logdet))
-
-        @staticmethod
-        def backward_inverse(z2, h, scale, d_x2, d_logdet):
-            return additive_backward(d_x2, -1.0, (z2, h, scale, d_x2, d_logdet))
-
-    class AffineLaw:
-        __doc__ = f"RealNVP's affine law ``s = a ⊙ tanh(ŝ)`` on the GPU ({where})."
-
-        name = "affine"
-        has_scale = True
-
-        @staticmethod
-        def out_features(d2: int) -> int:
-            return 2 * d2
-
-        @staticmethod
-        def forward(x2, h, scale):
-            return affine(x2, h, scale, 1.0)
-
-        @staticmethod
-        def inverse(z2, h, scale):
-            return affine(z2, h, scale, -1.0)
-
-        @staticmethod
-        def backward_forward(x2, h, scale, d_z2, d_logdet):
-            return affine_backward(x2, h, scale, d_z2, d_logdet, 1.0)
-
-        @staticmethod
-        def backward_inverse(z2, h, scale, d_x2, d_logdet):
-            return affine_backward(z2, h, scale, d_x2, d_logdet, -1.0)
-
-    return {"additive": AdditiveLaw, "affine": AffineLaw}
+    return {
+        "additive.forward": lambda x2, h, scale: additive(x2, h, scale, 1.0),
+        "additive.inverse": lambda z2, h, scale: additive(z2, h, scale, -1.0),
+        "additive.forward_vjp": lambda x2, h, scale, d_z2, d_logdet: additive_backward(
+            d_z2, 1.0, (x2, h, scale, d_z2, d_logdet)
+        ),
+        "additive.inverse_vjp": lambda z2, h, scale, d_x2, d_logdet: additive_backward(
+            d_x2, -1.0, (z2, h, scale, d_x2, d_logdet)
+        ),
+        "affine.forward": lambda x2, h, scale: affine(x2, h, scale, 1.0),
+        "affine.inverse": lambda z2, h, scale: affine(z2, h, scale, -1.0),
+        "affine.forward_vjp": lambda x2, h, scale, d_z2, d_logdet: affine_backward(x2, h, scale, d_z2, d_logdet, 1.0),
+        "affine.inverse_vjp": lambda z2, h, scale, d_x2, d_logdet: affine_backward(z2, h, scale, d_x2, d_logdet, -1.0),
+    }

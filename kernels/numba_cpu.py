@@ -31,27 +31,21 @@ Design (``docs/kernels.md#numba-cpu``):
   and the buffer's rows are added at the end. The chunks depend on the shape only, so serial,
   parallel and any thread count give bit-for-bit the same result (tested);
 - the ``*_into`` functions write into caller-provided outputs (no page faults from fresh 100 MB
-  allocations); the law classes allocate them, as the reference does;
-- inputs must be C-contiguous: the law classes copy other layouts (e.g. the coupling layer's
+  allocations); the law functions in :data:`FUSED` allocate them, as the reference does;
+- inputs must be C-contiguous: the law functions copy other layouts (e.g. the coupling layer's
   column views ``x[:, ::2]``) with ``np.ascontiguousarray`` first, because a strided kernel
   gathers every element and runs ~10× slower than that copy;
-- where NumPy is faster, the law classes use NumPy: always for the additive law (one pass
-  already), and for the affine law on one-column inputs of many rows (:func:`use_numpy`).
+- where NumPy is faster the reference runs: this module has no additive kernel (one pass
+  already), and the affine functions decline one-column inputs of many rows (:func:`declines`).
 
 ``fastmath`` is ``{"contract", "nsz"}`` for the kernels, and never ``nnan``/``ninf``: NaN and
 ``inf`` propagate as in NumPy. :func:`add_in_any_order` (``reassoc``) and the vecmath helpers are
 compiled with their own flags.
 
-Threads: unless the environment already says otherwise, importing this module sets
-``OMP_WAIT_POLICY=PASSIVE`` (read by Numba's OpenMP thread pool when it starts), so that idle
-kernel threads sleep instead of spinning on cores that BLAS needs for the coupling net's GEMMs.
+Importing this module changes no environment variable (``docs/kernels.md#threads``).
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before Numba starts its thread pool
 
 import numpy as np
 from numba import njit, prange
@@ -323,7 +317,7 @@ def affine_backward_short_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_a, 
 
 
 @rows_kernel
-def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):
+def affine_forward_vjp_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, start, stop):
     """Rows ``start…stop−1`` of the backward of forward; adds their ``Σ ∂L/∂s ⊙ g`` to ``d_a: (D₂,)``."""
     d2 = x2.shape[1]
     rows = short_rows(d2, x2.itemsize, VECTOR_BODY_BYTES)
@@ -350,8 +344,8 @@ def affine_backward_forward_rows(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_a, s
 
 
 @rows_kernel
-def affine_backward_inverse_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):
-    """As :func:`affine_backward_forward_rows`, for the inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
+def affine_inverse_vjp_rows(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_a, start, stop):
+    """As :func:`affine_forward_vjp_rows`, for the inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``."""
     d2 = z2.shape[1]
     rows = short_rows(d2, z2.itemsize, VECTOR_BODY_BYTES)
     if rows > 0:
@@ -403,9 +397,9 @@ def affine_backward_parallel(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale
     for c in prange(chunks):
         start, stop = c * n // chunks, (c + 1) * n // chunks
         if inverse:
-            affine_backward_inverse_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
+            affine_inverse_vjp_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
         else:
-            affine_backward_forward_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
+            affine_forward_vjp_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
 
 
 @rows_kernel
@@ -414,9 +408,9 @@ def affine_backward_serial(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_c
     for c in range(chunks):  # the same chunks as in parallel: the same sums, bit for bit
         start, stop = c * n // chunks, (c + 1) * n // chunks
         if inverse:
-            affine_backward_inverse_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
+            affine_inverse_vjp_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
         else:
-            affine_backward_forward_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
+            affine_forward_vjp_rows(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks[c], start, stop)
 
 
 # -- entry points writing into given outputs --------------------------------------------------------------
@@ -424,16 +418,27 @@ def _run(serial, parallel, elements: int, *args) -> None:
     (parallel if elements >= PARALLEL_MIN_ELEMENTS else serial)(*args)
 
 
-def affine_forward_into(x2, h, scale, z2, logdet, inverse: bool = False) -> None:
-    """Forward (or, with ``inverse=True`` and ``x2`` holding ``z₂``, inverse) into ``z2, logdet``."""
-    _run(affine_forward_serial, affine_forward_parallel, x2.size, x2, h, scale, z2, logdet, inverse)
+def affine_forward_into(x2, h, scale, z2, logdet) -> None:
+    """Forward ``z₂ = x₂ ⊙ exp(s) + t``, ``logdet = Σ s`` into ``z2, logdet``."""
+    _run(affine_forward_serial, affine_forward_parallel, x2.size, x2, h, scale, z2, logdet, False)
 
 
-def affine_backward_into(inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse: bool = False) -> None:
-    """Backward of forward (or of inverse) into ``d_inp, d_h``; ``d_scale_chunks`` from :func:`scale_chunks`
-    must be zero and gets the chunks' ``∂L/∂a``, whose column sum is ``∂L/∂a``."""
-    args = (inp, h, scale, d_out, d_logdet, d_inp, d_h, d_scale_chunks, inverse)
-    _run(affine_backward_serial, affine_backward_parallel, inp.size, *args)
+def affine_inverse_into(z2, h, scale, x2, logdet) -> None:
+    """Inverse ``x₂ = (z₂ − t) ⊙ exp(−s)``, ``logdet = −Σ s`` into ``x2, logdet``."""
+    _run(affine_forward_serial, affine_forward_parallel, z2.size, z2, h, scale, x2, logdet, True)
+
+
+def affine_forward_vjp_into(x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_scale_chunks) -> None:
+    """Backward of the forward into ``d_x2, d_h``; ``d_scale_chunks`` from :func:`scale_chunks` must be
+    zero and gets the chunks' ``∂L/∂a``, whose column sum is ``∂L/∂a``."""
+    args = (x2, h, scale, d_z2, d_logdet, d_x2, d_h, d_scale_chunks, False)
+    _run(affine_backward_serial, affine_backward_parallel, x2.size, *args)
+
+
+def affine_inverse_vjp_into(z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_scale_chunks) -> None:
+    """Backward of the inverse into ``d_z2, d_h``; ``d_scale_chunks`` as in :func:`affine_forward_vjp_into`."""
+    args = (z2, h, scale, d_x2, d_logdet, d_z2, d_h, d_scale_chunks, True)
+    _run(affine_backward_serial, affine_backward_parallel, z2.size, *args)
 
 
 def scale_chunks(n: int, d2: int, dtype: np.dtype) -> np.ndarray:
@@ -441,139 +446,65 @@ def scale_chunks(n: int, d2: int, dtype: np.dtype) -> np.ndarray:
     return np.zeros((block_count(n, d2, SCALE_CHUNKS), d2), dtype=dtype)
 
 
-# -- the laws, with the reference's signatures ---------------------------------------------------------------
+# -- the affine law's fused functions, with the reference's signatures --------------------------------------
 def _c(array: np.ndarray | None) -> np.ndarray | None:
     """C-contiguous ``array`` (itself when it already is)."""
     return None if array is None else np.ascontiguousarray(array)
 
 
-def require_device() -> None:
-    """Nothing to check: the CPU is always there (the backend registry calls this on every module)."""
-
-
-class AdditiveLaw:
-    """NICE's additive law; see :mod:`nflow_np.flows.coupling_law` for the maths.
-
-    Computed by NumPy: ``x₂ ± h`` is one pass already, and a Numba kernel for it was measured
-    slower than NumPy's at every size from 16 to 2.6·10⁷ elements (docs/kernels.md#numba-cpu)."""
-
-    name = "additive"
-    has_scale = False
-
-    @staticmethod
-    def out_features(d2: int) -> int:
-        return d2
-
-    @staticmethod
-    def forward(x2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
-        check_law_inputs("additive", x2, h, scale)
-        return x2 + h, np.zeros(x2.shape[0], x2.dtype)
-
-    @staticmethod
-    def inverse(z2: np.ndarray, h: np.ndarray, scale: None) -> tuple[np.ndarray, np.ndarray]:
-        check_law_inputs("additive", z2, h, scale)
-        return z2 - h, np.zeros(z2.shape[0], z2.dtype)
-
-    @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):
-        check_law_inputs("additive", x2, h, scale, d_z2, d_logdet)
-        return d_z2, d_z2.copy(), None
-
-    @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):
-        check_law_inputs("additive", z2, h, scale, d_x2, d_logdet)
-        return d_x2, np.negative(d_x2), None
-
-
-# -- one-column inputs: NumPy -----------------------------------------------------------------------------
-# For D₂ = 1 (2-d data) and N ≥ NUMPY_ONE_COLUMN_ROWS, NumPy is faster than the kernels, so the law
-# computes there with NumPy, in the reference's order of operations (this package cannot import the
-# reference itself).
-def use_numpy(shape: tuple[int, int]) -> bool:
-    """Whether a call on ``x2: shape`` is faster in NumPy (``D₂ = 1`` and ``N ≥ 2048``)."""
+def declines(shape: tuple[int, int]) -> bool:
+    """Whether a call on ``x2: shape`` is left to the reference, which is faster there
+    (``D₂ = 1`` and ``N ≥ 2048``: 2-d data)."""
     return shape[1] == 1 and shape[0] >= NUMPY_ONE_COLUMN_ROWS
 
 
-def numpy_affine(inp: np.ndarray, h: np.ndarray, scale: np.ndarray, inverse: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Forward ``(z₂, Σ s)`` or, with ``inverse``, ``(x₂, −Σ s)``, as the reference computes them."""
-    d2 = inp.shape[1]
-    s, t = scale * np.tanh(h[:, :d2]), h[:, d2:]
-    if inverse:
-        out = inp - t
-        out *= np.exp(-s)
-        return out, -s.sum(axis=1)
-    out = inp * np.exp(s)
-    out += t
-    return out, s.sum(axis=1)
+def _pass(inp, h, scale, entry):
+    check_law_inputs("affine", inp, h, scale)
+    if declines(inp.shape):
+        return NotImplemented
+    out, logdet = np.empty(inp.shape, inp.dtype), np.empty(inp.shape[0], inp.dtype)
+    entry(_c(inp), _c(h), _c(scale), out, logdet)
+    return out, logdet
 
 
-def numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse: bool):
-    """``(∂L/∂inp, ∂L/∂h, ∂L/∂a)`` of :func:`numpy_affine`, as the reference computes them."""
-    d2 = inp.shape[1]
-    g = np.tanh(h[:, :d2])
-    s = scale * g
-    if inverse:
-        e_inv = np.exp(-s)
-        d_inp = d_out * e_inv
-        d_s = -d_out * ((inp - h[:, d2:]) * e_inv)
-        d_s -= d_logdet[:, None]
-        d_t = -d_inp
-    else:
-        d_inp = d_out * np.exp(s)
-        d_s = d_inp * inp
-        d_s += d_logdet[:, None]
-        d_t = d_out
-    d_h = np.empty((inp.shape[0], 2 * d2), inp.dtype)
-    np.multiply(d_s * scale, 1 - g * g, out=d_h[:, :d2])
-    d_h[:, d2:] = d_t
-    return d_inp, d_h, (d_s * g).sum(axis=0)
+def _vjp(inp, h, scale, d_out, d_logdet, entry):
+    check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
+    if declines(inp.shape):
+        return NotImplemented
+    (n, d2), dtype = inp.shape, inp.dtype
+    d_inp, d_h, chunks = np.empty((n, d2), dtype), np.empty((n, 2 * d2), dtype), scale_chunks(n, d2, dtype)
+    entry(_c(inp), _c(h), _c(scale), _c(d_out), _c(d_logdet), d_inp, d_h, chunks)
+    return d_inp, d_h, chunks.sum(axis=0)
 
 
-class AffineLaw:
-    """RealNVP's affine law with ``s = a ⊙ tanh(ŝ)`` on Numba (on NumPy where that is faster:
-    :func:`use_numpy`); maths in the module docstring."""
-
-    name = "affine"
-    has_scale = True
-
-    @staticmethod
-    def out_features(d2: int) -> int:
-        return 2 * d2
-
-    @staticmethod
-    def forward(x2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return AffineLaw._forward(x2, h, scale, inverse=False)
-
-    @staticmethod
-    def inverse(z2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return AffineLaw._forward(z2, h, scale, inverse=True)
-
-    @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):
-        return AffineLaw._backward(x2, h, scale, d_z2, d_logdet, inverse=False)
-
-    @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):
-        return AffineLaw._backward(z2, h, scale, d_x2, d_logdet, inverse=True)
-
-    @staticmethod
-    def _forward(inp, h, scale, inverse: bool):
-        check_law_inputs("affine", inp, h, scale)
-        if use_numpy(inp.shape):
-            return numpy_affine(inp, h, scale, inverse)
-        out, logdet = np.empty(inp.shape, inp.dtype), np.empty(inp.shape[0], inp.dtype)
-        affine_forward_into(_c(inp), _c(h), _c(scale), out, logdet, inverse)
-        return out, logdet
-
-    @staticmethod
-    def _backward(inp, h, scale, d_out, d_logdet, inverse: bool):
-        check_law_inputs("affine", inp, h, scale, d_out, d_logdet)
-        if use_numpy(inp.shape):
-            return numpy_affine_backward(inp, h, scale, d_out, d_logdet, inverse)
-        (n, d2), dtype = inp.shape, inp.dtype
-        d_inp, d_h, chunks = np.empty((n, d2), dtype), np.empty((n, 2 * d2), dtype), scale_chunks(n, d2, dtype)
-        affine_backward_into(_c(inp), _c(h), _c(scale), _c(d_out), _c(d_logdet), d_inp, d_h, chunks, inverse)
-        return d_inp, d_h, chunks.sum(axis=0)
+def affine_forward(x2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``AffineLaw.forward``: ``(z₂, logdet)``, or ``NotImplemented`` where :func:`declines`."""
+    return _pass(x2, h, scale, affine_forward_into)
 
 
-COUPLING_LAWS: dict[str, type] = {"additive": AdditiveLaw, "affine": AffineLaw}
+def affine_inverse(z2: np.ndarray, h: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``AffineLaw.inverse``: ``(x₂, logdet)``, or ``NotImplemented`` where :func:`declines`."""
+    return _pass(z2, h, scale, affine_inverse_into)
+
+
+def affine_forward_vjp(x2, h, scale, d_z2, d_logdet):
+    """``AffineLaw.forward_vjp``: ``(∂L/∂x₂, ∂L/∂h, ∂L/∂a)``, or ``NotImplemented`` where :func:`declines`."""
+    return _vjp(x2, h, scale, d_z2, d_logdet, affine_forward_vjp_into)
+
+
+def affine_inverse_vjp(z2, h, scale, d_x2, d_logdet):
+    """``AffineLaw.inverse_vjp``: ``(∂L/∂z₂, ∂L/∂h, ∂L/∂a)``, or ``NotImplemented`` where :func:`declines`."""
+    return _vjp(z2, h, scale, d_x2, d_logdet, affine_inverse_vjp_into)
+
+
+for _function in (affine_forward, affine_inverse, affine_forward_vjp, affine_inverse_vjp):
+    _function.may_decline = True  # NotImplemented where declines(): the registry runs the reference
+FUSED = {
+    "affine.forward": affine_forward,
+    "affine.inverse": affine_inverse,
+    "affine.forward_vjp": affine_forward_vjp,
+    "affine.inverse_vjp": affine_inverse_vjp,
+}
+"""What this module accelerates. Not the additive law: ``x₂ ± h`` is one pass already, and a Numba
+kernel for it was measured slower than NumPy's at every size from 16 to 2.6·10⁷ elements
+(docs/kernels.md#numba-cpu), so the reference runs it."""

@@ -30,7 +30,7 @@ import math
 import numpy as np
 from numba import cuda, float64
 
-from .gpu_laws import make_laws
+from .gpu_laws import fused_table
 from .validation import check_law_inputs
 
 WARP = 32
@@ -261,5 +261,5 @@ def _affine_backward(inp, h, scale, d_out, d_logdet, sign):
     return device.get(d_inp), device.get(d_h), device.get(d_scale)
 
 
-COUPLING_LAWS: dict[str, type] = make_laws(_additive, _additive_backward, _affine, _affine_backward, "Numba CUDA")
-AdditiveLaw, AffineLaw = COUPLING_LAWS["additive"], COUPLING_LAWS["affine"]
+FUSED = fused_table(_additive, _additive_backward, _affine, _affine_backward)
+"""Both laws, every direction and its VJP (``nflow_np.backend.fused`` names)."""

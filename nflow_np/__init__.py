@@ -1,6 +1,6 @@
 """nflow_np: normalizing flows written from scratch in NumPy, every gradient by hand."""
 
-from nflow_np.backend import available_backends, get_backend, set_backend, using
+from nflow_np.backend import available_backends, get_backend, register_law, set_backend, using
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows import (
     AdditiveCoupling,
@@ -38,6 +38,7 @@ __all__ = [
     "Sequential",
     "StandardLogistic",
     "StandardNormal",
+    "register_law",
     "available_backends",
     "get_backend",
     "set_backend",

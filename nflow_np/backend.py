@@ -1,10 +1,11 @@
-"""Backend choice: which implementation of the coupling law's elementwise transform runs.
+"""Backend choice: which implementation of each reference function with a fused kernel runs.
 
-The NumPy reference in :mod:`nflow_np.flows.coupling_law` is the specification; other backends
-(fused kernels from the top-level ``kernels`` package) replace exactly those functions and
-nothing else. The choice is made here, in one place: :func:`set_backend`, or the environment
-variable ``NFLOW_BACKEND`` read at import. Without either, the backend is ``"auto"``, the fastest
-that loads, resolved on first use (so ``import nflow_np`` never imports Numba).
+The NumPy references (the coupling laws of :mod:`nflow_np.flows.coupling_law`, bias + activation,
+the Adam update) are the specification; other backends (fused kernels from the top-level
+``kernels`` package) replace exactly those functions and nothing else. The choice is made here,
+in one place: :func:`set_backend`, or the environment variable ``NFLOW_BACKEND`` read at import.
+Without either, the backend is ``"auto"``, the fastest that loads, resolved on first use (so
+``import nflow_np`` never imports Numba).
 
 ======================  ===================================  =============================================
 name                    implementation                       needs
@@ -15,6 +16,14 @@ name                    implementation                       needs
 ``"cupy"``              :mod:`kernels.cupy_kernels`          a CUDA GPU, ``pip install cupy-cuda12x``
 ``"auto"`` (default)    the fastest of the above that loads  (resolved when selected or first used)
 ======================  ===================================  =============================================
+
+**One seam.** Each backend is one :class:`Backend` record: its kernel modules, each exporting a
+``FUSED`` table of only what it accelerates (``{"affine.forward": kernel, "adam_update": kernel, …}``).
+:func:`fused` hands a caller the active backend's kernel for a reference function, or the reference
+itself; a kernel may decline a call (``NotImplemented``) and the reference then runs. The coupling
+laws go through the same table (:func:`coupling_law`), and a user's own law joins with
+:func:`register_law` (reference + optional kernels per backend). This module imports nothing from
+``flows/``: the reference laws register themselves here.
 
 A kernel module is imported only when its backend is selected, so the reference runs with NumPy
 alone. ``"auto"`` means ``"numba"`` when Numba imports, else ``"numpy"`` (the GPU backends pay
@@ -38,6 +47,7 @@ copy; given NumPy arrays (a model left on the host) they copy to the device and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -47,31 +57,68 @@ from types import ModuleType
 
 import numpy as np
 
-from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.packaging import kernel_module
 
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend: where its kernels live, what it needs, and the array module its model lives in.
+
+    Attributes
+    ----------
+    name : str
+        The name :func:`set_backend` accepts.
+    kernel_modules : tuple of str
+        Importable names of the modules whose ``FUSED`` tables (``{name: kernel}``) replace reference
+        functions; a module may define ``require_device()``, which raises when it cannot run here.
+    requirements : str
+        What to install (named in :class:`BackendUnavailableError`).
+    array_module_name : str
+        The ``xp`` of the backend's model, by name (``"numpy"`` or ``"cupy"``).
+    """
+
+    name: str
+    kernel_modules: tuple[str, ...] = ()
+    requirements: str = "nothing"
+    array_module_name: str = "numpy"
+
+
 _REFERENCE = "numpy"
-_KERNEL_MODULES = {"numba": kernel_module("numba_cpu"), "numba-cuda": kernel_module("numba_cuda"),
-                   "cupy": kernel_module("cupy_kernels")}
-_REQUIREMENTS = {
-    "numba": "pip install numba",
-    "numba-cuda": "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)",
-    "cupy": "a CUDA GPU and pip install cupy-cuda12x",
+_BUILT_IN = {
+    record.name: record
+    for record in (
+        Backend(_REFERENCE),
+        Backend("numba", (kernel_module("numba_cpu"), kernel_module("numba_nn"), kernel_module("numba_optim")),
+                "pip install numba"),
+        Backend("numba-cuda", (kernel_module("numba_cuda"),),
+                "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)", "cupy"),
+        Backend("cupy", (kernel_module("cupy_kernels"),), "a CUDA GPU and pip install cupy-cuda12x", "cupy"),
+    )
 }
-_ARRAY_MODULE_NAMES = {"numba-cuda": "cupy", "cupy": "cupy"}
-"""The array module each backend's model lives in, by name (every other backend: ``numpy``)."""
+_AUTO_ORDER = ("numba", _REFERENCE)
+"""What ``"auto"`` tries, fastest first (measured: ``docs/kernels.md#measured``)."""
+BACKENDS = tuple(_BUILT_IN)
+"""Every backend name :func:`set_backend` knows (whether or not it can load on this machine)."""
+
+_loaded: dict[str, dict[str, Callable]] = {_REFERENCE: {}}
+"""Per backend that has loaded, its fused table (the union of its kernel modules' ``FUSED``)."""
+_ARRAY_MODULE_NAMES: dict[str, str] = {}
+"""The array module of each backend made by :func:`register_backend`, by name."""
 _DEVICE_MODULES: dict[str, ModuleType | None] = {"cupy": None}
 """Array modules other than NumPy, by the top-level name of their array type's module; ``None``:
 import on first use (an array of that module exists, so the module is imported already)."""
-_AUTO_ORDER = ("numba", _REFERENCE)
-"""What ``"auto"`` tries, fastest first (measured: ``docs/kernels.md#measured``)."""
-BACKENDS = (_REFERENCE, *_KERNEL_MODULES)
-"""Every backend name :func:`set_backend` knows (whether or not it can load on this machine)."""
-
-_loaded: dict[str, dict[str, type]] = {_REFERENCE: COUPLING_LAWS}
+LAWS: dict[str, type] = {}
+"""The reference coupling laws by name (:func:`register_law`; ours register from
+:mod:`nflow_np.flows.coupling_law`)."""
+_law_kernels: dict[str, dict[str, Callable]] = {}
+"""Per backend, the kernels given to :func:`register_law` (``{"law.method": kernel}``)."""
+_bound: dict[tuple[str, str], object] = {}
+"""Cache of :func:`fused` and :func:`coupling_law` answers per ``(backend, name)``."""
 _active: str | None = None
 """The active backend's name; ``None`` until the default ``"auto"`` is resolved on first use."""
-_active_laws: dict[str, type] | None = None
+
+LAW_METHODS = ("forward", "inverse", "forward_vjp", "inverse_vjp")
+"""What a law's kernels may replace, each fused under ``"<law>.<method>"``."""
 
 
 class BackendUnavailableError(ValueError):
@@ -81,27 +128,30 @@ class BackendUnavailableError(ValueError):
     """
 
 
-def _load(name: str) -> dict[str, type]:
-    """The law registry of backend ``name``, importing its kernel module on first use."""
+def _load(name: str) -> dict[str, Callable]:
+    """The fused table of backend ``name``, importing its kernel modules on first use."""
     if name in _loaded:
         return _loaded[name]
-    if name not in _KERNEL_MODULES:
+    if name not in _BUILT_IN:
         raise ValueError(f"unknown backend {name!r}; choose from {list(BACKENDS)} or 'auto'")
+    record, table = _BUILT_IN[name], {}
     try:
-        module = importlib.import_module(_KERNEL_MODULES[name])
-        module.require_device()
+        for module_name in record.kernel_modules:
+            module = importlib.import_module(module_name)
+            getattr(module, "require_device", lambda: None)()
+            table.update(module.FUSED)
     except (ImportError, RuntimeError) as error:
         raise BackendUnavailableError(
-            f"backend {name!r} is not available here; it needs {_REQUIREMENTS[name]} ({error})"
+            f"backend {name!r} is not available here; it needs {record.requirements} ({error})"
         ) from error
-    _loaded[name] = module.COUPLING_LAWS
-    return _loaded[name]
+    _loaded[name] = table
+    return table
 
 
 def available_backends() -> list[str]:
     """Names accepted by :func:`set_backend` on this machine (probing imports the kernel modules)."""
     names = []
-    for name in BACKENDS:
+    for name in (*BACKENDS, *(n for n in _loaded if n not in _BUILT_IN)):
         try:
             _load(name)
         except BackendUnavailableError:
@@ -120,16 +170,17 @@ def set_backend(name: str) -> None:
     BackendUnavailableError
         A known backend whose requirements are missing; the message says what to install.
     """
-    global _active, _active_laws
+    global _active
     if name == "auto":
         for candidate in _AUTO_ORDER:  # the first that loads; "numpy" always does
             try:
-                _active_laws, _active = _load(candidate), candidate
-                return
+                _load(candidate)
             except BackendUnavailableError:
                 continue
-    laws = _load(name)
-    _active, _active_laws = name, laws
+            _active = candidate
+            return
+    _load(name)
+    _active = name
 
 
 @contextlib.contextmanager
@@ -154,8 +205,8 @@ def get_backend() -> str:
     return _active
 
 
-def register_backend(name: str, laws: dict[str, type], array_module: ModuleType) -> None:
-    """Make ``name`` a backend: law classes ``laws`` computing on arrays of ``array_module``.
+def register_backend(name: str, kernels: dict, array_module: ModuleType) -> None:
+    """Make ``name`` a backend: ``kernels`` computing on arrays of ``array_module``.
 
     For tests and experiments: the suite registers a fake device (``tests/fake_device.py``) whose
     laws are the NumPy reference running on arrays that behave like CuPy's.
@@ -164,17 +215,130 @@ def register_backend(name: str, laws: dict[str, type], array_module: ModuleType)
     ----------
     name : str
         The name :func:`set_backend` will accept; must not be one of :data:`BACKENDS`.
-    laws : dict
-        ``{"additive": ..., "affine": ...}`` with the reference's static methods.
+    kernels : dict
+        A fused table ``{name: kernel}`` (names as :func:`fused` takes them), or law classes by law
+        name (``{"affine": ...}``), whose :data:`LAW_METHODS` become ``"affine.forward"`` and so on.
     array_module : module
         The ``xp`` of the backend; its array type must be defined in it (``type(a).__module__``).
     """
     if name in BACKENDS or name == "auto":
         raise ValueError(f"{name!r} is a built-in backend")
-    _loaded[name] = laws
+    table = {}
+    for key, value in kernels.items():
+        if isinstance(value, type):
+            table.update({f"{key}.{m}": getattr(value, m) for m in LAW_METHODS if hasattr(value, m)})
+        else:
+            table[key] = value
+    _loaded[name] = table
     _ARRAY_MODULE_NAMES[name] = array_module.__name__
     if array_module is not np:
         _DEVICE_MODULES[array_module.__name__] = array_module
+    _bound.clear()
+
+
+def register_law(reference: type, kernels: dict[str, dict[str, Callable]] | None = None) -> None:
+    """Make the coupling law ``reference`` available to every coupling layer (``law=reference.name``).
+
+    The one public call for a user's own law; ours register themselves the same way
+    (:mod:`nflow_np.flows.coupling_law`).
+
+    Parameters
+    ----------
+    reference : type
+        The reference law: ``name``, ``has_scale``, ``out_features(d2)`` and the four functions
+        :data:`LAW_METHODS` with the signatures of :class:`nflow_np.flows.coupling_law.AffineLaw`.
+        It is the specification, and runs on every backend without a kernel for it.
+    kernels : dict, optional
+        ``{backend name: {method: kernel}}``: kernels with the reference method's signature; a kernel
+        may return ``NotImplemented`` to decline a call, and the reference then runs.
+    """
+    missing = [m for m in ("name", "has_scale", "out_features", *LAW_METHODS) if not hasattr(reference, m)]
+    if missing:
+        raise ValueError(f"law {reference!r} lacks {missing}")
+    for backend_name, methods in (kernels or {}).items():
+        unknown = sorted(set(methods) - set(LAW_METHODS))
+        if unknown:
+            raise ValueError(f"unknown law methods {unknown}; kernels may replace {list(LAW_METHODS)}")
+        _law_kernels.setdefault(backend_name, {}).update({f"{reference.name}.{m}": k for m, k in methods.items()})
+    LAWS[reference.name] = reference
+    _bound.clear()
+
+
+def _forget_law(name: str) -> None:
+    """Undo :func:`register_law` of ``name`` (for tests)."""
+    LAWS.pop(name, None)
+    for table in _law_kernels.values():
+        for key in [k for k in table if k.startswith(f"{name}.")]:
+            del table[key]
+    _bound.clear()
+
+
+def _with_reference(kernel: Callable, reference: Callable) -> Callable:
+    """``kernel``, running ``reference`` instead whenever the kernel declines (returns ``NotImplemented``)."""
+
+    def call(*args, **kwargs):
+        result = kernel(*args, **kwargs)
+        return reference(*args, **kwargs) if result is NotImplemented else result
+
+    call.__wrapped__ = kernel
+    return call
+
+
+def fused(name: str, reference: Callable) -> Callable:
+    """The active backend's fused version of the reference function ``name``, else ``reference`` itself.
+
+    ``name`` is one of ``"bias_activation"``, ``"bias_activation_backward"``
+    (:mod:`nflow_np.nn.bias_activation`), ``"adam_update"`` (:func:`nflow_np.optim.adam_update`) and
+    ``"<law>.<method>"`` for the coupling laws (:data:`LAW_METHODS`; through :func:`coupling_law`).
+    A fused version has the reference's signature and is tested against it (``tests/kernels``). A
+    kernel with the attribute ``may_decline = True`` (and every kernel given to :func:`register_law`)
+    may decline a call by returning ``NotImplemented``, and ``reference`` then runs; the others are
+    returned as they are (no extra call on the hot path).
+    Called on every use, so after the first call per backend it is one dictionary lookup.
+    """
+    active = get_backend()
+    found = _bound.get((active, name))
+    if found is None:
+        kernel, declining = _loaded[active].get(name), False
+        if kernel is None:
+            kernel, declining = _law_kernels.get(active, {}).get(name), True
+        if kernel is None:
+            found = reference
+        elif declining or getattr(kernel, "may_decline", False):
+            found = _with_reference(kernel, reference)
+        else:
+            found = kernel
+        _bound[active, name] = found
+    return found
+
+
+def bind_law(reference: type, table: dict[str, Callable]) -> object:
+    """A law object: ``reference``'s attributes, its :data:`LAW_METHODS` replaced from the fused ``table``.
+
+    What :func:`coupling_law` returns for the active backend; the kernel tests call it on a kernel
+    module's ``FUSED`` table directly.
+    """
+    methods = {}
+    for method in LAW_METHODS:
+        kernel, spec = table.get(f"{reference.name}.{method}"), getattr(reference, method)
+        if kernel is None:
+            methods[method] = spec
+        else:
+            methods[method] = _with_reference(kernel, spec) if getattr(kernel, "may_decline", False) else kernel
+    return _Law(reference, methods)
+
+
+class _Law:
+    """A coupling law as a coupling layer calls it: the reference's attributes, the backend's methods."""
+
+    def __init__(self, reference: type, methods: dict[str, Callable]) -> None:
+        self.reference = reference
+        self.name, self.has_scale, self.out_features = reference.name, reference.has_scale, reference.out_features
+        for method, function in methods.items():
+            setattr(self, method, function)
+
+    def __repr__(self) -> str:
+        return f"<{self.reference.__name__} on {get_backend()!r}>"
 
 
 def array_module(like: object = None) -> ModuleType:
@@ -195,7 +359,9 @@ def array_module(like: object = None) -> ModuleType:
         then copy NumPy arrays to the device and back on every call).
     """
     if like is None:
-        name = _ARRAY_MODULE_NAMES.get(get_backend(), "numpy")
+        active = get_backend()
+        record = _BUILT_IN.get(active)
+        name = record.array_module_name if record else _ARRAY_MODULE_NAMES.get(active, "numpy")
         if name == "numpy" or (name == "cupy" and importlib.util.find_spec("cupy") is None):
             return np
         return _DEVICE_MODULES.get(name) or importlib.import_module(name)
@@ -229,41 +395,25 @@ def to_host(array: object, copy: bool = False) -> np.ndarray:
     return np.array(array) if copy else np.asarray(array)
 
 
-def coupling_law(name: str) -> type:
-    """The active backend's implementation of coupling law ``name`` ("additive" or "affine").
+def coupling_law(name: str) -> object:
+    """The active backend's coupling law ``name`` (registered with :func:`register_law`).
 
-    Called by every coupling layer on every call, so it is one dictionary lookup.
-    """
-    try:
-        return (_active_laws if _active_laws is not None else _loaded[get_backend()])[name]
-    except KeyError:
-        raise ValueError(f"unknown coupling law {name!r}; choose from {sorted(_active_laws)}") from None
-
-
-_FUSED_MODULES = {"numba": (kernel_module("numba_nn"), kernel_module("numba_optim"))}
-"""Per backend, the kernel modules whose ``FUSED`` tables replace reference functions other than the
-coupling laws: the hidden layers' bias + activation and the Adam update. Backends not listed use the
-references."""
-_fused: dict[str, dict[str, Callable]] = {}
-
-
-def fused(name: str, reference: Callable) -> Callable:
-    """The active backend's fused version of the reference function ``name``, else ``reference`` itself.
-
-    ``name`` is one of ``"bias_activation"``, ``"bias_activation_backward"``
-    (:mod:`nflow_np.nn.bias_activation`) and ``"adam_update"`` (:func:`nflow_np.optim.adam_update`).
-    A fused version has the reference's signature and is tested against it (``tests/kernels``).
-    Called on every use, so after the first call per backend it is two dictionary lookups.
+    The reference law's attributes with each of :data:`LAW_METHODS` taken through :func:`fused`
+    (``"affine.forward"``, …); the reference class itself where the backend has no kernel for it.
+    Called by every coupling layer on every call: one dictionary lookup
+    after the first call per backend.
     """
     active = get_backend()
-    table = _fused.get(active)
-    if table is None:
-        table = {}
-        for module_name in _FUSED_MODULES.get(active, ()):
-            table.update(importlib.import_module(module_name).FUSED)
-        _fused[active] = table
-    return table.get(name, reference)
-
+    law = _bound.get((active, f"law {name}"))
+    if law is None:
+        if name not in LAWS:
+            raise ValueError(f"unknown coupling law {name!r}; choose from {sorted(LAWS)}")
+        reference = LAWS[name]
+        methods = {m: fused(f"{name}.{m}", getattr(reference, m)) for m in LAW_METHODS}
+        replaced = any(function is not getattr(reference, m) for m, function in methods.items())
+        law = _Law(reference, methods) if replaced else reference  # no kernel for it: the reference itself
+        _bound[active, f"law {name}"] = law
+    return law
 
 
 if os.environ.get("NFLOW_BACKEND"):

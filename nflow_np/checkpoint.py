@@ -41,15 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nflow_np.io import (
+from nflow_np.files import safe
+from nflow_np.files.model_files import check_description, describe_model, model_from_description
+from nflow_np.files.safe import (
     ARCHIVE_ERRORS,
-    MAX_CONFIG_BYTES,
     ModelFileError,
     archive_members,
     atomic_write,
-    check_description,
-    describe_model,
-    model_from_description,
     parse_json,
     read_arrays,
     read_file,
@@ -70,6 +68,10 @@ _OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "sgd": SGD}
 
 class CheckpointError(ModelFileError):
     """A checkpoint file or folder is missing, damaged or inconsistent; the message says which and why."""
+
+
+class NonFiniteCheckpointError(CheckpointError, FloatingPointError):
+    """Refused to checkpoint non-finite state; the message names the array and the last checkpoint that loads."""
 
 
 @dataclass
@@ -316,6 +318,7 @@ def save_checkpoint(
     arrays = {f"model/{name}": value for name, value in model.state_dict().items()}
     arrays |= {f"best/{name}": value for name, value in state.best_params.items()}
     arrays |= {f"optimizer/{key}": value for key, value in optimizer.state_dict().items()}
+    _refuse_non_finite(arrays, Path(directory), state.steps)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -336,6 +339,21 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[KEEP:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def _refuse_non_finite(arrays: dict[str, np.ndarray], directory: Path, steps: int) -> None:
+    """Raise :class:`NonFiniteCheckpointError` if any array holds a NaN/Inf: a loader would refuse it anyway."""
+    bad = [name for name, value in arrays.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+    if not bad:
+        return
+    try:
+        kept = f"the last good checkpoint {latest_checkpoint(directory)[0].path} is untouched: resume from it"
+    except CheckpointError:
+        kept = "no checkpoint of this run loads: start again"
+    raise NonFiniteCheckpointError(
+        f"step {steps}: {bad[0]} holds non-finite values ({len(bad)} arrays do); not checkpointed, and {kept} "
+        "with a lower learning rate (or clip gradients)"
+    )
 
 
 def _digest(arrays: dict[str, np.ndarray]) -> str:
@@ -359,7 +377,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     path = Path(path)
     try:
-        data = read_file(path)
+        data = read_file(path, safe.MAX_WEIGHTS_BYTES)
         meta, meta_shape = _read_meta(data, path)
         return _build(data, path, meta, meta_shape)
     except CheckpointError:
@@ -373,8 +391,8 @@ def _read_meta(data: bytes, path: Path) -> tuple[dict, tuple]:
     sizes = archive_members(data, path)
     if "meta" not in sizes:
         raise CheckpointError(f"{path}: no meta array; not a checkpoint")
-    if sizes["meta"] > MAX_CONFIG_BYTES:
-        raise CheckpointError(f"{path}: meta declares {sizes['meta']} bytes, more than {MAX_CONFIG_BYTES}")
+    if sizes["meta"] > safe.MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: meta declares {sizes['meta']} bytes, more than {safe.MAX_CONFIG_BYTES}")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             raw = archive["meta"]

@@ -66,4 +66,50 @@ class StandardLogistic:
         return (np.log(u) - np.log1p(-u)).astype(as_float_dtype(dtype), copy=False)
 
 
+class DiagonalNormal:
+    """``N(μ, diag(σ²))`` with fixed (not learned) ``μ, σ: (D,)``, e.g. a VI base other than ``N(0, I)``.
+
+    With ``u = (z − μ)/σ``: ``log p(z) = −½ Σ_i u_i² − Σ_i log σ_i − (D/2) log 2π``,
+    ``∇ log p(z) = −u/σ``; sampling is ``z = μ + σ ⊙ ε``, ``ε ~ N(0, I)``.
+
+    Parameters
+    ----------
+    mean, std : float or array of shape (D,)
+        ``μ`` and ``σ``; ``σ > 0``. Scalars broadcast over every coordinate.
+    """
+
+    name = "diagonal_normal"
+
+    def __init__(self, mean: object = 0.0, std: object = 1.0) -> None:
+        mean, std = np.atleast_1d(np.asarray(mean, dtype=np.float64)), np.atleast_1d(np.asarray(std, dtype=np.float64))
+        if mean.ndim != 1 or std.ndim != 1:
+            raise ValueError(f"mean and std must be scalars or vectors, got shapes {mean.shape} and {std.shape}")
+        if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("mean must be finite and std finite and positive")
+        self.mean, self.std = np.broadcast_arrays(mean, std)
+
+    def _standardise(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.mean.shape[0] not in (1, z.shape[1]):
+            raise ValueError(f"this base has dimension {self.mean.shape[0]}; z has {z.shape[1]} columns")
+        std = self.std.astype(z.dtype)
+        return (z - self.mean.astype(z.dtype)) / std, std
+
+    def log_prob(self, z: np.ndarray) -> np.ndarray:
+        """Log-density of each row of ``z: (N, D)``; shape (N,)."""
+        u, std = self._standardise(z)
+        constant = np.log(std).sum() * (z.shape[1] // std.shape[0]) + z.dtype.type(0.5 * z.shape[1] * _LOG_2PI)
+        return -0.5 * np.einsum("nd,nd->n", u, u) - constant
+
+    def grad_log_prob(self, z: np.ndarray) -> np.ndarray:
+        """``∂ log p(z) / ∂z = −(z − μ)/σ²``, shape (N, D)."""
+        u, std = self._standardise(z)
+        return -u / std
+
+    def sample(self, n: int, dim: int, rng: np.random.Generator, dtype: object = np.float64) -> np.ndarray:
+        """``n`` draws of dimension ``dim``, shape (n, dim)."""
+        if self.mean.shape[0] not in (1, dim):
+            raise ValueError(f"this base has dimension {self.mean.shape[0]}, asked for {dim}")
+        return (self.mean + self.std * rng.standard_normal((n, dim))).astype(as_float_dtype(dtype), copy=False)
+
+
 BASE_DISTRIBUTIONS = {"normal": StandardNormal, "logistic": StandardLogistic}

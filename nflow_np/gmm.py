@@ -27,7 +27,9 @@ All values reported are per point (``L / N``), in nats.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -143,6 +145,40 @@ class GaussianMixture:
         mixture = cls(weights.shape[0])
         mixture.weights, mixture.means, mixture.covariances = weights, means, covariances
         return mixture
+
+    def save(self, directory: str | os.PathLike, summary: dict | None = None) -> Path:
+        """Publish ``gmm.npz`` and ``summary.json`` in ``directory`` in one atomic step (other files kept).
+
+        Raises
+        ------
+        RuntimeError
+            Not fitted.
+        OSError
+            The write failed; the previous folder is unchanged.
+        """
+        from nflow_np.files.gmm_files import save_gmm
+
+        self._check_fitted()
+        summary = {"model": "gmm", "components": self.n_components} if summary is None else summary
+        return save_gmm(self.weights, self.means, self.covariances, directory, summary)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> tuple[GaussianMixture, dict]:
+        """The mixture of a folder written by :meth:`save` (or ``nflow train --model gmm``), and its summary.
+
+        Raises
+        ------
+        ModelFileError
+            A missing, hostile or inconsistent file; one line naming it and the problem.
+        """
+        from nflow_np.files.gmm_files import load_gmm
+        from nflow_np.files.safe import ModelFileError
+
+        arrays, summary = load_gmm(directory)
+        try:
+            return cls.from_parameters(arrays["weights"], arrays["means"], arrays["covariances"]), summary
+        except ValueError as error:
+            raise ModelFileError(f"{Path(directory) / 'gmm.npz'}: {error}") from error
 
     # -- the model -------------------------------------------------------------------------------
 

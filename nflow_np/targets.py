@@ -25,7 +25,8 @@ and confines them to the box ``[−4, 4]²``, softly so that the gradient stays 
 
 zero inside the box and a Gaussian-like fall-off of width 0.1 outside it. ``log Z`` is then the
 quadrature of exactly this energy, over ``[−5, 5]²`` (which holds the wall's tails), so that
-``KL(q‖p) = F + log Z`` is a true KL divergence, ≥ 0.
+``KL(q‖p) = F + log Z`` is a true KL divergence, ≥ 0. Another box or wall:
+``get_target("U3", box_half_width=6, wall_width=0.2)``.
 """
 
 from __future__ import annotations
@@ -142,18 +143,39 @@ WALL_WIDTH = 0.1
 """Length scale of the soft wall outside the box."""
 
 
-def box_wall(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``wall(z) = ½ Σ_i (max(|z_i| − 4, 0)/0.1)²`` and its gradient (zero inside ``[−4, 4]²``)."""
-    excess = np.maximum(np.abs(z) - BOX_HALF_WIDTH, 0) / WALL_WIDTH
-    return 0.5 * np.einsum("nd,nd->n", excess, excess), excess * np.sign(z) / WALL_WIDTH
+def box_wall(
+    z: np.ndarray, half_width: float = BOX_HALF_WIDTH, width: float = WALL_WIDTH
+) -> tuple[np.ndarray, np.ndarray]:
+    """``wall(z) = ½ Σ_i (max(|z_i| − b, 0)/w)²`` and its gradient (zero inside ``[−b, b]^D``).
+
+    ``∂wall/∂z_i = sign(z_i) max(|z_i| − b, 0) / w²``. Defaults: the paper's box, ``b = 4``, ``w = 0.1``.
+
+    Parameters
+    ----------
+    z : array, shape (N, D)
+    half_width : float
+        ``b``: the box is ``[−b, b]^D``.
+    width : float
+        ``w``: the length scale of the fall-off outside the box (smaller: harder wall).
+    """
+    excess = np.maximum(np.abs(z) - half_width, 0) / width
+    return 0.5 * np.einsum("nd,nd->n", excess, excess), excess * np.sign(z) / width
 
 
-def in_box(energy: Energy) -> Energy:
-    """``z ↦ energy(z) + wall(z)``: confine an energy to ``[−4, 4]^D`` (see the module docstring)."""
+def _check_box(half_width: float, width: float) -> None:
+    if not (np.isfinite(half_width) and half_width > 0):
+        raise ValueError(f"the box half-width must be a positive number, got {half_width!r}")
+    if not (np.isfinite(width) and width > 0):
+        raise ValueError(f"the wall width must be a positive number, got {width!r}")
+
+
+def in_box(energy: Energy, half_width: float = BOX_HALF_WIDTH, width: float = WALL_WIDTH) -> Energy:
+    """``z ↦ energy(z) + wall(z)``: confine an energy to ``[−b, b]^D`` (:func:`box_wall`, module docstring)."""
+    _check_box(half_width, width)
 
     def confined(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         value, grad = energy(z)
-        wall, grad_wall = box_wall(z)
+        wall, grad_wall = box_wall(z, half_width, width)
         return value + wall, grad + grad_wall
 
     confined.__name__ = f"{getattr(energy, '__name__', 'energy')}_in_box"
@@ -241,11 +263,38 @@ TARGETS: dict[str, Target] = {
     "U3": Target("U3", in_box(u3), (-5.0, 5.0)),
     "U4": Target("U4", in_box(u4), (-5.0, 5.0)),
 }
-"""The paper's four energies, ``U2``–``U4`` confined to ``[−4, 4]²`` (module docstring)."""
+"""The paper's four energies, ``U2``–``U4`` confined to ``[−4, 4]²`` (module docstring; another box:
+:func:`get_target`)."""
+
+CONFINED: dict[str, Energy] = {"U2": u2, "U3": u3, "U4": u4}
+"""The energies that are not normalisable on ``R²`` and are confined to a box."""
 
 
-def get_target(name: str) -> Target:
-    """The :class:`Target` called ``name`` (``"U1"`` … ``"U4"``), with a clear error otherwise."""
+WALL_REACH = 10
+"""The quadrature square reaches ``WALL_REACH`` wall widths (and at least 1) beyond the box: at 10 widths
+``exp(−wall) = exp(−50)``, so the tails it cuts off are below 1e-21 of the mass."""
+
+
+def get_target(name: str, box_half_width: float | None = None, wall_width: float | None = None) -> Target:
+    """The :class:`Target` called ``name`` (``"U1"`` … ``"U4"``), with a clear error otherwise.
+
+    Parameters
+    ----------
+    name : str
+    box_half_width, wall_width : float, optional
+        For ``U2``–``U4``: confine to ``[−b, b]²`` with a wall of width ``w`` instead of the paper's
+        ``b = 4``, ``w = 0.1`` (:func:`box_wall`); ``log Z`` is then integrated over
+        ``[−b − r, b + r]²``, ``r = max(1, WALL_REACH · w)``, and the figures show ``[−b, b]²``.
+        ``U1`` is normalisable as it is and takes no box.
+    """
     if name not in TARGETS:
         raise ValueError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
-    return TARGETS[name]
+    if box_half_width is None and wall_width is None:
+        return TARGETS[name]
+    if name not in CONFINED:
+        raise ValueError(f"{name} is normalisable on R² and takes no box; only {', '.join(CONFINED)} do")
+    half_width = BOX_HALF_WIDTH if box_half_width is None else float(box_half_width)
+    width = WALL_WIDTH if wall_width is None else float(wall_width)
+    energy = in_box(CONFINED[name], half_width, width)
+    reach = half_width + max(1.0, WALL_REACH * width)
+    return Target(name, energy, (-reach, reach), (-half_width, half_width))

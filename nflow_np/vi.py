@@ -43,7 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nflow_np import distributed
-from nflow_np.distributions import StandardNormal
+from nflow_np.distributions import DiagonalNormal, StandardNormal
 from nflow_np.flows.base import Flow, Inverse, Sequential
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling
 from nflow_np.flows.planar import Planar
@@ -56,7 +56,12 @@ from nflow_np.train import NonFiniteLossError, cosine_lr
 from nflow_np.validation import check_batch
 
 BASE = StandardNormal()
-"""``q₀ = N(0, I)``, the paper's initial density."""
+"""``q₀ = N(0, I)``, the paper's initial density; every function takes ``base=`` another one, e.g.
+:class:`~nflow_np.distributions.DiagonalNormal` (``log q₀`` does not depend on the flow's parameters,
+so the gradient of the free energy is the same formula for any fixed base)."""
+
+Base = StandardNormal | DiagonalNormal
+"""A base ``q₀``: ``log_prob(z)`` and ``sample(n, dim, rng, dtype)``."""
 
 
 def _evaluate_energy(energy: Energy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -75,41 +80,41 @@ def _evaluate_energy(energy: Energy, z: np.ndarray) -> tuple[np.ndarray, np.ndar
     return value, grad
 
 
-def push_to_target(flow: Flow, z0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def push_to_target(flow: Flow, z0: np.ndarray, base: Base = BASE) -> tuple[np.ndarray, np.ndarray]:
     """``z_K = f⁻¹(z₀)`` (the flow's inverse: base → target) and ``log q_K(z_K) = log q₀(z₀) − logdet``.
 
     Shapes (N, D) and (N,); ``logdet = log|det ∂f⁻¹/∂z₀|``.
     """
     check_batch(z0, "z0", flow.dim, flow.dtype)
     z_k, logdet = flow._inverse(z0)
-    return z_k, BASE.log_prob(z0) - logdet
+    return z_k, base.log_prob(z0) - logdet
 
 
-def log_q(flow: Flow, y: np.ndarray) -> np.ndarray:
+def log_q(flow: Flow, y: np.ndarray, base: Base = BASE) -> np.ndarray:
     """``log q_K(y) = log q₀(f(y)) + log|det ∂f/∂y|`` at arbitrary points ``y: (N, D)``; shape (N,).
 
     Runs the flow forward (target → base); for planar and radial layers that is the numerical solve.
     """
     check_batch(y, "y", flow.dim, flow.dtype)
     z0, logdet = flow._forward(y)
-    return BASE.log_prob(z0) + logdet
+    return base.log_prob(z0) + logdet
 
 
-def sample(flow: Flow, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def sample(flow: Flow, n: int, rng: np.random.Generator, base: Base = BASE) -> tuple[np.ndarray, np.ndarray]:
     """``n`` draws ``z_K ~ q_K`` with their ``log q_K(z_K)``; shapes (n, D) and (n,)."""
     if int(n) < 1:
         raise ValueError(f"n must be a positive number of samples, got {n}")
-    return push_to_target(flow, BASE.sample(int(n), flow.dim, as_generator(rng), flow.dtype))
+    return push_to_target(flow, base.sample(int(n), flow.dim, as_generator(rng), flow.dtype or np.float64), base)
 
 
-def free_energy(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -> float:
+def free_energy(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0, base: Base = BASE) -> float:
     """``F̂ = (1/N) Σ_n [log q₀(z₀⁽ⁿ⁾) − logdet⁽ⁿ⁾ + β U(z_K⁽ⁿ⁾)]`` for fixed base draws ``z0: (N, D)``."""
-    z_k, log_q_k = push_to_target(flow, z0)
+    z_k, log_q_k = push_to_target(flow, z0, base)
     value, _ = _evaluate_energy(energy, z_k)
     return float(np.mean(log_q_k + beta * value))
 
 
-def free_energy_and_backward(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0) -> float:
+def free_energy_and_backward(flow: Flow, energy: Energy, z0: np.ndarray, beta: float = 1.0, base: Base = BASE) -> float:
     """:func:`free_energy` and its gradient, **added** to every parameter's ``grads``.
 
     One inverse pass of the flow on ``z0`` (:func:`push_to_target`) and its backward pass with
@@ -120,7 +125,7 @@ def free_energy_and_backward(flow: Flow, energy: Energy, z0: np.ndarray, beta: f
     float
         ``F̂`` at the current parameters.
     """
-    z_k, log_q_k = push_to_target(flow, z0)
+    z_k, log_q_k = push_to_target(flow, z0, base)
     value, grad = _evaluate_energy(energy, z_k)
     n = z0.shape[0]
     d_z_k = (grad * (beta / n)).astype(z0.dtype, copy=False)
@@ -173,6 +178,7 @@ def fit_vi(
     seed: int = 0,
     log_every: int = 100,
     progress: bool = False,
+    base: Base = BASE,
     comm: object = None,
 ) -> VIResult:
     """Minimise the free energy of ``q_K`` (``N(0, I)`` pushed by the flow's inverse) w.r.t. ``p̃ = exp(−U)``.
@@ -210,6 +216,8 @@ def fit_vi(
         Steps between :attr:`VIResult.history` entries.
     progress : bool
         Show a tqdm bar (rank 0 only).
+    base : StandardNormal or DiagonalNormal
+        ``q₀``, fixed during training (default ``N(0, I)``, the paper's).
     comm : mpi4py communicator or "auto", optional
         Data-parallel over its ranks (:mod:`nflow_np.distributed`): every rank draws the same ``z₀``,
         computes its shard, and the gradients are summed in rank order before the same step on every rank.
@@ -249,9 +257,10 @@ def fit_vi(
             beta = annealing_beta(step, anneal_steps, beta0)
             if lr_schedule == "cosine" and step >= decay_start:
                 optimizer.lr = cosine_lr(base_lr, step - decay_start, steps - decay_start)
-            z0 = BASE.sample(batch_size, flow.dim, rng, dtype)
+            z0 = base.sample(batch_size, flow.dim, rng, dtype)
             flow.zero_grad()
-            loss = distributed.backward(comm, flow, z0, partial(free_energy_and_backward, flow, energy, beta=beta))
+            step_of = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)  # of a shard of z0
+            loss = distributed.backward(comm, flow, z0, step_of)
             norm = clip_grad_norm(flow, clip_norm) if clip_norm else global_grad_norm(flow)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise NonFiniteLossError(
@@ -301,6 +310,7 @@ def estimate_kl(
     samples: int = 10000,
     rng: np.random.Generator | None = None,
     batch_size: int = 10000,
+    base: Base = BASE,
 ) -> KLEstimate:
     """``F = E_q[log q_K(z) + U(z)]`` over ``samples`` fresh draws, its standard error, and ``F + log Z``.
 
@@ -316,13 +326,15 @@ def estimate_kl(
         Source of the draws (default: seeded 1); keep it apart from training's.
     batch_size : int
         Draws per pass, to bound memory.
+    base : StandardNormal or DiagonalNormal
+        The ``q₀`` the flow was trained from.
     """
     if int(samples) < 2:
         raise ValueError(f"samples must be at least 2 for a standard error, got {samples}")
     rng = as_generator(rng, 1)
     values = []
     for start in range(0, samples, batch_size):
-        z_k, log_q_k = sample(flow, min(batch_size, samples - start), rng)
+        z_k, log_q_k = sample(flow, min(batch_size, samples - start), rng, base)
         value, _ = _evaluate_energy(energy, z_k)
         values.append(log_q_k.astype(np.float64) + value)
     values = np.concatenate(values)

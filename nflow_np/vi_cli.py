@@ -272,8 +272,6 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     gmm, val = best
     nll = {"train": gmm.nll(splits.train), "val": val, "test": gmm.nll(splits.test)}
     out = args.out or Path("runs") / f"{args.data}-gmm"
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(out / "gmm.npz", weights=gmm.weights, means=gmm.means, covariances=gmm.covariances)
     summary = {
         "data": args.data,
         "model": "gmm",
@@ -289,7 +287,7 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     }
     if getattr(args, "provenance", None) is not None:  # nflow train: how the numbers were made
         summary |= {"provenance": args.provenance, "backend": args.provenance["backend"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    gmm.save(out, summary)  # gmm.npz and summary.json published together (nflow_np.files.gmm_files)
     print(
         f"{args.data} / gmm: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, val {nll['val']:.4f}) "
         f"with K={gmm.n_components} components"

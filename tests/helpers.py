@@ -1,31 +1,20 @@
-"""The test suite's shared machinery: one gradient check, one log-det check, one registry of flows.
+"""The test suite's shared machinery: the registry of flows, the backends under test, and the checks.
 
-Every flow layer is proven by the same two helpers:
+The checks are the package's own, :mod:`nflow_np.gradcheck` (central differences in float64 for the
+backward pass, ``slogdet`` of the numerical Jacobian for the log-det; its docstring gives the error
+metric), re-exported here so every test file imports them from one place.
 
-- :func:`check_flow_gradients` compares the hand-written backward pass (w.r.t. the input *and* every
-  parameter) to central finite differences of a random linear loss, in float64;
-- :func:`check_logdet` compares the returned log-determinant to ``np.linalg.slogdet`` of the
-  finite-difference Jacobian of the map.
-
-:data:`FLOW_CASES` lists one factory per kind of layer (and per composition of layers); the tests in
-``tests/flows/test_flows.py`` are parametrised over it, so a new layer is proven by adding it here.
-
-Error metric (used for every gradient comparison, see :func:`relative_error`)::
-
-    err(a, n) = max_i |a_i − n_i| / max(max_i |n_i|, floor),    floor = FD_FLOOR · S
-
-computed per array (the input gradient, and each parameter separately), so a wrong gradient in a
-small array is not hidden behind a large one. ``S = 1 + Σ|A ⊙ out| + Σ|b ⊙ logdet|`` is the size of
-the terms of the loss: the round-off of central differences with ``eps = 1e-6`` is about
-``1e-16 · S / eps ≈ 1e-10 · S`` per entry (measured: at most 5e-10 · S over all registered flows),
-so an array whose true gradient is below ``FD_FLOOR · S`` (1 % of the loss's size) is checked
-against the absolute tolerance ``GRAD_RTOL · FD_FLOOR · S = 1e-8 · S`` instead of relatively.
-Everything else must agree to :data:`GRAD_RTOL` relative.
+:data:`CASES` lists one :class:`FlowCase` per kind of layer (and per composition of layers): how to
+build it and how to draw valid inputs for it. The property suite (``tests/flow_properties.py``, run
+by ``tests/flows/test_flows.py`` over every case and every backend of :data:`BACKENDS`) proves each
+one, so a new layer is proven by adding one ``FlowCase(...)`` line here (README, "How to add a layer").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -41,294 +30,41 @@ from nflow_np import (
     Reverse,
     Sequential,
 )
+from nflow_np.backend import available_backends
+from nflow_np.flows import Dequantize, FactorOut, Logit, Squeeze
 from nflow_np.flows.coupling import parity_mask
 from nflow_np.flows.normalization import ActNorm, BatchNorm
 from nflow_np.flows.preprocessing import Scale
+from nflow_np.gradcheck import (  # noqa: F401 (re-exported: every test file imports the checks from here)
+    FD_EPS,
+    FD_FLOOR,
+    GRAD_RTOL,
+    LOGDET_ATOL,
+    GradcheckError,
+    assert_gradients_match,
+    check_flow_gradients,
+    check_layer_gradients,
+    check_logdet,
+    numerical_gradient,
+    numerical_jacobian,
+    relative_error,
+)
 from nflow_np.module import Module
-from nflow_np.nn import MLP, Layer
+from nflow_np.nn import MLP
 
-GRAD_RTOL = 1e-6
-"""Largest accepted :func:`relative_error` between an analytic and a numerical gradient."""
-
-LOGDET_ATOL = 1e-6
-"""Largest accepted ``|logdet − log|det J_fd||`` (log-dets are O(1), so absolute is relative)."""
-
-FD_FLOOR = 1e-2
-"""Floor of the denominator of :func:`relative_error`, as a fraction of the loss's size ``S``."""
-
-FD_EPS = 1e-6
-"""Step of the central differences."""
+REFERENCE = "numpy"
 
 
-# -- finite differences ------------------------------------------------------------------------
+def backends_under_test() -> list[str]:
+    """``NFLOW_TEST_BACKENDS`` (comma-separated names), else every backend that loads here, reference first."""
+    chosen = os.environ.get("NFLOW_TEST_BACKENDS")
+    if chosen:
+        return [name.strip() for name in chosen.split(",") if name.strip()]
+    return available_backends()
 
 
-def numerical_gradient(f: Callable[[], float], array: np.ndarray, eps: float = FD_EPS) -> np.ndarray:
-    """Central-difference gradient (five-point stencil) of a scalar function w.r.t. every entry of ``array``.
-
-    Each entry is perturbed *in place* (``f`` must read ``array`` itself, e.g. a parameter or the
-    input it closes over) and restored exactly afterwards.
-
-    Parameters
-    ----------
-    f : callable () -> float
-        The scalar function; called ``4 * array.size`` times.
-    array : numpy.ndarray, float64
-        The array to differentiate w.r.t.; modified during the call, unchanged after it.
-    eps : float
-        Step: ``∂f/∂a_i ≈ (−f(a_i + 2eps) + 8f(a_i + eps) − 8f(a_i − eps) + f(a_i − 2eps)) / (12 eps)``.
-
-    Returns
-    -------
-    numpy.ndarray
-        Same shape as ``array``, float64.
-    """
-    if array.dtype != np.float64:
-        raise TypeError(f"finite differences need float64, got {array.dtype}")
-    grad = np.zeros(array.shape, dtype=np.float64)
-    for index in np.ndindex(array.shape):
-        old = array[index]
-        values = []
-        for step in (2 * eps, eps, -eps, -2 * eps):
-            array[index] = old + step
-            values.append(f())
-        array[index] = old
-        # fourth-order central difference: truncation O(eps⁴ f⁽⁵⁾) instead of O(eps² f‴), which matters
-        # where the loss curves sharply (planar flows near wᵀû = −1); the rounding term is unchanged
-        grad[index] = (-values[0] + 8 * values[1] - 8 * values[2] + values[3]) / (12 * eps)
-    return grad
-
-
-def numerical_jacobian(
-    fn: Callable[[np.ndarray], np.ndarray], x_row: np.ndarray, eps: float = FD_EPS
-) -> np.ndarray:
-    """Central-difference Jacobian ``J[i, j] = ∂out_i / ∂x_j`` of a map of one row.
-
-    Parameters
-    ----------
-    fn : callable
-        Maps an array of shape ``(1, D)`` to an array of shape ``(1, D)``.
-    x_row : numpy.ndarray, shape (D,), float64
-        The point.
-    eps : float
-        Step of the central differences.
-
-    Returns
-    -------
-    numpy.ndarray, shape (D, D)
-    """
-    x_row = np.asarray(x_row, dtype=np.float64)
-    dim = x_row.shape[0]
-    jacobian = np.zeros((dim, dim))
-    for j in range(dim):
-        step = np.zeros(dim)
-        step[j] = eps
-        plus = fn((x_row + step)[None, :])[0]
-        minus = fn((x_row - step)[None, :])[0]
-        jacobian[:, j] = (plus - minus) / (2 * eps)
-    return jacobian
-
-
-def relative_error(analytic: np.ndarray, numeric: np.ndarray, floor: float = 1e-12) -> float:
-    """``max|a − n| / max(max|n|, floor)``: the error metric of every gradient check.
-
-    Parameters
-    ----------
-    analytic, numeric : numpy.ndarray
-        Same shape.
-    floor : float
-        Smallest denominator: below it the error is absolute (scaled by ``1 / floor``), so that
-        finite-difference round-off on a tiny true gradient is not mistaken for a relative error.
-        The gradient checks pass ``FD_FLOOR · S`` (see the module docstring).
-
-    Returns
-    -------
-    float
-        ``inf`` if the shapes differ or ``analytic`` is not finite.
-    """
-    analytic = np.asarray(analytic, dtype=np.float64)
-    numeric = np.asarray(numeric, dtype=np.float64)
-    if analytic.shape != numeric.shape or not np.isfinite(analytic).all():
-        return float("inf")
-    if analytic.size == 0:
-        return 0.0
-    return float(np.max(np.abs(analytic - numeric)) / max(float(np.max(np.abs(numeric))), floor))
-
-
-def assert_gradients_match(
-    analytic: dict[str, np.ndarray], numeric: dict[str, np.ndarray], floor: float, what: str
-) -> None:
-    """Raise ``AssertionError`` listing every array whose :func:`relative_error` exceeds ``GRAD_RTOL``.
-
-    Parameters
-    ----------
-    analytic, numeric : dict[str, numpy.ndarray]
-        Gradients under the same names (``"input"``, parameter names...).
-    floor : float
-        Passed to :func:`relative_error`.
-    what : str
-        Describes the check in the failure message.
-    """
-    assert analytic.keys() == numeric.keys(), f"{what}: names differ {analytic.keys()} vs {numeric.keys()}"
-    errors = {name: relative_error(analytic[name], numeric[name], floor) for name in numeric}
-    bad = {name: err for name, err in errors.items() if not err <= GRAD_RTOL}
-    assert not bad, f"{what}: gradient mismatch (relative error > {GRAD_RTOL}): {bad}"
-
-
-# -- gradient checks ---------------------------------------------------------------------------
-
-
-def _require_float64(module: Module, x: np.ndarray) -> None:
-    if x.dtype != np.float64 or module.dtype not in (None, np.float64):
-        raise TypeError("gradient checks run in float64: build the module and the input in float64")
-
-
-def check_flow_gradients(flow: Flow, x: np.ndarray, direction: str, rng: np.random.Generator) -> None:
-    """Check a flow's backward pass in one direction against central differences.
-
-    The loss is a random linear function of both outputs, ``L = Σ A ⊙ out + Σ b ⊙ logdet`` with
-    ``A, b ~ N(0, 1)``, so its gradient w.r.t. ``(out, logdet)`` is exactly ``(A, b)``. After
-    ``zero_grad`` and one call in ``direction``, ``flow.backward(A, b)`` must return ``∂L/∂input`` and
-    leave ``∂L/∂θ`` in ``grads`` for every parameter of :meth:`~nflow_np.module.Module.named_parameters`.
-    Also checked: the backward pass leaves ``A`` and ``b`` untouched, and the grads have the shapes and
-    dtypes of their parameters.
-
-    Parameters
-    ----------
-    flow : Flow
-        Built in float64 (or parameter-free).
-    x : numpy.ndarray, shape (N, flow.dim), float64
-        The input of the call (data for ``"forward"``, noise for ``"inverse"``).
-    direction : {"forward", "inverse"}
-    rng : numpy.random.Generator
-        Draws ``A`` and ``b``.
-
-    Raises
-    ------
-    AssertionError
-        Any gradient with :func:`relative_error` (floor ``FD_FLOOR · S``) above :data:`GRAD_RTOL`.
-    """
-    _require_float64(flow, x)
-    if direction not in ("forward", "inverse"):
-        raise ValueError(f"direction must be 'forward' or 'inverse', got {direction!r}")
-    call = flow.forward if direction == "forward" else flow.inverse
-    x = x.copy()
-    out, logdet = call(x)
-    weight_out = rng.standard_normal(out.shape)
-    weight_logdet = rng.standard_normal(logdet.shape)
-
-    def loss() -> float:
-        out, logdet = call(x)
-        return float(np.sum(weight_out * out) + np.sum(weight_logdet * logdet))
-
-    flow.zero_grad()
-    call(x)
-    d_out, d_logdet = weight_out.copy(), weight_logdet.copy()
-    analytic = {"input": flow.backward(d_out, d_logdet)}
-    assert np.array_equal(d_out, weight_out) and np.array_equal(d_logdet, weight_logdet), (
-        "backward modified the caller's d_out/d_logdet"
-    )
-    before = {}
-    for name, param, grad in flow.named_parameters():
-        assert grad.shape == param.shape and grad.dtype == param.dtype, f"grad {name!r} unlike its param"
-        analytic[name] = grad.copy()
-        before[name] = param.copy()
-
-    numeric = {"input": numerical_gradient(loss, x)}
-    for name, param, _ in flow.named_parameters():
-        numeric[name] = numerical_gradient(loss, param)
-    for name, param, _ in flow.named_parameters():
-        assert np.array_equal(param, before[name]), f"parameter {name!r} not restored"
-    size = 1.0 + float(np.sum(np.abs(weight_out * out)) + np.sum(np.abs(weight_logdet * logdet)))
-    assert_gradients_match(analytic, numeric, FD_FLOOR * size, f"{type(flow).__name__} {direction}")
-
-
-def check_layer_gradients(layer: Layer, x: np.ndarray, rng: np.random.Generator) -> None:
-    """Check an ``nn`` layer's backward pass against central differences.
-
-    Same as :func:`check_flow_gradients` without a log-det: ``L = Σ A ⊙ layer(x)``, ``A ~ N(0, 1)``;
-    ``layer.backward(A)`` must return ``∂L/∂x`` and leave ``∂L/∂θ`` in ``grads``.
-
-    Parameters
-    ----------
-    layer : Layer
-        Built in float64 (or parameter-free).
-    x : numpy.ndarray, shape (N, D_in), float64
-    rng : numpy.random.Generator
-        Draws ``A``.
-
-    Raises
-    ------
-    AssertionError
-        Any gradient with :func:`relative_error` (floor ``FD_FLOOR · S``, ``S = 1 + Σ|A ⊙ y|``) above
-        :data:`GRAD_RTOL`.
-    """
-    _require_float64(layer, x)
-    x = x.copy()
-    weight = rng.standard_normal(layer.forward(x).shape)
-
-    def loss() -> float:
-        return float(np.sum(weight * layer.forward(x)))
-
-    layer.zero_grad()
-    layer.forward(x)
-    d_y = weight.copy()
-    analytic = {"input": layer.backward(d_y)}
-    assert np.array_equal(d_y, weight), "backward modified the caller's d_y"
-    for name, param, grad in layer.named_parameters():
-        assert grad.shape == param.shape and grad.dtype == param.dtype, f"grad {name!r} unlike its param"
-        analytic[name] = grad.copy()
-    numeric = {"input": numerical_gradient(loss, x)}
-    for name, param, _ in layer.named_parameters():
-        numeric[name] = numerical_gradient(loss, param)
-    size = 1.0 + float(np.sum(np.abs(weight * layer.forward(x))))
-    assert_gradients_match(analytic, numeric, FD_FLOOR * size, type(layer).__name__)
-
-
-# -- log-det check -----------------------------------------------------------------------------
-
-
-def check_logdet(flow: Flow, x: np.ndarray, direction: str, rows: int = 3, atol: float = LOGDET_ATOL) -> None:
-    """Check the returned log-det against ``slogdet`` of the finite-difference Jacobian.
-
-    For each of the first ``rows`` rows of ``x``: ``log|det J|`` of the central-difference Jacobian of
-    the map (``forward`` or ``inverse``) at that row must equal the log-det the flow returns for that
-    row, both when the row is passed alone and inside the whole batch (rows are independent), within
-    ``atol`` (default :data:`LOGDET_ATOL`).
-
-    Parameters
-    ----------
-    flow : Flow
-        Built in float64 (or parameter-free).
-    x : numpy.ndarray, shape (N, flow.dim), float64
-    direction : {"forward", "inverse"}
-    rows : int
-        How many rows to check (each costs ``2 * dim`` calls).
-    atol : float
-        Accepted error; a nearly singular map needs more, since the differences' round-off in
-        ``log|det J|`` is divided by the smallest singular value.
-
-    Raises
-    ------
-    AssertionError
-        A log-det off by more than ``atol``, or a singular Jacobian.
-    """
-    _require_float64(flow, x)
-    call = flow.forward if direction == "forward" else flow.inverse
-    _, batch_logdet = call(x)
-    for n in range(min(rows, x.shape[0])):
-        jacobian = numerical_jacobian(lambda row: call(row)[0], x[n])
-        sign, log_abs_det = np.linalg.slogdet(jacobian)
-        assert sign != 0, f"{direction}: singular Jacobian at row {n}"
-        _, row_logdet = call(x[n : n + 1])
-        assert abs(row_logdet[0] - log_abs_det) <= atol, (
-            f"{type(flow).__name__} {direction}: logdet {row_logdet[0]!r} "
-            f"but log|det J| = {log_abs_det!r} at row {n}"
-        )
-        assert abs(batch_logdet[n] - log_abs_det) <= atol, (
-            f"{type(flow).__name__} {direction}: batched logdet {batch_logdet[n]!r} differs from "
-            f"log|det J| = {log_abs_det!r} at row {n}"
-        )
+BACKENDS = backends_under_test()
+"""The backends the property suite proves every layer on (``numpy``, ``numba`` on a CPU machine)."""
 
 
 # -- the registry of flows ---------------------------------------------------------------------
@@ -370,9 +106,7 @@ def _affine_parity1(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
 
 
 def _affine_random_mask(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
-    flow = AffineCoupling(
-        dim, mask=random_mask(dim, rng), hidden=HIDDEN, rng=rng, activation="leaky_relu", dtype=dtype
-    )
+    flow = AffineCoupling(dim, mask=random_mask(dim, rng), hidden=HIDDEN, rng=rng, activation="leaky_relu", dtype=dtype)
     return randomise(flow, rng)
 
 
@@ -381,6 +115,14 @@ def _affine_user_net(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     d1, d2 = int(mask.sum()), int((~mask).sum())
     net = MLP([d1, 7, 2 * d2], rng, activation="tanh", dtype=dtype, zero_last=False)
     return randomise(AffineCoupling(dim, mask=mask, net=net, dtype=dtype), rng)
+
+
+def _affine_fixed_bound(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    bound = float(rng.uniform(0.5, 2.0))
+    flow = AffineCoupling(
+        dim, parity=0, hidden=HIDDEN, rng=rng, dtype=dtype, log_scale_bound=bound, learn_log_scale_bound=False
+    )
+    return randomise(flow, rng)
 
 
 def _rescale(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
@@ -449,27 +191,132 @@ def _scale(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return Scale(dim, float(rng.choice([-1.0, 1.0]) * rng.uniform(0.25, 4.0)))
 
 
+def _factor_out(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    keep = int(rng.integers(1, dim))
+    inner = Rescale(keep, dtype=dtype)
+    if keep >= 2:
+        inner = Sequential([AffineCoupling(keep, parity=1, hidden=HIDDEN, rng=rng, dtype=dtype), inner])
+    return randomise(FactorOut(dim, inner), rng)
+
+
+IMAGE_SHAPES = ((1, 2, 2), (2, 2, 2), (1, 2, 4), (1, 4, 2), (3, 2, 2))
+"""Image shapes for :class:`Squeeze` (even height and width; at most 12 pixels, for cheap differences)."""
+
+
+def _squeeze(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    """Ignores ``dim``: a Squeeze works in ``C·H·W`` dimensions with ``H, W`` even."""
+    return Squeeze(IMAGE_SHAPES[int(rng.integers(len(IMAGE_SHAPES)))])
+
+
+def _logit(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    return Logit(dim, alpha=float(rng.choice([0.0, 0.05, 0.2])))
+
+
+class ConstantNoise:
+    """Stands in for a Dequantize's generator: ``random(shape, dtype)`` returns ``0.37`` everywhere, so the
+    layer is the fixed map ``x ↦ x + 0.37`` that finite differences can see, the same for every row and
+    in both precisions. The noise itself (uniform, fresh per call) is tested in ``test_preprocessing.py``."""
+
+    def random(self, shape: tuple[int, ...], dtype: object = np.float64) -> np.ndarray:
+        return np.full(shape, 0.37, dtype=dtype)
+
+
+def _dequantize(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    flow = Dequantize(dim, levels=int(rng.integers(2, 20)))
+    flow.rng = ConstantNoise()
+    return flow
+
+
+# -- input samplers ----------------------------------------------------------------------------
+
+Sampler = Callable[[Flow, str, int, np.random.Generator, float], np.ndarray]
+"""``sample(flow, direction, n, rng, magnitude) -> (n, flow.dim)`` float64: valid input of a call in
+``direction`` (data for ``"forward"``, noise for ``"inverse"``). ``magnitude`` is how large the test
+would like the inputs (1, 30, 1e3); a layer with a bounded domain draws from its domain instead."""
+
+
+def normal_inputs(flow: Flow, direction: str, n: int, rng: np.random.Generator, magnitude: float = 1.0) -> np.ndarray:
+    """``magnitude · N(0, I)``: any point of ``R^dim`` is valid."""
+    return magnitude * rng.standard_normal((n, flow.dim))
+
+
+def logit_inputs(flow: Flow, direction: str, n: int, rng: np.random.Generator, magnitude: float = 1.0) -> np.ndarray:
+    """Data in ``[0, 1)`` (the logit's domain); noise ``N(0, I)`` (larger ``|z|`` saturates σ(z) in float64)."""
+    if direction == "forward":
+        return rng.uniform(0.0, 1.0, size=(n, flow.dim))
+    return rng.standard_normal((n, flow.dim))
+
+
+def level_inputs(flow: Flow, direction: str, n: int, rng: np.random.Generator, magnitude: float = 1.0) -> np.ndarray:
+    """Data: integer levels ``0 … L−1``; noise: continuous points of ``[0, L)`` for the quantiser."""
+    if direction == "forward":
+        return rng.integers(0, flow.levels, size=(n, flow.dim)).astype(np.float64)
+    return rng.uniform(0.0, flow.levels, size=(n, flow.dim))
+
+
 FlowFactory = Callable[[int, np.random.Generator, object], Flow]
 
-FLOW_CASES: list[tuple[str, FlowFactory]] = [
-    ("additive_coupling", _additive),
-    ("affine_coupling_parity0", _affine_parity0),
-    ("affine_coupling_parity1", _affine_parity1),
-    ("affine_coupling_random_mask", _affine_random_mask),
-    ("affine_coupling_user_net", _affine_user_net),
-    ("rescale", _rescale),
-    ("permutation", _permutation),
-    ("reverse", _reverse),
-    ("sequential", _sequential),
-    ("inverse_affine_coupling", _inverse_affine),
-    ("inverse_sequential", _inverse_sequential),
-    ("planar", _planar),
-    ("radial", _radial),
-    ("batch_norm_eval", _batch_norm),
-    ("act_norm", _act_norm),
-    ("scale", _scale),
-]
-"""``(name, factory(dim, rng, dtype) -> Flow)`` for every kind of flow layer, all parameters random.
 
-Every factory accepts any ``dim ≥ 2`` and builds its flow in ``dtype``.
-"""
+@dataclass(frozen=True)
+class FlowCase:
+    """One entry of the registry: a layer the property suite proves.
+
+    Attributes
+    ----------
+    name : str
+        The test id.
+    build : callable (dim, rng, dtype) -> Flow
+        Builds the flow in ``dtype`` with every parameter random (:func:`randomise`); same ``rng``
+        state, same flow. ``dim`` (2 to 6) is a request: a layer with a shape constraint builds the
+        nearest it can, and the suite reads ``flow.dim``.
+    sample : Sampler
+        Valid inputs per direction (default: ``N(0, I)``).
+    bijective : bool
+        ``False`` for a layer whose inverse is only a left inverse (Dequantize's quantiser): the round
+        trip and the log-det are then checked starting from the data side only.
+    """
+
+    name: str
+    build: FlowFactory
+    sample: Sampler = normal_inputs
+    bijective: bool = True
+
+    @property
+    def directions(self) -> tuple[str, ...]:
+        """The directions in which the layer is a change of variables."""
+        return ("forward", "inverse") if self.bijective else ("forward",)
+
+    @property
+    def on_all_of_r_d(self) -> bool:
+        """A bijection of ``R^dim`` for the requested ``dim``, fed ``N(0, I)``: a member of :data:`FLOW_CASES`."""
+        return self.sample is normal_inputs and self.bijective and self.build is not _squeeze
+
+
+CASES: list[FlowCase] = [
+    FlowCase("additive_coupling", _additive),
+    FlowCase("affine_coupling_parity0", _affine_parity0),
+    FlowCase("affine_coupling_parity1", _affine_parity1),
+    FlowCase("affine_coupling_random_mask", _affine_random_mask),
+    FlowCase("affine_coupling_user_net", _affine_user_net),
+    FlowCase("affine_coupling_fixed_bound", _affine_fixed_bound),
+    FlowCase("rescale", _rescale),
+    FlowCase("permutation", _permutation),
+    FlowCase("reverse", _reverse),
+    FlowCase("sequential", _sequential),
+    FlowCase("inverse_affine_coupling", _inverse_affine),
+    FlowCase("inverse_sequential", _inverse_sequential),
+    FlowCase("planar", _planar),
+    FlowCase("radial", _radial),
+    FlowCase("batch_norm_eval", _batch_norm),
+    FlowCase("act_norm", _act_norm),
+    FlowCase("scale", _scale),
+    FlowCase("factor_out", _factor_out),
+    FlowCase("squeeze", _squeeze),
+    FlowCase("logit", _logit, sample=logit_inputs),
+    FlowCase("dequantize", _dequantize, sample=level_inputs, bijective=False),
+]
+"""Every kind of flow layer of the library (``nflow_np/flows``), each proven by the property suite."""
+
+FLOW_CASES: list[tuple[str, FlowFactory]] = [(case.name, case.build) for case in CASES if case.on_all_of_r_d]
+"""``(name, factory(dim, rng, dtype) -> Flow)`` for the cases that are bijections of ``R^dim`` for any
+``dim ≥ 2`` fed ``N(0, I)`` inputs: what tests that stack random layers or push extreme inputs draw from."""

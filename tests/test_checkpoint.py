@@ -462,3 +462,48 @@ def test_a_failed_write_keeps_the_previous_checkpoints(data, tmp_path, monkeypat
     monkeypatch.undo()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint-000000003.npz", "checkpoint-000000006.npz"]
     assert latest_checkpoint(tmp_path)[0].state.steps == 6
+
+
+def test_non_finite_state_is_never_checkpointed(data, tmp_path):
+    """Issue 14: a checkpoint of NaN/Inf parameters was written, then called "the last good checkpoint"."""
+    from nflow_np.checkpoint import NonFiniteCheckpointError
+
+    model, optimizer = make()
+    state = TrainState(steps=3, best_params=model.state_dict())
+    good = save_checkpoint(tmp_path, model, optimizer, state, {}, lr=5e-3, backend="numpy")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    for poison in ("parameter", "optimizer"):
+        state.steps += 1
+        if poison == "parameter":
+            model.flow.flows[0].params["scale"][0] = np.inf
+        else:
+            model.flow.flows[0].params["scale"][0] = 1.0
+            optimizer.state_dict = lambda: {"step": np.array(4), "lr": np.array(5e-3), "m/x": np.array([np.nan])}
+        message = f"the last good checkpoint {good} is untouched: resume from it"
+        with pytest.raises(NonFiniteCheckpointError, match=message):
+            save_checkpoint(tmp_path, model, optimizer, state, {}, lr=5e-3, backend="numpy")
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    assert latest_checkpoint(tmp_path)[0].path == good  # and it really loads
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # lr 1e39 in float32
+def test_a_run_whose_first_step_diverges_writes_no_checkpoint(data, tmp_path):
+    """``lr`` so large that the first step makes the parameters infinite: nothing is called a good checkpoint."""
+    from nflow_np.checkpoint import NonFiniteCheckpointError
+
+    model, optimizer = make(dtype=np.float32)
+    optimizer.lr = 1e39
+    with pytest.raises(NonFiniteCheckpointError, match="not checkpointed, and no checkpoint of this run loads"):
+        fit(
+            model,
+            data.train.astype(np.float32),
+            None,
+            optimizer=optimizer,
+            epochs=3,
+            batch_size=32,
+            progress=False,
+            lr_schedule="constant",
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+        )
+    assert list_checkpoints(tmp_path) == []

@@ -75,9 +75,7 @@ def test_logistic_closed_form() -> None:
 @BASES
 @FAST
 @given(n=rows, d=widths, seed=seeds, spread=st.sampled_from([1.0, 8.0]))
-def test_grad_log_prob_matches_finite_differences(
-    base: object, n: int, d: int, seed: int, spread: float
-) -> None:
+def test_grad_log_prob_matches_finite_differences(base: object, n: int, d: int, seed: int, spread: float) -> None:
     rng = np.random.default_rng(seed)
     z = spread * rng.standard_normal((n, d))
     weight = rng.standard_normal(n)  # a different weight per row also checks that rows are independent
@@ -157,3 +155,40 @@ def test_logistic_sampler_redraws_exact_zeros() -> None:
     assert np.isfinite(samples).all()
     expected = np.log(np.array([[0.75, 0.25], [0.5, 0.75]]) / (1 - np.array([[0.75, 0.25], [0.5, 0.75]])))
     np.testing.assert_allclose(samples, expected, rtol=1e-15)
+
+
+# --- a diagonal Gaussian (a VI base other than N(0, I)) ------------------------------------------
+
+
+@FAST
+@given(n=rows, d=widths, seed=seeds)
+def test_diagonal_normal_against_scipy_and_its_gradient(n: int, d: int, seed: int) -> None:
+    from nflow_np.distributions import DiagonalNormal
+
+    rng = np.random.default_rng(seed)
+    mean, std = rng.normal(size=d), rng.uniform(0.2, 3.0, size=d)
+    base = DiagonalNormal(mean, std)
+    z = rng.normal(size=(n, d)) * 3
+    expected = stats.norm.logpdf(z, loc=mean, scale=std).sum(axis=1)
+    np.testing.assert_allclose(base.log_prob(z), expected, rtol=1e-12, atol=1e-12)
+    numeric = numerical_gradient(lambda: float(base.log_prob(z).sum()), z)
+    assert relative_error(base.grad_log_prob(z), numeric, 1e-6) <= 1e-6
+    assert base.log_prob(z.astype(np.float32)).dtype == np.float32
+    scalar = DiagonalNormal(0.5, 2.0)  # a scalar broadcasts over every coordinate
+    np.testing.assert_allclose(scalar.log_prob(z), stats.norm.logpdf(z, 0.5, 2.0).sum(axis=1), rtol=1e-12)
+
+
+def test_diagonal_normal_samples_and_errors() -> None:
+    from nflow_np.distributions import DiagonalNormal
+
+    base = DiagonalNormal([1.0, -2.0], [0.5, 3.0])
+    draws = base.sample(200_000, 2, np.random.default_rng(0), np.float32)
+    assert draws.dtype == np.float32 and draws.shape == (200_000, 2)
+    np.testing.assert_allclose(draws.mean(axis=0), [1.0, -2.0], atol=0.02)
+    np.testing.assert_allclose(draws.std(axis=0), [0.5, 3.0], rtol=0.01)
+    with pytest.raises(ValueError, match="std finite and positive"):
+        DiagonalNormal(0.0, [1.0, 0.0])
+    with pytest.raises(ValueError, match="this base has dimension 2; z has 3 columns"):
+        base.log_prob(np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="this base has dimension 2, asked for 3"):
+        base.sample(4, 3, np.random.default_rng(0))

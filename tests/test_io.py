@@ -209,7 +209,8 @@ def _set(path: tuple, value: object) -> Callable:
         (_set(("metadata",), []), "metadata must be an object"),
         (_set(("npz_sha256",), "xyz"), "npz_sha256"),
         (_set(("extra",), 1), r"unexpected keys \['extra'\]"),
-        (_set(("flow", "kind"), "planar"), "flow: unknown kind 'planar'"),
+        (_set(("flow", "kind"), "spline_flow"), "flow: unknown kind 'spline_flow'"),
+        (_set(("flow", "kind"), "planar"), r"flow: missing keys \['dim'\], unexpected keys \['flows'\]"),
         (_set(("flow", "flows", 1, "kind"), "spline"), r"flow\.flows\[1\]: unknown kind 'spline'"),
         (_set(("flow", "flows", 0, "mask"), [1, 0]), r"flow\.flows\[0\]\.mask\[0\]: expected bool"),
         (_set(("flow", "flows", 0, "mask"), [True, True]), r"flow\.flows\[0\]: mask must leave both parts"),
@@ -292,3 +293,49 @@ def test_any_damaged_byte_gives_model_file_error(saved: Path) -> None:
                 load_model(saved)
         path.write_bytes(original)
     load_model(saved)
+
+
+# -- size caps and hostile metadata (issue 14) ----------------------------------------------------
+def test_a_huge_sparse_weights_file_is_refused_unread(saved: Path) -> None:
+    with open(saved / WEIGHTS_FILE, "r+b") as file:
+        file.truncate(6 * 2**30)  # 6 GiB, sparse: costs no disk, would cost 6 GiB of memory to read
+    with pytest.raises(ModelFileError, match=r"model\.npz: 6442450944 bytes, more than the \d+ this loader reads"):
+        load_model(saved)
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"seed": "abc"}, r"metadata\.seed: expected an integer >= 0, got 'abc'"),
+        ({"seed": -1}, r"metadata\.seed: expected an integer >= 0"),
+        ({"n_test": 0}, r"metadata\.n_test: expected an integer >= 1"),
+        ({"data": 5}, r"metadata\.data: expected a string"),
+        ({"image_shape": 5}, r"metadata\.image_shape: expected \[channels, height, width\], got 5"),
+        ({"image_shape": [1, 1, 3]}, "do not have the model's 2 dimensions"),
+        ({"image_shape": [1, 1, 2], "levels": "17"}, r"metadata\.levels: expected an integer"),
+        ({"standardization": {"mean": [0, 0], "std": [1, 0]}}, "every std must be positive"),
+        ({"standardization": {"mean": [0], "std": [1]}}, "expected a list of 2 numbers"),
+    ],
+)
+def test_hostile_metadata_is_a_model_file_error(saved: Path, metadata: dict, message: str) -> None:
+    edit_config(saved, _set(("metadata",), metadata))
+    with pytest.raises(ModelFileError, match=message):
+        read_config(saved)
+    with pytest.raises(ModelFileError, match=message):
+        load_model(saved)
+
+
+def test_hostile_image_metadata_is_a_model_file_error_for_image_models(saved: Path) -> None:
+    from nflow_np.image_models import load_image_model
+
+    edit_config(saved, _set(("metadata",), {"image_shape": 5, "levels": 17}))
+    with pytest.raises(ModelFileError, match="image_shape"):
+        load_image_model(saved)
+
+
+def test_extra_files_are_published_with_the_model(tmp_path: Path) -> None:
+    model = build_model("realnvp", 2, layers=1, hidden=(4,))
+    save_model(model, tmp_path / "m", extra_files={"summary.json": b"{}\n"})
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, "summary.json"]
+    with pytest.raises(ValueError, match="not a plain file name"):
+        save_model(model, tmp_path / "m", extra_files={"../escape": b""})

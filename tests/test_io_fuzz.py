@@ -294,8 +294,100 @@ def test_special_files_are_refused(saved):
 
 
 def test_an_oversized_config_is_refused_unread(saved, monkeypatch):
-    import nflow_np.io
+    import nflow_np.files.safe
 
-    monkeypatch.setattr(nflow_np.io, "MAX_CONFIG_BYTES", 100)
+    monkeypatch.setattr(nflow_np.files.safe, "MAX_CONFIG_BYTES", 100)
     with pytest.raises(ModelFileError, match="more than the 100 this loader reads"):
         load_model(saved)
+
+
+# -- the Gaussian-mixture folder gets the same protections (issue 14) -------------------------------
+@pytest.fixture
+def gmm_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nflow_np.gmm import GaussianMixture
+
+    mixture = GaussianMixture(2, seed=0).fit(POINTS)
+    return mixture.save(tmp_path_factory.mktemp("gmm"), {"data": "two_moons", "seed": 1, "n_test": 8, "components": 2})
+
+
+def load_gmm_folder(folder: Path):
+    from nflow_np.gmm import GaussianMixture
+
+    return GaussianMixture.load(folder)
+
+
+@pytest.mark.parametrize("name", ["gmm.npz", "summary.json"])
+def test_gmm_special_files_and_links_are_refused(gmm_folder, tmp_path_factory, name):
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / name
+    (gmm_folder / name).replace(elsewhere)
+    (gmm_folder / name).symlink_to(elsewhere)
+    with pytest.raises(ModelFileError, match="is a symbolic link"):
+        load_gmm_folder(gmm_folder)
+    (gmm_folder / name).unlink()
+    os.mkfifo(gmm_folder / name)  # reading it naively would block forever
+    with pytest.raises(ModelFileError, match="not a regular file"):
+        load_gmm_folder(gmm_folder)
+
+
+@pytest.mark.parametrize(
+    ("summary", "message"),
+    [
+        ('{"a": ' * 200 + "1" + "}" * 200, "nested deeper than 64 levels"),
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON"),
+        ('{"seed": "abc"}', "seed: expected an integer"),
+        ('{"n_test": 1.5}', "n_test: expected an integer"),
+        ('{"data": ["two_moons"]}', "data must be a string"),
+        ('{"components": 3}', "components is 3 but gmm.npz holds 2"),
+        ("[1]", "expected a JSON object"),
+    ],
+)
+def test_gmm_hostile_summaries_are_refused(gmm_folder, summary, message):
+    (gmm_folder / "summary.json").write_text(summary)
+    with pytest.raises(ModelFileError, match=message):
+        load_gmm_folder(gmm_folder)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"weights": np.full(2, 0.5), "means": np.zeros((2, 2))}, "expected"),
+        ({"weights": np.full(2, 0.5), "means": np.zeros((2, 2)), "covariances": np.zeros((2, 3, 3))}, "fit together"),
+        ({"weights": np.full(2, 0.5), "means": np.zeros((2, 2)), "covariances": np.zeros((2, 2, 2))}, "positive def"),
+        ({"weights": np.ones(2, np.float32), "means": np.zeros((2, 2)), "covariances": np.ones((2, 2, 2))}, "dtype"),
+    ],
+)
+def test_gmm_wrong_arrays_are_refused(gmm_folder, members, message):
+    np.savez(gmm_folder / "gmm.npz", **members)
+    with pytest.raises(ModelFileError, match=message):
+        load_gmm_folder(gmm_folder)
+
+
+def test_gmm_decompression_bomb_and_object_arrays_are_refused(gmm_folder):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("weights.npy", npy(np.full(2, 0.5)))
+        archive.writestr("means.npy", npy(np.zeros((2, 2))))
+        archive.writestr("covariances.npy", npy(np.zeros((2, 2, 2))) + b"\0" * 50_000_000)  # 50 MB of padding
+    (gmm_folder / "gmm.npz").write_bytes(buffer.getvalue())
+    with pytest.raises(ModelFileError, match=r"'covariances' declares \d+ bytes"):
+        load_gmm_folder(gmm_folder)
+    np.savez(gmm_folder / "gmm.npz", weights=np.array([{"a": 1}], dtype=object), means=np.zeros((1, 2)))
+    with pytest.raises(ModelFileError):
+        load_gmm_folder(gmm_folder)
+
+
+@FUZZ
+@given(data=st.data(), target=st.sampled_from(["gmm.npz", "summary.json"]))
+def test_mutated_gmm_folders_load_cleanly_or_raise_model_file_error(gmm_folder, data, target):
+    original = {name: (gmm_folder / name).read_bytes() for name in ("gmm.npz", "summary.json")}
+    other = original["summary.json" if target == "gmm.npz" else "gmm.npz"]
+    (gmm_folder / target).write_bytes(data.draw(mutated(original[target], other)))
+    try:
+        loaded, summary = load_gmm_folder(gmm_folder)
+        assert isinstance(summary, dict)
+        assert np.isfinite(loaded.log_prob(POINTS)).all()
+    except ModelFileError:
+        pass
+    finally:
+        for name, content in original.items():
+            (gmm_folder / name).write_bytes(content)

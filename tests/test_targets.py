@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import FD_FLOOR, GRAD_RTOL, numerical_gradient, relative_error
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from nflow_np.targets import TARGETS, box_wall, get_target, in_box, log_partition, u1, u2, u3, u4
@@ -135,3 +135,38 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="need low < high"):
         log_partition(u1, 1, -1)
     assert in_box(u4).__name__ == "u4_in_box"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    z1=st.floats(-9, 9),
+    z2=st.floats(-9, 9),
+    half_width=st.sampled_from([1.5, 4.0, 6.0]),
+    width=st.sampled_from([0.05, 0.1, 0.5]),
+)
+def test_a_configured_box_wall_has_the_gradient_of_its_energy(z1: float, z2: float, half_width: float, width: float):
+    """``∂wall/∂z_i = sign(z_i) max(|z_i| − b, 0)/w²`` by central differences (off the kinks |z_i| = b)."""
+    z = np.array([[z1, z2]])
+    assume(np.all(np.abs(np.abs(z) - half_width) > 1e-4))
+    value, grad = box_wall(z, half_width, width)
+    numeric = numerical_gradient(lambda: float(box_wall(z, half_width, width)[0].sum()), z)
+    assert relative_error(grad, numeric, FD_FLOOR * (1 + abs(value[0]))) <= GRAD_RTOL, (grad, numeric)
+
+
+def test_get_target_with_another_box() -> None:
+    assert get_target("U3") is TARGETS["U3"]
+    same = get_target("U3", box_half_width=4.0, wall_width=0.1)
+    assert same.log_z() == pytest.approx(TARGETS["U3"].log_z(), abs=1e-9)
+    wide = get_target("U2", box_half_width=6.0, wall_width=0.2)
+    assert wide.plot_bounds == (-6.0, 6.0) and wide.quadrature_bounds == (-8.0, 8.0)
+    inside = np.array([[5.5, -5.9]])
+    np.testing.assert_array_equal(wide(inside)[0], u2(inside)[0])  # inside the wider box: no wall
+    assert TARGETS["U2"](inside)[0] > u2(inside)[0]  # outside the paper's
+    # a wider box holds more of the z₁-independent ridge: log Z grows by about log(12 / 8)
+    assert wide.log_z(points=600) - TARGETS["U2"].log_z(points=600) == pytest.approx(np.log(12 / 8), abs=0.05)
+    with pytest.raises(ValueError, match="U1 is normalisable on R² and takes no box"):
+        get_target("U1", box_half_width=5.0)
+    with pytest.raises(ValueError, match="box half-width must be a positive number, got -1.0"):
+        get_target("U4", box_half_width=-1)
+    with pytest.raises(ValueError, match="wall width must be a positive number, got 0.0"):
+        get_target("U4", wall_width=0)

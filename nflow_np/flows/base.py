@@ -1,4 +1,4 @@
-"""The flow protocol, composition and inversion.
+"""The flow protocol: :class:`Flow`, and :class:`Sequential` and :class:`Inverse` built on it alone.
 
 Convention (stated once, used everywhere): **forward is data → noise**, ``z = f(x)``, as in the
 lecture's ``log p(x) = log p(f(x)) + log|det ∂f/∂x|``. Every flow returns its log-determinant
@@ -10,16 +10,14 @@ with its output, per sample:
   direction it was. ``d_out = ∂L/∂(output)``, ``d_logdet = ∂L/∂(logdet)`` of shape ``(N,)``; it
   returns ``∂L/∂(input)`` and adds every parameter's gradient to ``grads``.
 
-The public methods check their input (shape, dtype, finiteness) and then call the unchecked
-``_forward`` / ``_inverse`` / ``_backward`` that subclasses implement and that containers such as
-:class:`Sequential` call directly, so a deep stack validates once, at its entry. They also check
-their result once, at the exit: an input so large that some layer overflows raises
-:class:`~nflow_np.validation.NonFiniteError` naming the row, instead of returning a silent Inf/NaN.
+The public methods check their input (shape, dtype, finiteness), call the unchecked ``_forward`` /
+``_inverse`` / ``_backward`` that subclasses implement (containers call those directly, so a deep
+stack validates once, at its entry), and check the result once at the exit: an input so large that
+some layer overflows raises :class:`~nflow_np.validation.NonFiniteError` naming the row.
 
-Arrays: the same code runs on NumPy arrays and on device (CuPy) arrays. Inputs must be arrays of
-the parameters' module (:attr:`~nflow_np.module.Module.array_module`; a flow without parameters
-takes either); arrays are made from the input (``np.zeros_like(x, shape=n)``), never from
-scratch, so they land on its device (``docs/kernels.md#gpu-backends``).
+Arrays: the same code runs on NumPy and on device (CuPy) arrays; make arrays from the input
+(``np.zeros_like(x, shape=n)``), never from scratch, so they land on its device
+(``docs/kernels.md#gpu-backends``).
 """
 
 from __future__ import annotations
@@ -29,15 +27,33 @@ from collections.abc import Sequence
 import numpy as np
 
 from nflow_np.allocator import keep_freed_memory
+from nflow_np.flows import memory
+from nflow_np.flows.memory import MEMORY_MODES, REMEASURE_EVERY, anchor_every_for, check_memory_options
 from nflow_np.module import Module
+from nflow_np.specs import SpecReader, register_flow, to_spec
 from nflow_np.validation import check_batch, check_result, is_array_of
+
+__all__ = ["MEMORY_MODES", "REMEASURE_EVERY", "Flow", "Inverse", "Sequential", "anchor_every_for"]
 
 
 class Flow(Module):
     """A bijection of ``R^dim`` with a tractable log-determinant.
 
-    Subclasses implement ``_forward``, ``_inverse`` and ``_backward``; ``_forward``/``_inverse``
-    store ``self._cache = (direction, data)`` for ``_backward``.
+    A subclass owes (and nothing else; the public methods and containers do the rest):
+
+    1. ``__init__``: ``super().__init__(dim)``; trainable arrays through ``self.add_param(name, array)``
+       (their gradients appear in ``self.grads`` under the same name); sub-flows in ``self.children``.
+    2. ``_forward(x) -> (z, logdet)`` and ``_inverse(z) -> (x, logdet)`` on ``(N, dim)`` arrays that
+       are already checked, ``logdet: (N,)``; each ends with ``self._remember(direction, N, data)``,
+       ``data`` being what the backward pass of that call needs. Never modify the input.
+    3. ``_backward(d_out, d_logdet) -> d_in`` for the last call (``direction, data = self._cache``):
+       return ``∂L/∂input``, *add* ``∂L/∂θ`` to ``self.grads[name]``, leave ``d_out``/``d_logdet`` alone.
+    4. Optionally: ``invertible_in_backward = False`` when ``_inverse`` is not exact in floating point
+       (see below); ``_reconstruct`` for a cheaper recomputation; ``cache_attributes`` naming every
+       attribute beyond ``_cache`` that holds arrays for the backward pass.
+
+    Prove it with :mod:`nflow_np.gradcheck` (gradients and log-det against finite differences); the
+    test suite does so for every layer of its registry (README, "How to add a layer").
     """
 
     invertible_in_backward: bool = True
@@ -163,11 +179,7 @@ class Flow(Module):
         return x
 
 
-MEMORY_MODES = ("store", "invert")
-REMEASURE_EVERY = 100
-"""With a ``tolerance``, ``anchor_every`` is chosen again every this many forward calls."""
-
-
+@register_flow("sequential", "flows")
 class Sequential(Flow):
     """Composition ``f = f_K ∘ … ∘ f_1``: forward applies ``f_1`` first, inverse ``f_K⁻¹`` first.
 
@@ -175,21 +187,14 @@ class Sequential(Flow):
     Because the total log-det is a plain sum, every layer receives the same ``d_logdet``; ``d_out``
     is passed back through the layers in the reverse order of the call (``docs/flows.md#sequential``).
 
-    Memory of the forward call (``docs/memory.md``):
-
-    - ``memory="store"``: every layer keeps its cache; activation memory grows linearly with ``K``.
-    - ``memory="invert"``: each layer's cache is freed as soon as the next layer has run; the
-      backward pass walks the layers in reverse, recomputes the input of layer ``k`` from its output,
-      ``x_{k−1} = f_k⁻¹(x_k)``, with its cache (:meth:`Flow._reconstruct`), back-propagates through
-      it and frees it again. The inputs of layers ``0, k, 2k, …`` (``anchor_every = k``) are stored,
-      so no input is reconstructed through more than ``k − 1`` inversions; a layer with
-      ``invertible_in_backward = False`` keeps its cache and its input is stored. The inverse
-      direction always stores.
-
     Parameters
     ----------
     flows : sequence of Flow
     memory : {"store", "invert"}
+        ``"store"``: every layer keeps its cache (activation memory grows linearly with ``K``).
+        ``"invert"``: caches are freed during the forward pass and the backward pass recomputes
+        each input from its output (:mod:`nflow_np.flows.memory`, ``docs/memory.md``). The inverse
+        direction always stores.
     anchor_every : int, optional
         ``memory="invert"`` only: store the input of every ``anchor_every``-th layer. Default: only
         the first layer's (the caller holds it anyway), unless ``tolerance`` is given.
@@ -197,9 +202,9 @@ class Sequential(Flow):
         ``memory="invert"`` only: choose ``anchor_every`` at the first forward call and every
         :data:`REMEASURE_EVERY` calls after it, by measuring :meth:`reconstruction_errors` on that
         call's batch (one extra forward and inverse pass), as the longest run of inversions whose
-        relative error stays within ``tolerance`` (:func:`anchor_every_for`). The measuring pass
-        calls fallback layers' forward once more (a training-mode BatchNorm's running averages see
-        that batch twice; a Dequantize draws noise twice).
+        relative error stays within ``tolerance`` (:func:`~nflow_np.flows.memory.anchor_every_for`).
+        The measuring pass calls fallback layers' forward once more (a training-mode BatchNorm's
+        running averages see that batch twice; a Dequantize draws noise twice).
     """
 
     def __init__(
@@ -231,18 +236,17 @@ class Sequential(Flow):
         self.children = {str(i): flow for i, flow in enumerate(flows)}
         self.set_memory(memory, anchor_every, tolerance)
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "sequential", "flows": [...]}`` (the memory mode is a run setting, not saved)."""
+        return {"kind": "sequential", "flows": [to_spec(f, f"{where}.flows[{i}]") for i, f in enumerate(self.flows)]}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Sequential:
+        return cls(read.flows("flows"))
+
     def set_memory(self, memory: str, anchor_every: int | None = None, tolerance: float | None = None) -> None:
         """Switch the memory mode (see the class doc); takes effect at the next forward call."""
-        if memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-        if anchor_every is not None and (isinstance(anchor_every, bool) or int(anchor_every) < 1):
-            raise ValueError(f"anchor_every must be a positive integer, got {anchor_every!r}")
-        if tolerance is not None and not (np.isfinite(tolerance) and tolerance > 0):
-            raise ValueError(f"tolerance must be a positive number, got {tolerance!r}")
-        if anchor_every is not None and tolerance is not None:
-            raise ValueError("give anchor_every or tolerance, not both")
-        if memory == "store" and (anchor_every is not None or tolerance is not None):
-            raise ValueError('anchor_every and tolerance apply to memory="invert" only')
+        check_memory_options(memory, anchor_every, tolerance)
         if memory == "invert":
             keep_freed_memory()  # freeing layer by layer would otherwise page-fault every step (allocator.py)
         self.memory = memory
@@ -263,31 +267,12 @@ class Sequential(Flow):
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.memory == "invert":
-            return self._forward_invert(x)
+            return memory.forward_invert(self, x, REMEASURE_EVERY)
         logdet = np.zeros_like(x, shape=x.shape[0])
         for flow in self.flows:
             x, layer_logdet = flow._forward(x)
             logdet += layer_logdet
         self._remember("forward", x.shape[0])
-        return x, logdet
-
-    def _forward_invert(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.tolerance is not None and self._forwards % REMEASURE_EVERY == 0:
-            # training changes how well the layers invert (they start as the identity): measure again
-            self.anchor_every = anchor_every_for(self.reconstruction_errors(x), self.tolerance)
-        self._forwards += 1
-        every = self.anchor_every or len(self.flows)
-        logdet = np.zeros_like(x, shape=x.shape[0])
-        stored: dict[int, np.ndarray] = {}
-        for k, flow in enumerate(self.flows):
-            exact = flow.invertible_in_backward
-            if k % every == 0 or not exact:
-                stored[k] = x
-            x, layer_logdet = flow._forward(x)
-            logdet += layer_logdet
-            if exact:
-                flow.free_caches()
-        self._remember("forward", x.shape[0], (stored, x))
         return x, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -300,72 +285,20 @@ class Sequential(Flow):
 
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, data = self._cache
-        if data is not None:
-            return self._backward_invert(d_out, d_logdet)
+        if data is not None:  # a memory="invert" forward call
+            return memory.backward_invert(self, d_out, d_logdet)
         order = reversed(self.flows) if direction == "forward" else self.flows
         for flow in order:
             d_out = flow._backward(d_out, d_logdet)
         return d_out
 
-    def _backward_invert(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
-        _, (stored, x) = self._cache
-        self._cache = None  # one backward per forward: the stored inputs go as they are used
-        for k in reversed(range(len(self.flows))):
-            flow = self.flows[k]
-            if not flow.invertible_in_backward:
-                x = stored.pop(k)  # its cache was kept
-            elif k in stored:
-                x = stored.pop(k)
-                flow._forward(x)
-            else:
-                x = flow._reconstruct(x)
-            d_out = flow._backward(d_out, d_logdet)
-            flow.free_caches()
-        return d_out
-
     def reconstruction_errors(self, x: np.ndarray) -> np.ndarray:
-        """How far inputs recomputed by inversion drift from the true ones, on the batch ``x``.
-
-        Runs the layers forward keeping every input ``x_k``, then reconstructs them from the output
-        with no anchor (as ``memory="invert"`` with ``anchor_every = K``, fallback layers still
-        stored) and compares.
-
-        Returns
-        -------
-        numpy.ndarray, shape (K,)
-            ``errors[j] = max|x̂ − x| / max|x|`` for the input of layer ``K − 1 − j``, the one
-            reached after ``j + 1`` inversions from the output. Every cache is freed afterwards.
-        """
-        inputs = []
-        for flow in self.flows:
-            inputs.append(x)
-            x, _ = flow._forward(x)
-            flow.free_caches()
-        errors = np.zeros(len(self.flows))
-        for j, k in enumerate(reversed(range(len(self.flows)))):
-            flow = self.flows[k]
-            x = inputs[k] if not flow.invertible_in_backward else flow._inverse(x)[0]
-            flow.free_caches()
-            scale = max(float(np.max(np.abs(inputs[k]))), float(np.finfo(x.dtype).tiny))
-            errors[j] = float(np.max(np.abs(x - inputs[k]))) / scale
-        return errors
+        """Relative error of each input recomputed by inversion on the batch ``x``, shape ``(K,)``
+        (:func:`nflow_np.flows.memory.reconstruction_errors`)."""
+        return memory.reconstruction_errors(self.flows, x)
 
 
-def anchor_every_for(errors: np.ndarray, tolerance: float) -> int:
-    """The ``anchor_every`` that keeps reconstruction within ``tolerance``, from measured ``errors``.
-
-    ``errors[j]`` is the relative error after ``j + 1`` inversions (:meth:`Sequential.reconstruction_errors`);
-    with ``anchor_every = m`` no input is more than ``m − 1`` inversions from a stored one, so
-    ``m = 1 +`` the number of leading entries within ``tolerance`` (all of them: ``m = K``).
-    """
-    within = 0
-    for error in errors:
-        if not error <= tolerance:
-            break
-        within += 1
-    return min(within + 1, len(errors))
-
-
+@register_flow("inverse", "flow")
 class Inverse(Flow):
     """The flow ``f⁻¹``: its forward is ``f.inverse`` and its inverse ``f.forward``.
 
@@ -377,6 +310,14 @@ class Inverse(Flow):
         super().__init__(flow.dim)
         self.flow = flow
         self.children = {"flow": flow}
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "inverse", "flow"}``."""
+        return {"kind": "inverse", "flow": to_spec(self.flow, f"{where}.flow")}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Inverse:
+        return cls(read.flow("flow"))
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])

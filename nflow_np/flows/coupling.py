@@ -20,8 +20,9 @@ from nflow_np import backend
 from nflow_np.flows.base import Flow
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.module import as_float_dtype
-from nflow_np.nn import MLP, Layer
+from nflow_np.nn import ACTIVATIONS, MLP, Layer
 from nflow_np.seeding import as_generator
+from nflow_np.specs import SpecReader, register_flow
 
 
 def parity_mask(dim: int, parity: int) -> np.ndarray:
@@ -41,6 +42,7 @@ def _as_index(indices: np.ndarray) -> slice | np.ndarray:
     return indices
 
 
+@register_flow(None)  # saves as '<law>_coupling', loads as AdditiveCoupling / AffineCoupling
 class Coupling(Flow):
     """A coupling layer with a pluggable law (``"additive"`` or ``"affine"``).
 
@@ -66,6 +68,19 @@ class Coupling(Flow):
         A ready net to use instead of the default MLP; it must map ``(N, D₁)`` to
         ``(N, law.out_features(D₂))``. Start its last layer at zero for an identity coupling.
     dtype : float32 or float64
+    init, last_init : str
+        The default net's initialisations (:data:`nflow_np.nn.layers.INITS`): hidden layers
+        ``"glorot"`` (or ``"he"`` for ReLUs), last layer ``"zeros"`` so the coupling starts as the
+        identity.
+    log_scale_bound : float
+        Affine law only: the bound ``a`` of the log-scale ``s = a ⊙ tanh(ŝ)``, its starting value
+        (``a = 1``: ``|s| ≤ 1`` at the start; ``a = 0`` would freeze ``a`` and ``ŝ``, whose gradients
+        vanish together).
+    learn_log_scale_bound : bool
+        Affine law only: learn ``a`` per transformed coordinate (the default, RealNVP's learned
+        scale), or keep it fixed at ``log_scale_bound``, so that no layer ever stretches by more
+        than ``exp(a)``. The learned ``a`` is the parameter ``"scale"`` (the key model files have
+        always used); :attr:`log_scale_bound` reads it by its honest name either way.
     """
 
     def __init__(
@@ -80,6 +95,10 @@ class Coupling(Flow):
         activation: str = "relu",
         net: Layer | None = None,
         dtype: object = np.float64,
+        init: str = "glorot",
+        last_init: str = "zeros",
+        log_scale_bound: float = 1.0,
+        learn_log_scale_bound: bool = True,
     ) -> None:
         super().__init__(dim)
         if law not in COUPLING_LAWS:
@@ -98,7 +117,9 @@ class Coupling(Flow):
         out = COUPLING_LAWS[law].out_features(self.d2)
         if net is None:
             rng = as_generator(rng, 0)
-            net = MLP([self.d1, *hidden, out], rng, activation=activation, dtype=dtype, zero_last=True)
+            net = MLP([self.d1, *hidden, out], rng, activation=activation, dtype=dtype, init=init, last_init=last_init)
+        elif (init, last_init) != ("glorot", "zeros"):
+            raise ValueError("init and last_init apply to the default net; initialise a net you pass yourself")
         self.out_features = out
         sizes = getattr(net, "sizes", None)
         if sizes is not None and (sizes[0] != self.d1 or sizes[-1] != out):
@@ -108,12 +129,57 @@ class Coupling(Flow):
             )
         self.net = net
         self.children = {"net": net}
-        if COUPLING_LAWS[law].has_scale:
-            # a = 1: |s| <= 1 at the start; a = 0 would freeze both a and ŝ (their gradients vanish).
-            self.add_param("scale", np.ones(self.d2, dtype=dtype))
+        has_bound = COUPLING_LAWS[law].has_scale
+        if not has_bound and (log_scale_bound != 1.0 or not learn_log_scale_bound):
+            raise ValueError(f"the {law} law has no log-scale to bound")
+        if not (np.isfinite(log_scale_bound) and log_scale_bound > 0):
+            raise ValueError(f"log_scale_bound must be a positive number, got {log_scale_bound!r}")
+        self.fixed_log_scale_bound = None if learn_log_scale_bound else float(log_scale_bound)
+        if has_bound and learn_log_scale_bound:
+            self.add_param("scale", np.full(self.d2, log_scale_bound, dtype=dtype))  # the file key since v0.1
 
-    def _scale(self) -> np.ndarray | None:
-        return self.params.get("scale")
+    @property
+    def log_scale_bound(self) -> np.ndarray | float | None:
+        """The bound ``a`` of the affine law's log-scale: the learned array ``(D₂,)``, the fixed value,
+        or ``None`` for a law without a scale."""
+        return self.params.get("scale", self.fixed_log_scale_bound)
+
+    def _scale(self, like: np.ndarray) -> np.ndarray | None:
+        """``a`` as the law takes it, an array ``(D₂,)``; a fixed bound is made from ``like`` (its device, dtype)."""
+        if self.fixed_log_scale_bound is None:
+            return self.params.get("scale")
+        return np.full_like(like, self.fixed_log_scale_bound, shape=self.d2)
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "<law>_coupling", "mask", "hidden", "activation"}``; the net must be an :class:`MLP`."""
+        if type(self.net) is not MLP:
+            raise TypeError(f"{where}: cannot save a coupling whose net is a {type(self.net).__name__}; only MLP nets")
+        net = self.net.spec()
+        spec = {
+            "kind": f"{self.law}_coupling",
+            "mask": self.mask.tolist(),
+            "hidden": net["sizes"][1:-1],
+            "activation": net["activation"],
+        }
+        if self.fixed_log_scale_bound is not None:  # written only when fixed: older files read as learned
+            spec["log_scale_bound"] = self.fixed_log_scale_bound
+        return spec
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Coupling:
+        """The coupling of ``read.spec`` with a fresh MLP net (``hidden``, ``activation``)."""
+        mask = read.list("mask", bool)
+        hidden = read.list("hidden", int, minimum=1)
+        activation = read.choice("activation", ACTIVATIONS)
+        law = COUPLING_LAWS[cls.spec_law]
+        d1 = sum(mask)
+        sizes = [d1, *hidden, law.out_features(len(mask) - d1)]
+        read.take(sum(n_in * n_out + n_out for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)))
+        fixed = {"log_scale_bound": read.real("log_scale_bound"), "learn_log_scale_bound": False} if read.has(
+            "log_scale_bound") else {}
+        read.take(len(mask) - d1 if law.has_scale and not fixed else 0)
+        return cls(len(mask), mask=np.array(mask, dtype=bool), hidden=hidden, activation=activation, dtype=read.dtype,
+                   **fixed)
 
     def _net(self, x1: np.ndarray) -> np.ndarray:
         h = self.net.forward(x1)
@@ -124,7 +190,7 @@ class Coupling(Flow):
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x1, x2 = x[:, self.idx1], x[:, self.idx2]
         h = self._net(x1)
-        z2, logdet = backend.coupling_law(self.law).forward(x2, h, self._scale())
+        z2, logdet = backend.coupling_law(self.law).forward(x2, h, self._scale(x2))
         z = np.empty_like(x)
         z[:, self.idx1] = x1
         z[:, self.idx2] = z2
@@ -134,7 +200,7 @@ class Coupling(Flow):
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z1, z2 = z[:, self.idx1], z[:, self.idx2]
         h = self._net(z1)
-        x2, logdet = backend.coupling_law(self.law).inverse(z2, h, self._scale())
+        x2, logdet = backend.coupling_law(self.law).inverse(z2, h, self._scale(z2))
         x = np.empty_like(z)
         x[:, self.idx1] = z1
         x[:, self.idx2] = x2
@@ -152,9 +218,9 @@ class Coupling(Flow):
     def _backward(self, d_out: np.ndarray, d_logdet: np.ndarray) -> np.ndarray:
         direction, (in2, h) = self._cache
         law = backend.coupling_law(self.law)
-        step = law.backward_forward if direction == "forward" else law.backward_inverse
-        d_in2, d_h, d_scale = step(in2, h, self._scale(), d_out[:, self.idx2], d_logdet)
-        if d_scale is not None:
+        step = law.forward_vjp if direction == "forward" else law.inverse_vjp
+        d_in2, d_h, d_scale = step(in2, h, self._scale(in2), d_out[:, self.idx2], d_logdet)
+        if d_scale is not None and "scale" in self.grads:  # a fixed bound takes no gradient
             self.grads["scale"] += d_scale
         d_in = np.empty_like(d_out)
         d_in[:, self.idx1] = d_out[:, self.idx1] + self.net.backward(d_h)
@@ -162,23 +228,29 @@ class Coupling(Flow):
         return d_in
 
 
+@register_flow("additive_coupling", "mask", "hidden", "activation")
 class AdditiveCoupling(Coupling):
     """NICE's additive coupling ``z₂ = x₂ + c(x₁)``: volume preserving, ``logdet = 0``.
 
     Same parameters as :class:`Coupling` without ``law``.
     """
 
+    spec_law = "additive"
+
     def __init__(self, dim: int, **kwargs: object) -> None:
         super().__init__(dim, "additive", **kwargs)
 
 
+@register_flow("affine_coupling", "mask", "hidden", "activation", optional=("log_scale_bound",))
 class AffineCoupling(Coupling):
     """RealNVP's affine coupling ``z₂ = x₂ ⊙ exp(s) + t``, ``[ŝ, t] = c(x₁)``, ``s = a ⊙ tanh(ŝ)``.
 
-    ``logdet = Σ_j s_j``; the bound on ``s`` is explained in
-    :class:`nflow_np.flows.coupling_law.AffineLaw`. Same parameters as :class:`Coupling` without
+    ``logdet = Σ_j s_j``; the bound ``a`` on ``s`` (``log_scale_bound``, learned or fixed) is explained
+    in :class:`nflow_np.flows.coupling_law.AffineLaw`. Same parameters as :class:`Coupling` without
     ``law``.
     """
+
+    spec_law = "affine"
 
     def __init__(self, dim: int, **kwargs: object) -> None:
         super().__init__(dim, "affine", **kwargs)

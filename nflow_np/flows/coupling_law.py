@@ -7,12 +7,13 @@ signatures and are tested against these functions. Every law offers
 
 - ``forward(x2, h, scale) -> (z2, logdet)``            ``logdet = log|det ∂z₂/∂x₂|``, shape (N,)
 - ``inverse(z2, h, scale) -> (x2, logdet)``            ``logdet = log|det ∂x₂/∂z₂|``
-- ``backward_forward(x2, h, scale, d_z2, d_logdet) -> (d_x2, d_h, d_scale)``
-- ``backward_inverse(z2, h, scale, d_x2, d_logdet) -> (d_z2, d_h, d_scale)``
+- ``forward_vjp(x2, h, scale, d_z2, d_logdet) -> (d_x2, d_h, d_scale)``
+- ``inverse_vjp(z2, h, scale, d_x2, d_logdet) -> (d_z2, d_h, d_scale)``
 
-with ``x2, z2: (N, D₂)`` and ``h: (N, out_features(D₂))``. The backward functions take the same
-*input* as the pass they differentiate (and recompute the rest), so a kernel can do a whole
-backward in one sweep over memory. Derivations: ``docs/flows.md#coupling-laws``.
+with ``x2, z2: (N, D₂)`` and ``h: (N, out_features(D₂))``. The ``*_vjp`` functions (vector-Jacobian
+products: the backward of each direction) take the same *input* as the pass they differentiate
+(and recompute the rest), so a kernel can do a whole backward in one sweep over memory.
+Derivations: ``docs/flows.md#coupling-laws``.
 
 The functions run unchanged on device (CuPy) arrays: they only call ufuncs, methods and
 ``np.*_like``, which dispatch on their argument.
@@ -21,6 +22,8 @@ The functions run unchanged on device (CuPy) arrays: they only call ufuncs, meth
 from __future__ import annotations
 
 import numpy as np
+
+from nflow_np import backend
 
 
 class AdditiveLaw:
@@ -48,11 +51,11 @@ class AdditiveLaw:
         return z2 - h, np.zeros_like(z2, shape=z2.shape[0])
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):
+    def forward_vjp(x2, h, scale, d_z2, d_logdet):
         return d_z2, d_z2.copy(), None
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):
+    def inverse_vjp(z2, h, scale, d_x2, d_logdet):
         return d_x2, -d_x2, None
 
 
@@ -109,7 +112,7 @@ class AffineLaw:
         return x2, -s.sum(axis=1)
 
     @staticmethod
-    def backward_forward(x2, h, scale, d_z2, d_logdet):
+    def forward_vjp(x2, h, scale, d_z2, d_logdet):
         s, g, _ = AffineLaw.log_scale(h, scale)
         e = np.exp(s)
         d_x2 = d_z2 * e
@@ -118,7 +121,7 @@ class AffineLaw:
         return d_x2, AffineLaw._d_h(d_s, g, scale, d_z2), (d_s * g).sum(axis=0)
 
     @staticmethod
-    def backward_inverse(z2, h, scale, d_x2, d_logdet):
+    def inverse_vjp(z2, h, scale, d_x2, d_logdet):
         s, g, t = AffineLaw.log_scale(h, scale)
         e_inv = np.exp(-s)
         d_z2 = d_x2 * e_inv
@@ -137,4 +140,7 @@ class AffineLaw:
         return d_h
 
 
-COUPLING_LAWS: dict[str, type] = {"additive": AdditiveLaw, "affine": AffineLaw}
+backend.register_law(AdditiveLaw)
+backend.register_law(AffineLaw)
+COUPLING_LAWS: dict[str, type] = backend.LAWS
+"""Every registered reference law by name (ours and those of :func:`nflow_np.backend.register_law`)."""

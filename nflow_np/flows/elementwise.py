@@ -10,8 +10,10 @@ import numpy as np
 
 from nflow_np.flows.base import Flow
 from nflow_np.module import as_float_dtype
+from nflow_np.specs import SpecReader, register_flow
 
 
+@register_flow("rescale", "dim")
 class Rescale(Flow):
     """NICE's diagonal scaling ``z = x ⊙ S`` with ``S = exp(σ)`` (Dinh et al. 2014).
 
@@ -29,6 +31,16 @@ class Rescale(Flow):
     def __init__(self, dim: int, dtype: object = np.float64) -> None:
         super().__init__(dim)
         self.add_param("log_scale", np.zeros(dim, dtype=as_float_dtype(dtype)))
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "rescale", "dim"}``."""
+        return {"kind": "rescale", "dim": self.dim}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Rescale:
+        dim = read.dim()
+        read.take(dim)
+        return cls(dim, dtype=read.dtype)
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         log_scale = self.params["log_scale"]
@@ -60,6 +72,7 @@ class Rescale(Flow):
         return d_out * np.exp(-log_scale)
 
 
+@register_flow("permutation", "perm")
 class Permutation(Flow):
     """``z = x[:, perm]``; a permutation matrix has ``|det| = 1`` so ``logdet = 0``.
 
@@ -79,6 +92,14 @@ class Permutation(Flow):
         super().__init__(len(perm))
         self.perm = perm.astype(np.intp)
         self.inverse_perm = np.argsort(self.perm)
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "permutation", "perm"}``."""
+        return {"kind": "permutation", "perm": self.perm.tolist()}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Permutation:
+        return cls(np.array(read.list("perm", int, minimum=0), dtype=np.int64))
 
     @classmethod
     def random(cls, dim: int, rng: np.random.Generator) -> Permutation:
@@ -102,8 +123,17 @@ class Permutation(Flow):
         return d_out[:, self.inverse_perm] if direction == "forward" else d_out[:, self.perm]
 
 
+@register_flow("reverse", "dim")
 class Reverse(Permutation):
     """Reverse the order of the coordinates: ``perm = (D−1, …, 0)``; its own inverse."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(np.arange(dim)[::-1])
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "reverse", "dim"}``."""
+        return {"kind": "reverse", "dim": self.dim}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Reverse:
+        return cls(read.dim())

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np.flows.base import Flow
+from nflow_np.specs import MAX_DIM, SpecReader, register_flow, to_spec
 
 Shape = tuple[int, int, int]
 
@@ -66,6 +67,7 @@ def channel_mask(shape: Shape, parity: int) -> np.ndarray:
     return np.repeat(first_half == (parity == 0), h * w)
 
 
+@register_flow("squeeze", "shape")
 class Squeeze(Flow):
     """Space-to-depth: each 2×2 block of a channel becomes 4 channels (RealNVP §3.6).
 
@@ -93,17 +95,27 @@ class Squeeze(Flow):
         self.shape = (c, h, w)
         self.out_shape = (4 * c, h // 2, w // 2)
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "squeeze", "shape": [C, H, W]}``."""
+        return {"kind": "squeeze", "shape": list(self.shape)}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Squeeze:
+        return cls(tuple(read.list("shape", int, minimum=1, maximum=MAX_DIM)))
+
     def squeeze(self, x: np.ndarray) -> np.ndarray:
         """Rows of ``(C, H, W)`` images → rows of ``(4C, H/2, W/2)`` images."""
         c, h, w = self.shape
         blocks = x.reshape(-1, c, h // 2, 2, w // 2, 2)  # n, c, h, i, w, j
-        return blocks.transpose(0, 1, 3, 5, 2, 4).reshape(x.shape[0], -1)  # n, c, i, j, h, w
+        # .copy() before the reshape: one copy, as the reshape of a transpose makes anyway, but never a view
+        # of x (with H = W = 2 the transpose is contiguous and the reshape alone would alias the input)
+        return blocks.transpose(0, 1, 3, 5, 2, 4).copy().reshape(x.shape[0], -1)  # n, c, i, j, h, w
 
     def unsqueeze(self, z: np.ndarray) -> np.ndarray:
         """Rows of ``(4C, H/2, W/2)`` images → rows of ``(C, H, W)`` images (inverse of :meth:`squeeze`)."""
         c, h, w = self.shape
         blocks = z.reshape(-1, c, 2, 2, h // 2, w // 2)  # n, c, i, j, h, w
-        return blocks.transpose(0, 1, 4, 2, 5, 3).reshape(z.shape[0], -1)  # n, c, h, i, w, j
+        return blocks.transpose(0, 1, 4, 2, 5, 3).copy().reshape(z.shape[0], -1)  # n, c, h, i, w, j (as above)
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._remember("forward", x.shape[0])
@@ -118,6 +130,7 @@ class Squeeze(Flow):
         return self.unsqueeze(d_out) if direction == "forward" else self.squeeze(d_out)
 
 
+@register_flow("factor_out", "dim", "flow")
 class FactorOut(Flow):
     """Multi-scale factor-out (RealNVP §3.6): ``flow`` acts on the first ``k`` coordinates only.
 
@@ -158,6 +171,15 @@ class FactorOut(Flow):
         self.flow = flow
         self.keep = flow.dim
         self.children = {"flow": flow}
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "factor_out", "dim", "flow"}``."""
+        return {"kind": "factor_out", "dim": self.dim, "flow": to_spec(self.flow, f"{where}.flow")}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> FactorOut:
+        dim = read.dim()
+        return cls(dim, read.flow("flow"))
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         z_a, logdet = self.flow._forward(x[:, : self.keep].copy())

@@ -26,8 +26,10 @@ import numpy as np
 
 from nflow_np.flows.base import Flow
 from nflow_np.module import Module, as_float_dtype
+from nflow_np.specs import SpecReader, register_flow
 
 
+@register_flow("batch_norm", "dim", "momentum", "eps", "channels")
 class BatchNorm(Flow):
     """Batch normalisation as a flow layer, per coordinate or per image channel.
 
@@ -107,6 +109,19 @@ class BatchNorm(Flow):
         self.add_param("beta", np.zeros(channels, dtype=dtype))
         self.add_param("running_mean", np.zeros(channels, dtype=dtype))
         self.add_param("running_var", np.ones(channels, dtype=dtype))
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "batch_norm", "dim", "momentum", "eps", "channels"}``."""
+        return {"kind": "batch_norm", "dim": self.dim, "momentum": self.momentum, "eps": self.eps} | {
+            "channels": self.channels
+        }
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> BatchNorm:
+        dim = read.dim()
+        channels = read.int("channels", 1, dim)
+        read.take(4 * channels)
+        return cls(dim, read.real("momentum"), read.real("eps"), read.dtype, channels=channels)
 
     def _view(self, a: np.ndarray) -> np.ndarray:
         """Rows ``(N, D)`` as ``(N, C, P)``: the statistics are over axes 0 and 2."""
@@ -193,6 +208,7 @@ class BatchNorm(Flow):
         return d_x.reshape(d_x.shape[0], -1)
 
 
+@register_flow("actnorm", "dim", "initialized")
 class ActNorm(Flow):
     """Glow's activation normalisation ``z = (x + b) ⊙ exp(s)`` with data-dependent initialisation.
 
@@ -220,6 +236,18 @@ class ActNorm(Flow):
         self.initialized = False
         self.add_param("bias", np.zeros(dim, dtype=dtype))
         self.add_param("log_scale", np.zeros(dim, dtype=dtype))
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "actnorm", "dim", "initialized"}``."""
+        return {"kind": "actnorm", "dim": self.dim, "initialized": self.initialized}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> ActNorm:
+        dim, initialized = read.dim(), read.bool("initialized")
+        read.take(2 * dim)
+        layer = cls(dim, dtype=read.dtype)
+        layer.initialized = initialized
+        return layer
 
     def initialize(self, x: np.ndarray) -> None:
         """Set ``b, s`` so that ``x: (N, D)`` maps to zero mean and unit variance per coordinate."""

@@ -42,6 +42,7 @@ import numpy as np
 from nflow_np.flows.base import Flow
 from nflow_np.module import as_float_dtype
 from nflow_np.seeding import as_generator
+from nflow_np.specs import SpecReader, register_flow
 
 
 def softplus(x: np.ndarray) -> np.ndarray:
@@ -128,6 +129,7 @@ def solve_planar(target: np.ndarray, m: float, softplus_wu: float, max_iter: int
     return a
 
 
+@register_flow("planar", "dim")
 class Planar(Flow):
     """Planar flow ``y = z + û tanh(wᵀz + b)`` (see the module docstring for the maths).
 
@@ -172,6 +174,16 @@ class Planar(Flow):
         self.add_param("u", u.astype(dtype))
         self.add_param("w", w.astype(dtype))
         self.add_param("b", np.zeros(1, dtype=dtype))
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "planar", "dim"}`` (``u``, ``w``, ``b`` are in the weights file)."""
+        return {"kind": "planar", "dim": self.dim}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Planar:
+        dim = read.dim()
+        read.take(2 * dim + 1)
+        return cls(dim, dtype=read.dtype)
 
     def _reparametrisation(self) -> tuple[np.ndarray, float, float]:
         return planar_reparametrisation(self.params["u"], self.params["w"])

@@ -19,9 +19,11 @@ import numpy as np
 
 from nflow_np import backend
 from nflow_np.flows.base import Flow
+from nflow_np.specs import SpecReader, register_flow
 from nflow_np.validation import check_batch
 
 
+@register_flow("dequantize", "dim", "levels", "seed")
 class Dequantize(Flow):
     """Uniform dequantisation of integer levels ``0 … L−1`` (Theis et al. 2016; NICE, RealNVP).
 
@@ -55,6 +57,14 @@ class Dequantize(Flow):
         self.seed = int(seed)
         self.reseed(self.seed)
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "dequantize", "dim", "levels", "seed"}``."""
+        return {"kind": "dequantize", "dim": self.dim, "levels": self.levels, "seed": self.seed}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Dequantize:
+        return cls(read.dim(), read.int("levels", 2), seed=read.int("seed", 0))
+
     def reseed(self, seed: int) -> None:
         """Restart the noise stream from ``seed``."""
         self.rng = np.random.default_rng(seed)
@@ -74,6 +84,7 @@ class Dequantize(Flow):
         return d_out.copy() if direction == "forward" else np.zeros_like(d_out)
 
 
+@register_flow("scale", "dim", "factor")
 class Scale(Flow):
     """A fixed scaling ``z = c · x`` (e.g. ``c = 1/L`` to map levels to [0, 1)); no parameters.
 
@@ -95,6 +106,14 @@ class Scale(Flow):
             raise ValueError(f"Scale needs a finite non-zero factor, got {factor}")
         self.factor = factor
 
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "scale", "dim", "factor"}``."""
+        return {"kind": "scale", "dim": self.dim, "factor": self.factor}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Scale:
+        return cls(read.dim(), read.real("factor"))
+
     def _log_factor(self, like: np.ndarray) -> np.ndarray:
         return np.full_like(like, self.dim * np.log(abs(self.factor)), shape=like.shape[0])
 
@@ -112,6 +131,7 @@ class Scale(Flow):
         return d_out * factor if direction == "forward" else d_out / factor
 
 
+@register_flow("logit", "dim", "alpha")
 class Logit(Flow):
     """RealNVP's logit transform of data in [0, 1]: ``z = logit(α + (1 − 2α) x)``.
 
@@ -141,6 +161,14 @@ class Logit(Flow):
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must be in [0, 0.5), got {alpha}")
         self.alpha = float(alpha)
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "logit", "dim", "alpha"}``."""
+        return {"kind": "logit", "dim": self.dim, "alpha": self.alpha}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Logit:
+        return cls(read.dim(), read.real("alpha"))
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``z = logit(α + (1 − 2α) x)`` for ``x: (N, D)`` (see the class doc).

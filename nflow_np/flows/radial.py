@@ -38,6 +38,7 @@ from nflow_np.flows.base import Flow
 from nflow_np.flows.planar import sigmoid, softplus
 from nflow_np.module import as_float_dtype
 from nflow_np.seeding import as_generator
+from nflow_np.specs import SpecReader, register_flow
 
 
 def solve_radial(radius_out: np.ndarray, alpha: float, gamma: float) -> np.ndarray:
@@ -97,6 +98,7 @@ def _unit(v: np.ndarray, r: np.ndarray) -> np.ndarray:
     return np.where(r[:, None] > 0, v / safe[:, None], 0)
 
 
+@register_flow("radial", "dim")
 class Radial(Flow):
     """Radial flow ``y = z + β (z − z₀)/(α + ‖z − z₀‖)`` (see the module docstring for the maths).
 
@@ -134,6 +136,16 @@ class Radial(Flow):
         self.add_param("alpha_hat", np.zeros(1, dtype=dtype))
         # softplus(β̂) = α = log 2  ⇔  β̂ = log(e^{log 2} − 1) = 0
         self.add_param("beta_hat", np.zeros(1, dtype=dtype))
+
+    def spec(self, where: str = "flow") -> dict:
+        """``{"kind": "radial", "dim"}`` (``z0``, ``alpha_hat``, ``beta_hat`` are in the weights file)."""
+        return {"kind": "radial", "dim": self.dim}
+
+    @classmethod
+    def from_spec(cls, read: SpecReader) -> Radial:
+        dim = read.dim()
+        read.take(dim + 2)
+        return cls(dim, dtype=read.dtype)
 
     def alpha_gamma(self) -> tuple[float, float]:
         """``(α, γ)`` with ``α = softplus(α̂)``, ``γ = α + β = softplus(β̂)``."""

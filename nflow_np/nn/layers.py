@@ -26,6 +26,31 @@ class Layer(Module):
         raise NotImplementedError
 
 
+INITS = ("glorot", "he", "zeros")
+"""Initialisations of a linear map's ``W`` (``b`` always starts at 0), ``n_in, n_out`` its fan-in and fan-out:
+
+- ``"glorot"`` (Glorot & Bengio 2010): ``W ~ U(−a, a)``, ``a = √(6 / (n_in + n_out))``, variance
+  ``2 / (n_in + n_out)``: keeps the variance of activations and of gradients about constant through
+  layers whose activation is near-linear at 0 (tanh). The default.
+- ``"he"`` (He et al. 2015): ``W ~ U(−a, a)``, ``a = √(6 / n_in)``, variance ``2 / n_in``: ReLU zeroes
+  half of its inputs, and the factor 2 makes up for it, so activations keep their scale through ReLUs.
+- ``"zeros"``: ``W = 0``. For the *last* layer of a coupling net: the net starts as the constant 0, so
+  the coupling starts as the identity (``z = x``, ``logdet = 0``) and a deep stack starts as the
+  identity too, with a well-scaled loss and no layer amplifying another's noise (NICE, Glow). Its
+  gradient is not zero (``∂L/∂W = hᵀ d_y``), so training leaves 0 at the first step. Never for a
+  hidden layer: equal units receive equal gradients and stay equal forever."""
+
+
+def init_weight(n_in: int, n_out: int, init: str, rng: np.random.Generator, dtype: np.dtype) -> np.ndarray:
+    """``W: (n_in, n_out)`` drawn by ``init`` (:data:`INITS`)."""
+    if init == "zeros":
+        return np.zeros((n_in, n_out), dtype=dtype)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {list(INITS)}")
+    bound = np.sqrt(6.0 / (n_in + n_out)) if init == "glorot" else np.sqrt(6.0 / n_in)
+    return rng.uniform(-bound, bound, size=(n_in, n_out)).astype(dtype)
+
+
 class Linear(Layer):
     """Affine map ``y = x W + b``.
 
@@ -36,11 +61,12 @@ class Linear(Layer):
     in_features, out_features : int
         ``W: (in_features, out_features)``, ``b: (out_features,)``.
     rng : numpy.random.Generator
-        Source of the Glorot-uniform initialisation ``W ~ U(−a, a)``, ``a = √(6 / (in + out))``.
+        Source of the random initialisation.
     dtype : float32 or float64
     zero_init : bool
-        Start with ``W = 0, b = 0`` (the last layer of a coupling net, so the coupling starts as
-        the identity).
+        Same as ``init="zeros"`` (kept for existing callers).
+    init : {"glorot", "he", "zeros"}, optional
+        How ``W`` starts (:data:`INITS`, which says what each is for); default ``"glorot"``.
     """
 
     cache_attributes = ("_x",)
@@ -52,17 +78,17 @@ class Linear(Layer):
         rng: np.random.Generator,
         dtype: object = np.float64,
         zero_init: bool = False,
+        init: str | None = None,
     ) -> None:
         super().__init__()
         dtype = as_float_dtype(dtype)
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear needs positive sizes, got {in_features} -> {out_features}")
-        if zero_init:
-            weight = np.zeros((in_features, out_features), dtype=dtype)
-        else:
-            bound = np.sqrt(6.0 / (in_features + out_features))
-            weight = rng.uniform(-bound, bound, size=(in_features, out_features)).astype(dtype)
-        self.add_param("W", weight)
+        if zero_init and init not in (None, "zeros"):
+            raise ValueError(f"zero_init=True contradicts init={init!r}")
+        init = "zeros" if zero_init else (init or "glorot")
+        self.init = init
+        self.add_param("W", init_weight(in_features, out_features, init, rng, dtype))
         self.add_param("b", np.zeros(out_features, dtype=dtype))
         self._x: np.ndarray | None = None
 
@@ -92,8 +118,8 @@ class Dense(Linear):
 
     Parameters
     ----------
-    in_features, out_features, rng, dtype, zero_init
-        As for :class:`Linear`.
+    in_features, out_features, rng, dtype, zero_init, init
+        As for :class:`Linear` (``init="he"`` suits ReLUs).
     activation : {"relu", "leaky_relu", "tanh"}
     slope : float
         The leaky ReLU's slope (ignored by the others), in [0, 1).
@@ -110,10 +136,11 @@ class Dense(Linear):
         zero_init: bool = False,
         activation: str = "relu",
         slope: float = 0.01,
+        init: str | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, rng, dtype, zero_init)
-        if activation not in bias_activation.ACTIVATION_NAMES:
-            raise ValueError(f"unknown activation {activation!r}; choose from {list(bias_activation.ACTIVATION_NAMES)}")
+        super().__init__(in_features, out_features, rng, dtype, zero_init, init)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; choose from {list(ACTIVATIONS)}")
         if not 0.0 <= slope < 1.0:
             raise ValueError(f"leaky ReLU slope must be in [0, 1), got {slope}")
         self.activation = activation
@@ -188,4 +215,6 @@ class Tanh(Layer):
         return d_y * (1 - self._y * self._y)
 
 
-ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "leaky_relu": LeakyReLU, "tanh": Tanh}
+ACTIVATIONS: dict[str, type[Layer]] = dict(zip(bias_activation.ACTIVATION_NAMES, (ReLU, LeakyReLU, Tanh), strict=True))
+"""The one list of activations: the names of :mod:`nflow_np.nn.bias_activation` (the hidden layers'
+elementwise reference, which the kernels implement), each with its stand-alone layer."""

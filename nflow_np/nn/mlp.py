@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nflow_np.nn.layers import ACTIVATIONS, Dense, Layer, Linear
+from nflow_np.nn.layers import ACTIVATIONS, INITS, Dense, Layer, Linear
 
 
 class MLP(Layer):
@@ -28,7 +28,12 @@ class MLP(Layer):
     dtype : float32 or float64
     zero_last : bool
         Zero-initialise the last linear layer so the MLP starts as the constant 0 (a coupling
-        built on it starts as the identity map).
+        built on it starts as the identity map); same as ``last_init="zeros"``.
+    init : {"glorot", "he"}
+        The hidden layers' initialisation (:data:`nflow_np.nn.layers.INITS`; ``"he"`` for ReLUs).
+        Never ``"zeros"``: equal hidden units would stay equal.
+    last_init : {"glorot", "he", "zeros"}, optional
+        The last layer's; default ``"zeros"`` with ``zero_last``, else ``init``.
     """
 
     def __init__(
@@ -38,6 +43,8 @@ class MLP(Layer):
         activation: str = "relu",
         dtype: object = np.float64,
         zero_last: bool = True,
+        init: str = "glorot",
+        last_init: str | None = None,
     ) -> None:
         super().__init__()
         sizes = [int(s) for s in sizes]
@@ -45,14 +52,28 @@ class MLP(Layer):
             raise ValueError(f"MLP needs at least input and output sizes, got {sizes}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if init not in INITS or init == "zeros":
+            raise ValueError(f"hidden layers need init 'glorot' or 'he' (zeros keep the units equal), got {init!r}")
+        last_init = last_init or ("zeros" if zero_last else init)
         self.sizes = sizes
         self.activation = activation
         hidden = zip(sizes[:-2], sizes[1:-1], strict=True)
-        self.layers: list[Layer] = [Dense(n_in, n_out, rng, dtype, activation=activation) for n_in, n_out in hidden]
-        self.layers.append(Linear(sizes[-2], sizes[-1], rng, dtype, zero_init=zero_last))
+        self.layers: list[Layer] = [
+            Dense(n_in, n_out, rng, dtype, activation=activation, init=init) for n_in, n_out in hidden
+        ]
+        self.layers.append(Linear(sizes[-2], sizes[-1], rng, dtype, init=last_init))
         # Layer i's parameters are named "2i.W", "2i.b": the slots the linear maps had when each
         # activation was a layer of its own, so model files saved then still load.
         self.children = {str(2 * i): layer for i, layer in enumerate(self.layers)}
+
+    def spec(self) -> dict:
+        """``{"sizes", "activation"}``: what :meth:`from_spec` rebuilds an MLP of this shape from."""
+        return {"sizes": list(self.sizes), "activation": self.activation}
+
+    @classmethod
+    def from_spec(cls, spec: dict, rng: np.random.Generator, dtype: object = np.float64) -> MLP:
+        """A freshly initialised MLP of the shape :meth:`spec` describes (values checked by the constructor)."""
+        return cls(spec["sizes"], rng, activation=spec["activation"], dtype=dtype)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         for layer in self.layers:

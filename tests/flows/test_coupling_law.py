@@ -1,6 +1,6 @@
 """The coupling laws of ``nflow_np.flows.coupling_law`` as pure functions (the kernels' specification).
 
-For each law: ``backward_forward`` / ``backward_inverse`` against central differences w.r.t. ``x₂``
+For each law: ``forward_vjp`` / ``inverse_vjp`` against central differences w.r.t. ``x₂``
 (or ``z₂``), ``h`` and ``scale``; forward/inverse round trip; log-det against the Jacobian; the
 affine law's bound ``|s| ≤ |a|`` when ``tanh`` saturates.
 """
@@ -13,7 +13,8 @@ from helpers import FD_FLOOR, assert_gradients_match, numerical_gradient, numeri
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nflow_np import backend
+import nflow_np
+from nflow_np import Coupling, backend
 from nflow_np.flows.coupling_law import COUPLING_LAWS, AdditiveLaw, AffineLaw
 
 FAST = settings(max_examples=25, deadline=None)
@@ -35,8 +36,8 @@ def draw(law: type, n: int, d2: int, rng: np.random.Generator, dtype: object = n
 
 def law_pass(law: type, direction: str) -> tuple:
     if direction == "forward":
-        return law.forward, law.backward_forward
-    return law.inverse, law.backward_inverse
+        return law.forward, law.forward_vjp
+    return law.inverse, law.inverse_vjp
 
 
 def check_law_gradients(law: type, direction: str, x2: np.ndarray, h: np.ndarray, scale, rng) -> None:
@@ -184,3 +185,82 @@ def test_dtypes_and_inputs_untouched(law: type, dtype: object, direction: str) -
     np.testing.assert_array_equal(d_logdet, d_copies[1])
     # the returned d_h is a fresh array: a caller may update it in place without corrupting d_in
     assert not np.shares_memory(d_h, d_in)
+
+
+class ExpLaw:
+    """A user's own law, for the test: ``z₂ = x₂ ⊙ exp(h)`` (unbounded log-scale ``s = h``), ``logdet = Σ h``.
+
+    forward_vjp: ``∂L/∂x₂ = d_z₂ ⊙ e``, ``∂L/∂h = d_z₂ ⊙ z₂ + d_logdet``.
+    inverse_vjp: ``x₂ = z₂ ⊙ e⁻¹``: ``∂L/∂z₂ = d_x₂ ⊙ e⁻¹``, ``∂L/∂h = −d_x₂ ⊙ x₂ − d_logdet``.
+    """
+
+    name = "toy-exp"
+    has_scale = False
+
+    @staticmethod
+    def out_features(d2: int) -> int:
+        return d2
+
+    @staticmethod
+    def forward(x2, h, scale):
+        return x2 * np.exp(h), h.sum(axis=1)
+
+    @staticmethod
+    def inverse(z2, h, scale):
+        return z2 * np.exp(-h), -h.sum(axis=1)
+
+    @staticmethod
+    def forward_vjp(x2, h, scale, d_z2, d_logdet):
+        d_x2 = d_z2 * np.exp(h)
+        return d_x2, d_x2 * x2 + d_logdet[:, None], None
+
+    @staticmethod
+    def inverse_vjp(z2, h, scale, d_x2, d_logdet):
+        e_inv = np.exp(-h)
+        return d_x2 * e_inv, -d_x2 * (z2 * e_inv) - d_logdet[:, None], None
+
+
+@pytest.fixture
+def toy_law(reference_backend: None):
+    """``ExpLaw`` registered with a kernel on the reference backend that declines float32 calls."""
+    calls = {"ran": 0, "declined": 0}
+
+    def forward_kernel(x2, h, scale):
+        if x2.dtype != np.float64:
+            calls["declined"] += 1
+            return NotImplemented
+        calls["ran"] += 1
+        z2 = np.exp(h)
+        z2 *= x2
+        return z2, h.sum(axis=1)
+
+    nflow_np.register_law(ExpLaw, kernels={"numpy": {"forward": forward_kernel}})
+    yield calls
+    backend._forget_law(ExpLaw.name)
+
+
+def test_a_registered_law_runs_in_a_coupling_layer_and_passes_the_shared_checks(toy_law: dict) -> None:
+    from helpers import check_flow_gradients, check_logdet, randomise
+
+    rng = np.random.default_rng(3)
+    flow = randomise(Coupling(4, "toy-exp", hidden=(5,), rng=rng), rng)
+    x = rng.standard_normal((6, 4))
+    for direction in ("forward", "inverse"):
+        check_flow_gradients(flow, x, direction, rng)
+        check_logdet(flow, x, direction)
+    z, logdet = flow.forward(x)
+    x_back, logdet_back = flow.inverse(z)
+    np.testing.assert_allclose(x_back, x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(logdet_back, -logdet, rtol=1e-12, atol=1e-12)
+    assert toy_law["ran"] > 0 and toy_law["declined"] == 0
+    flow32 = Coupling(4, "toy-exp", hidden=(5,), rng=rng, dtype=np.float32)
+    z32, _ = flow32.forward(x.astype(np.float32))
+    assert z32.dtype == np.float32 and toy_law["declined"] == 1  # the reference ran instead
+
+
+def test_register_law_refuses_an_incomplete_law_or_unknown_methods() -> None:
+    with pytest.raises(ValueError, match="lacks"):
+        nflow_np.register_law(type("Half", (), {"name": "half", "has_scale": False}))
+    with pytest.raises(ValueError, match="unknown law methods"):
+        nflow_np.register_law(ExpLaw, kernels={"numba": {"backward": print}})
+    assert "toy-exp" not in COUPLING_LAWS

@@ -23,7 +23,15 @@ ULPS = 8
 """Bound in units of the dtype's ``eps`` (2⁻⁵² or 2⁻²³) of the magnitude: the worst error measured
 over 3000 random cases is 3.4 eps (docs/kernels.md#accuracy). For float64 that is 1.8e-15, well
 inside the 1e-12 the brief asks for."""
-FUNCTIONS = ("forward", "inverse", "backward_forward", "backward_inverse")
+FUNCTIONS = ("forward", "inverse", "forward_vjp", "inverse_vjp")
+
+
+def kernel_laws(table: dict) -> dict:
+    """The laws of a kernel module's ``FUSED`` table as a coupling layer calls them (declines run the reference)."""
+    from nflow_np import backend
+    from nflow_np.flows.coupling_law import AdditiveLaw, AffineLaw
+
+    return {law.name: backend.bind_law(law, table) for law in (AdditiveLaw, AffineLaw)}
 
 
 def bound(dtype: object) -> float:
@@ -57,7 +65,7 @@ def draw(
 
 def call(law: type, function: str, inputs: dict) -> tuple:
     args = (inputs["inp"], inputs["h"], inputs["scale"])
-    if function.startswith("backward"):
+    if function.endswith("_vjp"):
         args = (*args, inputs["d_out"], inputs["d_logdet"])
     return getattr(law, function)(*args)
 
@@ -80,7 +88,7 @@ def _magnitudes(function, inp, t, a, g, s, d_out, d_ld, logdet):
         return np.abs(inp * e) + np.abs(t), logdet
     if function == "inverse":
         return (np.abs(inp) + np.abs(t)) * e_inv, logdet
-    if function == "backward_forward":
+    if function == "forward_vjp":
         d_x = np.abs(d_out * e)
         d_s = d_x * np.abs(inp) + np.abs(d_ld)[:, None]
         return d_x, np.hstack([d_s * np.abs(a), np.abs(d_out)]), (d_s * np.abs(g)).sum(axis=0)

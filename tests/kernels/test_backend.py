@@ -6,6 +6,7 @@ of the suite runs on the default.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -63,7 +64,8 @@ def test_unknown_backend_and_law_are_errors() -> None:
 
 def test_unavailable_backend_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     before = backend.get_backend()
-    monkeypatch.setitem(backend._KERNEL_MODULES, "cupy", kernel_module("not_installed_here"))
+    missing = dataclasses.replace(backend._BUILT_IN["cupy"], kernel_modules=(kernel_module("not_installed_here"),))
+    monkeypatch.setitem(backend._BUILT_IN, "cupy", missing)
     with pytest.raises(backend.BackendUnavailableError, match="pip install cupy-cuda12x"):
         backend.set_backend("cupy")
     assert backend.get_backend() == before
@@ -161,3 +163,31 @@ def test_a_model_on_the_cpu_backends_stays_numpy() -> None:
     model = build_model("realnvp", 2, layers=2, hidden=(4,), seed=0)
     assert model.to_device() is model and model.array_module is np
     assert all(type(p) is np.ndarray for _, p, _ in model.named_parameters())
+
+
+def test_importing_the_package_and_every_kernel_module_leaves_the_environment_unchanged() -> None:
+    """Issue 17: nothing sets an environment variable at import (e.g. ``OMP_WAIT_POLICY``)."""
+    code = (
+        "import importlib, os, pkgutil\n"
+        "before = dict(os.environ)\n"
+        "import nflow_np\n"
+        "from nflow_np.packaging import kernel_module\n"
+        "package = importlib.import_module(kernel_module('validation')).__name__.rpartition('.')[0]\n"
+        "names = sorted(m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__))\n"
+        "imported = []\n"
+        "for name in names:\n"
+        "    try:\n"
+        "        importlib.import_module(kernel_module(name))\n"
+        "    except (ImportError, RuntimeError):\n"
+        "        continue\n"
+        "    imported.append(name)\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "print(' '.join(imported)); print(changed)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    imported, changed = out.stdout.splitlines()
+    assert "validation" in imported.split()
+    if importlib.util.find_spec("numba") is not None:
+        assert {"numba_cpu", "numba_nn", "numba_optim", "vecmath"} <= set(imported.split())
+    assert changed == "[]"

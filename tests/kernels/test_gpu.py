@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from law_check import FUNCTIONS, assert_matches_reference, call, draw
+from law_check import FUNCTIONS, assert_matches_reference, call, draw, kernel_laws
 
 from nflow_np.flows.coupling_law import COUPLING_LAWS as REFERENCE
 from nflow_np.packaging import kernel_module
@@ -27,7 +27,7 @@ def gpu_laws(module_name: str) -> dict:
         module.require_device()
     except (ImportError, RuntimeError) as error:
         pytest.skip(f"{module_name} cannot run here: {error}")
-    return module.COUPLING_LAWS
+    return kernel_laws(module.FUSED)
 
 
 BACKENDS = pytest.mark.parametrize("module_name", [kernel_module("numba_cuda"), kernel_module("cupy_kernels")])
@@ -79,7 +79,7 @@ def test_whole_model_trains_on_the_device(backend_name: str, monkeypatch: pytest
 
     if backend_name not in backend.available_backends():
         pytest.skip(f"backend {backend_name!r} cannot run here")
-    module = importlib.import_module(backend._KERNEL_MODULES[backend_name])
+    module = importlib.import_module(backend._BUILT_IN[backend_name].kernel_modules[0])
 
     def no_host_copy(*args: object, **kwargs: object) -> None:
         raise AssertionError("a GPU law copied between host and device")

@@ -11,20 +11,21 @@ kernels are tested separately, forced with :func:`always_parallel`. Also: reject
 from __future__ import annotations
 
 import contextlib
+import types
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from law_check import FUNCTIONS, assert_matches_reference, bound, call, draw, magnitudes
+from law_check import FUNCTIONS, assert_matches_reference, bound, call, draw, kernel_laws, magnitudes
 
 numba = pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
 from kernels import numba_cpu  # noqa: E402 (after the skip)
 from nflow_np.flows.coupling_law import COUPLING_LAWS as REFERENCE  # noqa: E402
 
-KERNEL = numba_cpu.COUPLING_LAWS
+KERNEL = kernel_laws(numba_cpu.FUSED)
 SETTINGS = settings(max_examples=30, deadline=None)
 dtypes = st.sampled_from([np.float64, np.float32])
 layouts = st.sampled_from(["C", "columns", "F"])
@@ -128,34 +129,24 @@ def test_row_loop_and_flat_blocks_match_reference(function: str, dtype: type, d2
 @pytest.mark.parametrize("n", [1, 2047, 2048, 3000])
 def test_one_column_on_both_sides_of_the_numpy_threshold(function: str, n: int) -> None:
     """``D₂ = 1`` runs in NumPy from ``NUMPY_ONE_COLUMN_ROWS`` rows up, in the kernels below."""
-    assert numba_cpu.use_numpy((n, 1)) == (n >= numba_cpu.NUMPY_ONE_COLUMN_ROWS)
+    assert numba_cpu.declines((n, 1)) == (n >= numba_cpu.NUMPY_ONE_COLUMN_ROWS)
     for dtype in (np.float64, np.float32):
         inputs = draw("affine", n, 1, dtype, np.random.default_rng(n), s_hat_scale=2.0)
         assert_matches_reference(KERNEL, REFERENCE, "affine", function, inputs)
 
 
-@pytest.mark.parametrize("d2", [1, 5, 40])
-def test_numpy_path_matches_reference(d2: int) -> None:
-    """The NumPy path itself (used only for ``D₂ = 1``), on other widths too."""
-    for dtype in (np.float64, np.float32):
-        inputs = draw("affine", 23, d2, dtype, np.random.default_rng(d2), s_hat_scale=4.0)
-        args = (inputs["inp"], inputs["h"], inputs["scale"])
-        for inverse, function in [(False, "forward"), (True, "inverse")]:
-            got = numba_cpu.numpy_affine(*args, inverse)
-            assert_matches_reference({"affine": _Fixed(got)}, REFERENCE, "affine", function, inputs)
-        for inverse, function in [(False, "backward_forward"), (True, "backward_inverse")]:
-            got = numba_cpu.numpy_affine_backward(*args, inputs["d_out"], inputs["d_logdet"], inverse)
-            assert_matches_reference({"affine": _Fixed(got)}, REFERENCE, "affine", function, inputs)
-
-
-class _Fixed:
-    """A law whose every function returns ``result`` (to feed a precomputed result to the checker)."""
-
-    def __init__(self, result: tuple) -> None:
-        self.result = result
-
-    def __getattr__(self, name: str):
-        return lambda *args: self.result
+@pytest.mark.parametrize("function", FUNCTIONS)
+@pytest.mark.parametrize("n", [2047, 2048])
+def test_a_declined_call_runs_the_reference(function: str, n: int) -> None:
+    """Where the kernel declines (``NotImplemented``), the law the layer calls is the reference, bit for bit."""
+    inputs = draw("affine", n, 1, np.float32, np.random.default_rng(n))
+    kernel_only = types.SimpleNamespace(**{function: numba_cpu.FUSED[f"affine.{function}"]})
+    declined = call(kernel_only, function, inputs) is NotImplemented
+    assert declined == numba_cpu.declines((n, 1))
+    if declined:
+        expected = call(REFERENCE["affine"], function, inputs)
+        for got, want in zip(call(KERNEL["affine"], function, inputs), expected, strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("function", FUNCTIONS)
@@ -203,7 +194,7 @@ def test_bad_arguments_are_rejected(change, error, match) -> None:
     inputs = draw("affine", 4, 3, np.float64, np.random.default_rng(5))
     change(inputs)
     with pytest.raises(error, match=match):
-        call(KERNEL["affine"], "backward_forward", inputs)
+        call(KERNEL["affine"], "forward_vjp", inputs)
 
 
 def test_law_attributes_match_the_reference() -> None:

@@ -1,0 +1,269 @@
+"""Model files: a folder holding ``model.npz`` (the parameters) and ``model.json`` (the architecture).
+
+``model.npz`` stores :meth:`~nflow_np.module.Module.state_dict` (every parameter under its
+qualified name, e.g. ``flow.0.net.0.W``). ``model.json`` stores what is needed to rebuild the
+model before those arrays are copied in::
+
+    {"format_version": 1, "dtype": "float64", "dim": 2, "base": "normal",
+     "flow": {"kind": "sequential", "flows": [{"kind": "affine_coupling", "mask": [true, false],
+              "hidden": [64, 64], "activation": "relu"}, ...]},
+     "npz_sha256": "…", "metadata": {...}}
+
+The ``flow`` spec is written and read by the layers themselves (:mod:`nflow_np.specs`; the kinds and
+their keys are listed in ``docs/files.md``). A save publishes both files, and any extra ones, as one
+new folder with one atomic rename (:func:`~nflow_np.files.folders.publish_folder`), so a crash or a
+full disk at any instant leaves the previous model loadable. The JSON also holds the SHA-256 of the
+weights it belongs to, so a pair from different saves is refused. Loading checks everything (JSON
+types, kinds, dimensions, dtype, array names, shapes and dtypes, the metadata fields nflow reads)
+before any parameter is written. Every problem with the files raises :class:`ModelFileError`.
+
+Hostile files: both files must be regular files inside the folder (a symbolic link is refused); the
+JSON may be at most :data:`MAX_CONFIG_BYTES`, the weights at most :data:`MAX_WEIGHTS_BYTES` (refused
+from their size, unread); ``.npz`` archives are opened with ``allow_pickle=False`` and every member's
+declared size is checked against the shape the config implies *before* it is decompressed; the config
+may not describe more parameters than the weights file can hold, nor a dimension above :data:`MAX_DIM`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nflow_np.distributions import BASE_DISTRIBUTIONS
+from nflow_np.files import safe
+from nflow_np.files.folders import publish_folder
+from nflow_np.files.safe import ModelFileError, archive_members, parse_json, read_arrays, read_file
+from nflow_np.model import FlowModel
+from nflow_np.specs import MAX_DIM, check_int, flow_from_spec, to_spec
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.npz"
+CONFIG_FILE = "model.json"
+GMM_FILES = ("gmm.npz",)
+"""A Gaussian-mixture folder's own file: dropped when a flow model is saved over it (no mixed folder)."""
+_CONFIG_KEYS = {"format_version", "dtype", "dim", "base", "flow", "npz_sha256", "metadata"}
+MODEL_KEYS = ("dtype", "dim", "base", "flow")
+"""The fields of ``model.json`` (and of a checkpoint's ``model`` entry) that describe the architecture."""
+
+
+def describe_model(model: FlowModel) -> dict:
+    """``{"dtype", "dim", "base", "flow"}``: what :func:`model_from_description` rebuilds ``model`` from.
+
+    Raises
+    ------
+    TypeError, ValueError
+        A layer or base the format cannot describe, or parameters of mixed dtypes.
+    """
+    spec = to_spec(model.flow)
+    base = [name for name, cls in BASE_DISTRIBUTIONS.items() if type(model.base) is cls]
+    if not base:
+        raise TypeError(f"cannot save base distribution {type(model.base).__name__}; known: {list(BASE_DISTRIBUTIONS)}")
+    dtypes = {value.dtype for _, value, _ in model.named_parameters()}
+    if len(dtypes) > 1:
+        raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; call model.astype(...) first")
+    dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
+    return {"dtype": str(dtype), "dim": model.dim, "base": base[0], "flow": spec}
+
+
+def check_description(description: dict, where: str) -> None:
+    """Check the scalar fields of a model description (the flow spec is checked when it is built).
+
+    Raises
+    ------
+    ModelFileError
+    """
+    if not isinstance(description["dtype"], str) or description["dtype"] not in ("float32", "float64"):
+        raise ModelFileError(f"{where}: dtype must be 'float32' or 'float64', got {description['dtype']!r}")
+    check_int(description["dim"], f"{where}: dim", minimum=1, maximum=MAX_DIM)
+    if not isinstance(description["base"], str) or description["base"] not in BASE_DISTRIBUTIONS:
+        raise ModelFileError(f"{where}: unknown base {description['base']!r}; known: {', '.join(BASE_DISTRIBUTIONS)}")
+
+
+def model_from_description(description: dict, where: str, max_parameters: int | None = None) -> FlowModel:
+    """Build a freshly initialised model from a checked description (see :func:`check_description`).
+
+    Raises
+    ------
+    ModelFileError
+    """
+    try:
+        flow = flow_from_spec(description["flow"], description["dtype"], max_parameters)
+    except ModelFileError as error:
+        raise ModelFileError(f"{where}: {error}") from error
+    except (MemoryError, RecursionError) as error:
+        raise ModelFileError(f"{where}: the flow it describes is too large or deep to build") from error
+    if flow.dim != description["dim"]:
+        raise ModelFileError(f"{where}: dim is {description['dim']} but the flow works in dimension {flow.dim}")
+    return FlowModel(flow, BASE_DISTRIBUTIONS[description["base"]]())
+
+
+def model_file_bytes(model: FlowModel, metadata: dict | None = None) -> dict[str, bytes]:
+    """``{WEIGHTS_FILE: …, CONFIG_FILE: …}``: the two files of ``model``, nothing written.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An unsupported layer, mixed dtypes, metadata that is not a dict or not JSON (finite numbers only).
+    """
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+    description = describe_model(model)
+    buffer = io.BytesIO()
+    np.savez(buffer, **model.state_dict())
+    weights = buffer.getvalue()
+    config = {
+        "format_version": FORMAT_VERSION,
+        **description,
+        "npz_sha256": hashlib.sha256(weights).hexdigest(),
+        "metadata": metadata,
+    }
+    try:
+        text = json.dumps(config, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"metadata cannot be written as JSON: {error}") from error
+    return {WEIGHTS_FILE: weights, CONFIG_FILE: text.encode("utf-8")}
+
+
+def save_model(
+    model: FlowModel,
+    directory: str | os.PathLike,
+    metadata: dict | None = None,
+    *,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Save ``model`` as ``directory/model.npz`` and ``directory/model.json``, replacing the folder whole.
+
+    Every other file of ``directory`` (checkpoints, plots) is kept, except a Gaussian mixture's
+    ``gmm.npz``. The new folder is published in one atomic step (:mod:`nflow_np.files.folders`).
+
+    Parameters
+    ----------
+    model : FlowModel
+        Its layers must be registered (:mod:`nflow_np.specs`); all parameters must share one dtype.
+    directory : str or os.PathLike
+        Created if needed.
+    metadata : dict, optional
+        Anything JSON-serialisable (finite numbers only), stored under ``"metadata"`` and returned
+        by :func:`read_config`.
+    extra_files : dict of str to bytes, optional
+        More files (``{"summary.json": …}``) published in the same atomic step.
+
+    Returns
+    -------
+    pathlib.Path
+        ``directory``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Before anything is written: an unsupported layer, mixed dtypes, unserialisable metadata.
+    OSError
+        The write failed; the previous folder is unchanged.
+    """
+    files = {**(extra_files or {}), **model_file_bytes(model, metadata)}  # model.json last (in-place mode)
+    publish_folder(directory, files, drop=GMM_FILES)
+    return Path(directory)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    """Read and check ``directory/model.json`` (the flow spec itself is checked when it is built).
+
+    Returns
+    -------
+    dict
+        ``format_version``, ``dtype``, ``dim``, ``base``, ``flow``, ``npz_sha256``, ``metadata``
+        (whose fields nflow reads are checked: :func:`check_metadata`).
+
+    Raises
+    ------
+    ModelFileError
+    """
+    path = Path(directory) / CONFIG_FILE
+    data = read_file(path, safe.MAX_CONFIG_BYTES, hint=f" (is {directory} a folder written by save_model?)")
+    config = parse_json(data, path)
+    version = config.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: format_version {version!r} is not supported (this version reads {FORMAT_VERSION}; "
+            "a newer file needs a newer nflow_np)"
+        )
+    missing, unexpected = sorted(_CONFIG_KEYS - set(config)), sorted(set(config) - _CONFIG_KEYS)
+    if missing or unexpected:
+        raise ModelFileError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    check_description(config, str(path))
+    sha = config["npz_sha256"]
+    if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ModelFileError(f"{path}: npz_sha256 must be 64 lowercase hex digits, got {sha!r}")
+    if not isinstance(config["metadata"], dict):
+        raise ModelFileError(f"{path}: metadata must be an object, got {type(config['metadata']).__name__}")
+    check_metadata(config["metadata"], f"{path}: metadata", config["dim"])
+    return config
+
+
+def check_metadata(metadata: dict, where: str, dim: int) -> None:
+    """Check the metadata fields nflow itself reads, where present, so a hostile value is a clean error.
+
+    ``data``, ``model``: strings; ``seed``: integer >= 0; ``n_test``: integer >= 1; ``image_shape``:
+    three positive integers whose product is ``dim``; ``levels``: integer >= 2; ``standardization``:
+    a record of :class:`~nflow_np.data.files.Standardization` for ``dim`` columns.
+
+    Raises
+    ------
+    ModelFileError
+    """
+    for key in ("data", "model"):
+        if key in metadata and not isinstance(metadata[key], str):
+            raise ModelFileError(f"{where}.{key}: expected a string, got {metadata[key]!r}")
+    if "seed" in metadata:
+        check_int(metadata["seed"], f"{where}.seed", 0, 2**63 - 1)
+    if "n_test" in metadata:
+        check_int(metadata["n_test"], f"{where}.n_test", 1, 2**31)
+    if "levels" in metadata:
+        check_int(metadata["levels"], f"{where}.levels", 2, 2**16)
+    if "image_shape" in metadata:
+        shape = metadata["image_shape"]
+        if not isinstance(shape, list) or len(shape) != 3:
+            raise ModelFileError(f"{where}.image_shape: expected [channels, height, width], got {shape!r}")
+        sizes = [check_int(s, f"{where}.image_shape[{i}]", 1, MAX_DIM) for i, s in enumerate(shape)]
+        if int(np.prod(sizes)) != dim:
+            raise ModelFileError(f"{where}.image_shape: {shape} images do not have the model's {dim} dimensions")
+    if "standardization" in metadata:
+        from nflow_np.data.files import Standardization
+
+        Standardization.from_json(metadata["standardization"], f"{where}.standardization", dim)
+
+
+def load_model(directory: str | os.PathLike) -> FlowModel:
+    """Load a model saved by :func:`save_model` (or by any earlier nflow_np writing format 1).
+
+    The whole model is built from ``model.json`` and every array of ``model.npz`` is checked
+    against it (names, shapes, dtype, finiteness, checksum) before any parameter is written.
+
+    Raises
+    ------
+    ModelFileError
+        Anything missing, malformed or inconsistent; the message names the file and the problem.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    weights_path = directory / WEIGHTS_FILE
+    data = read_file(weights_path, safe.MAX_WEIGHTS_BYTES)  # read once: checksum and arrays from the same bytes
+    dtype = np.dtype(config["dtype"])
+    # honest weights hold every parameter, so their size bounds what the config may ask to allocate
+    stored = sum(archive_members(data, weights_path).values())
+    model = model_from_description(config, str(directory / CONFIG_FILE), max_parameters=stored // dtype.itemsize)
+    expected = {name: (value.shape, dtype) for name, value, _ in model.named_parameters()}
+    state = read_arrays(data, weights_path, expected, CONFIG_FILE)
+    if hashlib.sha256(data).hexdigest() != config["npz_sha256"]:
+        raise ModelFileError(
+            f"{weights_path}: checksum differs from the one in {CONFIG_FILE}; the two files come from "
+            "different saves (save the model again)"
+        )
+    model.load_state_dict(state)
+    return model

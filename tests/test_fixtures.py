@@ -1,0 +1,52 @@
+"""Files written by an older nflow_np (format 1, tests/fixtures/make_fixtures.py) still load, with the same numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nflow_np.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from nflow_np.image_models import load_image_model
+from nflow_np.io import load_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODEL_FOLDERS = ["toy_every_kind_float32", "toy_every_kind_float64", "nice_image", "realnvp_image"]
+
+
+@pytest.mark.parametrize("folder", [*MODEL_FOLDERS, "cli_realnvp_checkpointed"])
+def test_old_model_folders_load_and_give_the_same_log_prob(folder: str) -> None:
+    directory = FIXTURES / folder
+    model = load_model(directory)
+    points = np.load(directory / "points.npy")
+    np.testing.assert_array_equal(model.log_prob(points), np.load(directory / "expected_log_prob.npy"))
+
+
+@pytest.mark.parametrize("folder", ["nice_image", "realnvp_image"])
+def test_old_image_models_load_as_image_models(folder: str) -> None:
+    model = load_image_model(FIXTURES / folder)
+    assert (model.shape, model.levels) == ((1, 4, 4), 17)
+
+
+def test_old_checkpoints_load() -> None:
+    directory = FIXTURES / "cli_realnvp_checkpointed" / "checkpoints"
+    names = [path.name for path in list_checkpoints(directory)]
+    assert names == ["checkpoint-000000004.npz", "checkpoint-000000003.npz"]
+    newest, skipped = latest_checkpoint(directory)
+    assert skipped == [] and newest.state.finished and newest.state.steps == 4
+    older = load_checkpoint(directory / "checkpoint-000000003.npz")
+    assert older.state.steps == 3 and not older.state.finished
+    final = load_model(FIXTURES / "cli_realnvp_checkpointed")
+    for name, value in final.state_dict().items():  # the saved model is the best parameters of the run
+        np.testing.assert_array_equal(newest.state.best_params[name], value)
+
+
+def test_old_gmm_folders_load() -> None:
+    from nflow_np.gmm import GaussianMixture
+
+    directory = FIXTURES / "cli_gmm"
+    mixture, summary = GaussianMixture.load(directory)
+    assert (mixture.n_components, summary["components"], summary["data"]) == (2, 2, "two_moons")
+    points = np.load(directory / "points.npy")
+    np.testing.assert_array_equal(mixture.log_prob(points), np.load(directory / "expected_log_prob.npy"))
