@@ -136,7 +136,7 @@ def _raise_agreed(comm: Any, failed: int, error: BaseException | None) -> None:
     """
     if not failed:
         return
-    mine = None if error is None else (type(error), f"{type(error).__name__}: {error}", str(error))
+    mine = None if error is None else (_picklable(type(error)), f"{type(error).__name__}: {error}", str(error))
     reports = comm.gather((rank(comm), mine), root=0)
     if is_root(comm):
         first = next(report for report in reports if report[1] is not None)
@@ -146,12 +146,23 @@ def _raise_agreed(comm: Any, failed: int, error: BaseException | None) -> None:
     text = f"rank {where} of {size(comm)} failed: {message}"
     try:
         agreed = kind(text)
-    except Exception:  # an exception type whose constructor wants other arguments
+    except Exception:  # no type (a class defined where it cannot be imported) or a constructor wanting more
         agreed = RankError(f"rank {where} of {size(comm)} failed: {described}")
     agreed.nflow_agreed = True  # the command line prints it on rank 0 only
     if error is not None and where == rank(comm):
         raise agreed from error
     raise agreed
+
+
+def _picklable(kind: type) -> type | None:
+    """``kind`` if it travels by pickle (an importable class), else ``None``."""
+    import pickle
+
+    try:
+        pickle.dumps(kind)
+    except Exception:
+        return None
+    return kind
 
 
 @contextlib.contextmanager
