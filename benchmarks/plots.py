@@ -40,7 +40,7 @@ def _series(rows: list[dict], groups: list[tuple], key: str, group_of: callable,
 def plot_summary(results: dict, path: Path) -> list[str]:
     """Bar charts of the sections in ``results``; returns ``[path.name]``, or ``[]`` when nothing was measured."""
     sec = results["sections"]
-    panels = [name for name in ("train", "sample", "kernels", "mlp") if name in sec]
+    panels = [name for name in ("train", "sample", "kernels", "mlp", "nice-mnist") if name in sec]
     if not panels:
         return []
     columns = min(len(panels), 2)
@@ -68,6 +68,9 @@ def plot_summary(results: dict, path: Path) -> list[str]:
             ax.axhline(sec[name]["copy_gbs"]["median"], color="k", linestyle="--", linewidth=1, label="copy")
             ax.legend(fontsize=7)
             ax.set(ylabel="GB/s", title=f"affine coupling law, N = {rows[0]['N']}")
+        elif name == "nice-mnist":
+            _bars(ax, ["float32"], _series(rows, ["float32"], "steps_per_s", lambda r: "float32"))
+            ax.set(ylabel="steps / s", title=f"NICE on MNIST, batch {sec[name]['model']['batch']}")
         else:
             groups = list(dict.fromkeys((row["dtype"], tuple(row["sizes"])) for row in rows))
             _bars(ax, [f"{dtype}\n{s[0]}→{s[1]}→…" for dtype, s in groups],
@@ -77,7 +80,10 @@ def plot_summary(results: dict, path: Path) -> list[str]:
                 ax.hlines(peak, k - 0.45, k + 0.45, color="k", linestyle="--", linewidth=1)
             ax.set(ylabel="GFLOP/s (dashes: GEMM peak)", title=f"MLP forward + backward, batch {rows[0]['batch']}")
     info = results["machine"]
-    fig.suptitle(f"{info['cpu']}, {info['threads']} thread(s); median, bars min–max", fontsize=9)
+    kernels = ", ".join(f"{b['internal_api']} {b['architecture']}" for b in info.get("blas", []))
+    flags = " ".join(f for f in info.get("flags", []) if f.startswith(("avx512f", "amx")))
+    fig.suptitle(f"{info['cpu']} ({flags or 'no AVX-512'}; BLAS {kernels}), {info['threads']} thread(s); "
+                 "median, bars min–max", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return [path.name]

@@ -20,6 +20,7 @@ from types import ModuleType
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from nflow_np import threads
 from nflow_np.architectures import build_model
 from nflow_np.backend import get_backend, using
 from nflow_np.model import FlowModel
@@ -28,6 +29,7 @@ from nflow_np.optim import Adam
 from nflow_np.packaging import kernel_module
 
 from .bench_kernels import affine_bytes, copy_bandwidth, cpu_calls, gpu_backends, gpu_calls, inputs, measure
+from .machine import peak_rss_mib
 
 DTYPES = ("float32", "float64")
 
@@ -53,6 +55,8 @@ class Settings:
     sample_batch: int = 8192
     dtypes: tuple[str, ...] = DTYPES
     seed: int = 0
+    nice_hidden: tuple[int, ...] = (500,) * 4
+    nice_steps: int = 0
 
     @classmethod
     def quick(cls, **overrides: object) -> Settings:
@@ -66,7 +70,7 @@ class Settings:
         """Tiny arrays and nets, 2 repeats: the suite's own test (its figures mean little)."""
         tiny = {"repeats": 2, "kernel_rows": 2048, "kernel_d2": (32,), "copy_bytes": 2**23, "gemm_size": 256,
                 "mlp_sizes": ((64, 256, 256, 64),), "hidden": (64, 64), "batch": 256, "sweep_batches": (64, 256),
-                "sample_batch": 512}
+                "sample_batch": 512, "nice_hidden": (32,)}
         return cls(**(tiny | overrides))
 
 
@@ -104,6 +108,7 @@ def limit_threads(n: int, torch_ref: ModuleType | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(threadpool_limits(limits=n, user_api="blas"))
         stack.enter_context(numba_threads(n))
+        stack.enter_context(threads.num_threads(n))  # nflow_np's own calls choose their split of n
         if torch_ref is not None:
             previous_torch = torch_ref.set_threads(n)
             stack.callback(torch_ref.set_threads, previous_torch)
@@ -393,7 +398,9 @@ def _throughput(impl: str, calls: dict | Exception, op: str, s: Settings) -> dic
         raise calls
     with using(impl if impl != "torch" else get_backend()):
         times = timed(calls[op], s.repeats)
-    return {"ms": figure(1e3 * times), "samples_per_s": figure(s.sample_batch / times)}
+        rss = peak_rss_mib(calls[op])  # untimed; the same measure for nflow_np and PyTorch
+    return {"ms": figure(1e3 * times), "samples_per_s": figure(s.sample_batch / times)} | (
+        {"peak_rss_mib": rss} if rss is not None else {})
 
 
 def sample(s: Settings, torch_ref: ModuleType | None) -> dict:

@@ -11,7 +11,14 @@ initial value (N(0, 0.01) added) so no net is exactly zero:
 - ``subnormal data``: the same ``x`` times ``1e-39`` (each net's first GEMM and its weight gradient
   see subnormal inputs);
 - ``subnormal weights``: every coupling net's ``W`` and ``b`` times ``1e-39``, so every hidden
-  activation and most products of the step are subnormal.
+  activation and most products of the step are subnormal;
+- ``subnormal Adam moments``: Adam's first and second moments all in the subnormal range (the state a
+  long run reaches for parameters whose gradients have died out), so the update reads and writes them.
+
+Each variant runs twice: in the ``library`` mode, as nflow_np runs its compute (FTZ/DAZ on every thread
+the call uses, :mod:`nflow_np.fpmode`), and ``off`` (``set_flush_denormals(False)``, the IEEE default):
+the ratio of each to its own normal case is the figure (target ≤ 1.05 in the library mode). The
+micro-figures run inside :func:`nflow_np.threads.compute` in the library mode.
 
 Parameters and the optimizer's state are restored before every timed step (outside the clock), so
 every repetition sees the same numbers, and the variants are timed in turn, repetition by
@@ -26,10 +33,14 @@ from collections.abc import Callable
 
 import numpy as np
 
+from nflow_np import fpmode, threads
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
 
 from .sections import Settings, figure
+
+MODES = {"library": True, "off": False}
+"""The two flush settings every case runs under: nflow_np's (FTZ/DAZ on) and the IEEE default."""
 
 SCALE = np.float32(1e-39)
 TINY = np.finfo(np.float32).tiny
@@ -66,45 +77,71 @@ def interleaved(calls: dict[str, Callable[[], None]], repeats: int, before: dict
 
 
 def nice_step_variants(s: Settings) -> dict:
-    """Time the three variants of the float32 NICE training step (module doc)."""
+    """Time the four variants of the float32 NICE training step in both modes (module doc)."""
     rng = np.random.default_rng(s.seed)
     model = build_model("nice", s.dim, layers=s.layers, hidden=s.hidden, dtype=np.float32, seed=s.seed)
     for _, param, _ in model.named_parameters():
         param += rng.normal(0.0, 0.01, size=param.shape).astype(np.float32)
     optimizer = Adam(model, lr=s.lr)
     x = rng.standard_normal((s.batch, s.dim)).astype(np.float32)
-    data = {"normal": x, "subnormal data": x * SCALE, "subnormal weights": x}
+    variants = ("normal", "subnormal data", "subnormal weights", "subnormal Adam moments")
+    data = dict.fromkeys(variants, x) | {"subnormal data": x * SCALE}
     params = {name: param.copy() for name, param, _ in model.named_parameters()}
     tiny_params = {name: value * SCALE if ".net." in f".{name}" else value for name, value in params.items()}
-    weights = {"normal": params, "subnormal data": params, "subnormal weights": tiny_params}
-    optimizer_state = optimizer.state_dict()
+    weights = dict.fromkeys(variants, params) | {"subnormal weights": tiny_params}
+    for _ in range(2):  # two steps, so the state holds moments of the right shapes and signs
+        model.zero_grad()
+        model.nll_and_backward(x)
+        optimizer.step()
+    normal_state = optimizer.state_dict()
+    tiny_state = {key: value * SCALE if "/" in key else value for key, value in normal_state.items()}
+    states = dict.fromkeys(variants, normal_state) | {"subnormal Adam moments": tiny_state}
 
     def restore(variant: str) -> Callable[[], None]:
         def call() -> None:
             for name, param, _ in model.named_parameters():
                 np.copyto(param, weights[variant][name])
-            optimizer.load_state_dict(optimizer_state)
+            optimizer.load_state_dict(states[variant])
 
         return call
 
-    def step(variant: str) -> Callable[[], None]:
+    def step(variant: str, flush: bool) -> Callable[[], None]:
         def call() -> None:
-            model.zero_grad()
-            model.nll_and_backward(data[variant])
-            optimizer.step()
+            fpmode.set_flush_denormals(flush)
+            try:
+                model.zero_grad()
+                model.nll_and_backward(data[variant])
+                optimizer.step()
+            finally:
+                fpmode.set_flush_denormals(True)
 
         return call
 
-    times = interleaved({v: step(v) for v in data}, s.repeats, {v: restore(v) for v in data})
+    calls = {(v, m): step(v, flush) for v in variants for m, flush in MODES.items()}
+    times = interleaved(calls, s.repeats, {key: restore(key[0]) for key in calls})
     rows = []
-    for variant in data:
+    for variant, mode in calls:
         nets = [value for name, value in weights[variant].items() if ".net." in f".{name}"]
-        rows.append({"case": f"NICE step: {variant}", "ms": figure(1e3 * times[variant]),
+        moments = [value for key, value in states[variant].items() if "/" in key]
+        rows.append({"case": f"NICE step: {variant}", "mode": mode, "ms": figure(1e3 * times[variant, mode]),
                      "subnormal_share_of_data": subnormal_fraction([data[variant]]),
                      "subnormal_share_of_net_weights": subnormal_fraction(nets),
-                     "slowdown": float(np.median(times[variant]) / np.median(times["normal"]))})
+                     "subnormal_share_of_adam_moments": subnormal_fraction(moments),
+                     "slowdown": float(np.median(times[variant, mode]) / np.median(times["normal", mode]))})
     return {"model": {"kind": "nice", "dim": s.dim, "layers": s.layers, "hidden": list(s.hidden),
                       "batch": s.batch, "dtype": "float32"}, "rows": rows}
+
+
+def in_mode(call: Callable[[], object], flush: bool) -> Callable[[], None]:
+    """``call`` as library compute (thread plan and flush mode) in the ``library`` mode, plain ``off``."""
+    def wrapped() -> None:
+        if not flush:
+            call()
+            return
+        with threads.compute("train"):
+            call()
+
+    return wrapped
 
 
 def micro(s: Settings) -> list[dict]:
@@ -116,25 +153,30 @@ def micro(s: Settings) -> list[dict]:
     v = rng.standard_normal(2**20).astype(np.float32)
     mul_out = np.empty_like(v)
     tiny_a, tiny_v = a * SCALE, v * SCALE
-    calls = {
+    plain = {
         "GEMM (512×256)·(256×256): normal": lambda: np.matmul(a, b, out=gemm_out),
         "GEMM (512×256)·(256×256): subnormal left operand": lambda: np.matmul(tiny_a, b, out=gemm_out),
         "multiply 2^20 elements by 0.5: normal": lambda: np.multiply(v, np.float32(0.5), out=mul_out),
         "multiply 2^20 elements by 0.5: subnormal": lambda: np.multiply(tiny_v, np.float32(0.5), out=mul_out),
     }
-    times = interleaved(calls, 5 * s.repeats, {name: lambda: None for name in calls})
-    names = list(calls)
+    calls = {(name, mode): in_mode(call, flush) for name, call in plain.items() for mode, flush in MODES.items()}
+    times = interleaved(calls, 5 * s.repeats, {key: lambda: None for key in calls})
+    names = list(plain)
     rows = []
     for i, name in enumerate(names):
         baseline = names[i - i % 2]
-        rows.append({"case": name, "ms": figure(1e3 * times[name]),
-                     "slowdown": float(np.median(times[name]) / np.median(times[baseline]))})
+        for mode in MODES:
+            rows.append({"case": name, "mode": mode, "ms": figure(1e3 * times[name, mode]),
+                         "slowdown": float(np.median(times[name, mode]) / np.median(times[baseline, mode]))})
     return rows
 
 
 def subnormal(s: Settings) -> dict:
-    """The NICE step variants and the micro-figures, with the FTZ/DAZ state they ran under."""
+    """The NICE step variants and the micro-figures in both modes, with the FTZ/DAZ state outside and inside."""
     result = nice_step_variants(s)
     result["rows"] += micro(s)
     result["flush_flags"] = flush_flags()
+    with threads.compute("train"):
+        result["library_flush_flags"] = flush_flags()
+    result["fpmode"] = fpmode.status()
     return result

@@ -3,6 +3,7 @@
     python -m benchmarks                                # everything; a few minutes on 2 cores
     python -m benchmarks --quick                        # smaller N, 3 repeats: under a minute
     python -m benchmarks --sections train sample --threads 2 --out runs/bench-2t
+    python -m benchmarks --sections nice-mnist --nice-steps 5000   # the long-run check (~10 min)
 
 Sections (``--sections``; docstrings in :mod:`benchmarks.sections` and :mod:`benchmarks.subnormal`):
 
@@ -12,8 +13,17 @@ Sections (``--sections``; docstrings in :mod:`benchmarks.sections` and :mod:`ben
 - ``train``: a RealNVP training step (64-d, 8 couplings, 256-256 nets, batch 512, Adam) per backend
   and dtype: ms, steps/s, peak MiB, and the ratio to the step's GEMMs timed alone; step time
   against batch size (64 … 4096);
-- ``sample``: ``log_prob`` and ``sample`` throughput at batch 8,192;
-- ``subnormal``: a float32 NICE step on normal vs subnormal-range numbers.
+- ``sample``: ``log_prob`` and ``sample`` throughput at batch 8,192, and each call's peak resident memory
+  (the same measure for PyTorch);
+- ``subnormal``: a float32 NICE step on normal vs subnormal-range numbers (data, weights, Adam moments) and a
+  GEMM with a subnormal operand, in nflow_np's flush mode and with it off;
+- ``threads``: every BLAS/Numba split per operation, and 1 thread / n / the default beside a busy process
+  spinning on the last core (:mod:`benchmarks.speed_sections`);
+- ``nice-mnist``: NICE on MNIST-5000 (4 couplings, nets 392→500×4→392, batch 100, Adam) steps/s against
+  PyTorch's same model; ``--nice-steps 5000`` adds the step time after 5,000 steps against after 100.
+
+The header and ``results.json["machine"]`` say which machine it ran on (:mod:`benchmarks.machine`): CPU model,
+vector flags (AVX-512, AMX), cores, the BLAS and the kernel it chose, the flush mode and the thread plans.
 
 Where PyTorch is installed, the same model in plain PyTorch (:mod:`benchmarks.torch_reference`) is timed
 in the same run with the same thread count (BLAS via threadpoolctl, Numba, PyTorch all get ``--threads``),
@@ -33,20 +43,19 @@ import importlib
 import importlib.metadata
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from threadpoolctl import threadpool_info
-
+from . import machine as machine_info
 from . import sections
 from .sections import Settings
+from .speed_sections import EARLY, nice_mnist, threads_section
 from .subnormal import subnormal
 
-SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal")
+SECTIONS = ("kernels", "mlp", "train", "sample", "subnormal", "threads", "nice-mnist")
 
 
 def torch_reference() -> ModuleType | None:
@@ -57,33 +66,13 @@ def torch_reference() -> ModuleType | None:
         return None
 
 
-def version(package: str) -> str | None:
-    """The installed version of ``package``, or ``None``."""
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine(threads: int, torch_ref: ModuleType | None) -> dict:
-    """Cores, CPU, library versions, the BLAS threadpoolctl sees, and the thread count every library is given."""
-    blas = [{key: pool.get(key) for key in ("internal_api", "version", "architecture", "threading_layer")}
-            | {"default_threads": pool.get("num_threads")} for pool in threadpool_info() if pool["user_api"] == "blas"]
-    return {"cores": os.cpu_count(), "cpu": cpu_model(), "platform": platform.platform(),
-            "python": platform.python_version(), "numpy": version("numpy"), "numba": version("numba"),
-            "torch": torch_ref.VERSION if torch_ref is not None else None, "blas": blas, "threads": threads,
-            "numba_status": sections.numba_ready() or "ok", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    """The machine (:func:`benchmarks.machine.describe`) and the library versions and thread count of this run."""
+    info = machine_info.describe(threads, torch_ref.VERSION if torch_ref is not None else None)
+    numba = info.pop("numba")
+    blas = [b | {"default_threads": b["threads_now"]} for b in info.pop("blas")]
+    return info | {"numba": numba["version"] if numba else None, "numba_config": numba, "blas": blas,
+                   "numba_status": sections.numba_ready() or "ok"}
 
 
 # -- the table ------------------------------------------------------------------------------------------------------
@@ -156,22 +145,57 @@ def train_table(r: dict) -> str:
 
 
 def sample_table(r: dict) -> str:
-    """The log_prob and sample rows: ms and thousands of samples per second."""
+    """The log_prob and sample rows: ms, thousands of samples per second, peak resident MiB."""
     rows = [[row["op"], row["impl"], row["dtype"], str(row["batch"]), fig(row["ms"]),
-             fig(row["samples_per_s"], 1e-3, 1), ratio(row.get("speedup_vs_torch"))] if "ms" in row
-            else [row["op"], row["impl"], row["dtype"], str(row["batch"]), "error", row["error"][:40], ""]
+             fig(row["samples_per_s"], 1e-3, 1), ratio(row.get("peak_rss_mib")), ratio(row.get("speedup_vs_torch"))]
+            if "ms" in row else [row["op"], row["impl"], row["dtype"], str(row["batch"]), "error", row["error"][:40],
+                                 "", ""]
             for row in r["rows"]]
-    return table("log_prob and sample", ["op", "impl", "dtype", "batch", "ms", "k samples/s", "× torch"], rows)
+    columns = ["op", "impl", "dtype", "batch", "ms", "k samples/s", "peak RSS MiB", "× torch"]
+    return table("log_prob and sample", columns, rows)
 
 
 def subnormal_table(r: dict) -> str:
     """The subnormal rows: ms and slowdown against the normal case."""
     share = "subnormal_share_of_{}"
-    rows = [[row["case"], fig(row["ms"], digits=3), f"{row['slowdown']:.2f}",
-             *(f"{row[share.format(k)]:.2f}" if share.format(k) in row else "" for k in ("data", "net_weights"))]
+    kinds = ("data", "net_weights", "adam_moments")
+    rows = [[row["case"], row["mode"], fig(row["ms"], digits=3), f"{row['slowdown']:.2f}",
+             *(f"{row[share.format(k)]:.2f}" if share.format(k) in row else "" for k in kinds)]
             for row in r["rows"]]
-    flags = ", ".join(f"{k.upper()} {'on' if v else 'off'}" for k, v in r["flush_flags"].items())
-    return table(f"float32 subnormals ({flags})", ["case", "ms", "× normal", "subnormal: data", "weights"], rows)
+
+    def flags(found: dict) -> str:
+        return ", ".join(f"{k.upper()} {'on' if v else 'off'}" for k, v in found.items())
+
+    title = (f"float32 subnormals (outside library calls: {flags(r['flush_flags'])}; inside, the library mode: "
+             f"{flags(r['library_flush_flags'])}; target × normal ≤ 1.05 in the library mode)")
+    return table(title, ["case", "mode", "ms", "× normal", "subnormal: data", "weights", "Adam moments"], rows)
+
+
+def threads_table(r: dict) -> str:
+    """The split sweep on the quiet machine, then 1 / n / default threads beside a busy core."""
+    rows = [[row["case"], row["op"], str(row["threads"]), str(row.get("blas", "")), str(row.get("numba", "")),
+             fig(row["ms"]) if "ms" in row else "error " + row["error"][:30], ratio(row.get("default_over_one"))]
+            for row in r["rows"]]
+    columns = ["case", "op", "threads", "BLAS", "Numba", "ms", "default / 1 thread (target ≤ 1)"]
+    return table(f"thread splits at n = {r['n']} (RealNVP benchmark model, float32)", columns, rows)
+
+
+def nice_table(r: dict) -> str:
+    """The nice-mnist rows (steps/s, × torch) and the long run's late/early step time."""
+    m = r["model"]
+    rows = [[row["impl"], fig(row["ms"]), fig(row["steps_per_s"], digits=1), ratio(row.get("speedup_vs_torch"))]
+            if "ms" in row else [row["impl"], "error", row["error"][:40], ""] for row in r["rows"]]
+    title = (f"nice-mnist: NICE, {m['couplings']} couplings, nets 392→{'×'.join(map(str, m['hidden']))}→392, "
+             f"batch {m['batch']}, MNIST-5000 training split ({m['rows']} rows), {m['optimizer']} "
+             "(target × torch ≥ 1.2)")
+    text = table(title, ["impl", "ms", "steps/s", "× torch"], rows)
+    if "long_run" in r:
+        run = r["long_run"]
+        text += (f"after {run['steps']} steps: {fig(run['late_ms'])} ms per step vs {fig(run['early_ms'])} at steps "
+                 f"{EARLY[0]}–{EARLY[1] - 1}: ratio {run['late_over_early']:.3f} (target ≤ 1.05); subnormal share "
+                 f"of net weights {run['subnormal_share_of_weights']:.2g}, of Adam's state "
+                 f"{run['subnormal_share_of_adam_state']:.2g}\n")
+    return text
 
 
 def errors_note(result: dict) -> str:
@@ -182,12 +206,10 @@ def errors_note(result: dict) -> str:
 
 
 def header(info: dict, settings: dict, load: tuple[float, ...]) -> str:
-    """The table's first lines: machine, versions, BLAS, threads, load average before the run."""
-    blas = "; ".join(f"{b['internal_api']} {b['version']} ({b['architecture']}, {b['threading_layer']})"
-                     for b in info["blas"])
+    """The table's first lines: machine, versions, BLAS, flush mode, threads, load average before the run."""
     return (f"nflow_np benchmarks{' (quick)' if settings['quick'] else ''}: {info['cpu']}, {info['cores']} cores, "
-            f"{info['threads']} thread(s) per library\npython {info['python']}, numpy {info['numpy']}, "
-            f"numba {info['numba']} ({info['numba_status']}), torch {info['torch']}; BLAS: {blas}\n"
+            f"{info['threads']} thread(s) per library\n{machine_info.header_lines(info)}python {info['python']}, "
+            f"numpy {info['numpy']}, numba {info['numba']} ({info['numba_status']}), torch {info['torch']}\n"
             f"load average before: {' '.join(f'{x:.2f}' for x in load)}; figures: median [min, max] of "
             f"{settings['repeats']} repetitions after warm-up\n")
 
@@ -199,6 +221,8 @@ RUNNERS: dict[str, tuple[Callable[..., dict], Callable[[dict], str], bool]] = {
     "train": (sections.train, train_table, True),
     "sample": (sections.sample, sample_table, True),
     "subnormal": (subnormal, subnormal_table, False),
+    "threads": (threads_section, threads_table, False),
+    "nice-mnist": (nice_mnist, nice_table, True),
 }
 
 
@@ -241,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=1, help="threads for BLAS, Numba and PyTorch (default: 1)")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="what to run")
     parser.add_argument("--repeats", type=int, help="repetitions per figure (default: 10, --quick 3)")
+    parser.add_argument("--nice-steps", type=int, default=0,
+                        help="nice-mnist: also train this many steps (≥ 240; 5000 for the issue's check) and compare "
+                        "the step time at the end with the one after 100 steps (default: 0, skipped)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch out even if installed")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests/test_benchmarks.py: tiny
@@ -265,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         print("python -m benchmarks: error: --threads and --repeats must be positive", file=sys.stderr)
         return 2
-    overrides = {"threads": args.threads} | ({"repeats": args.repeats} if args.repeats else {})
+    if args.nice_steps and args.nice_steps < 2 * EARLY[1]:
+        print(f"python -m benchmarks: error: --nice-steps must be 0 or at least {2 * EARLY[1]}", file=sys.stderr)
+        return 2
+    overrides = {"threads": args.threads, "nice_steps": args.nice_steps} | (
+        {"repeats": args.repeats} if args.repeats else {})
     if args.smoke:
         settings = Settings.smoke(**overrides)
     else:

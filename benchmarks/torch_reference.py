@@ -226,3 +226,53 @@ def coupling_law_calls(arrays: dict[str, np.ndarray], compiled: bool) -> tuple[C
         d_h[:, d2:].copy_(d_z2)  # ∂L/∂t
 
     return forward, backward
+
+
+# -- NICE on MNIST, for the nice-mnist row ---------------------------------------------------------------------------
+class NICE(nn.Module):
+    """``build_nice((1, 28, 28), 256, couplings=K, hidden=H)`` in PyTorch (Dinh et al. 2014).
+
+    Dequantise ``x + u``, ``u ~ U[0, 1)``, scale by ``1/256``; ``K`` additive couplings
+    ``z₂ = x₂ + c(x₁)`` with alternating parity (``x₁ = x[:, p::2]``), ReLU nets with a zeroed last
+    layer; the diagonal rescaling ``z = x ⊙ exp(σ)``; a standard logistic prior
+    ``log p(z) = −Σ (|z| + 2 log(1 + e^{−|z|}))``. ``log p(x) = log p(z) + Σ σ − D log 256``.
+    """
+
+    def __init__(self, dim: int, couplings: int, hidden: Sequence[int], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dim = dim
+        halves = [(len(range(k % 2, dim, 2)), len(range(1 - k % 2, dim, 2))) for k in range(couplings)]
+        self.nets = nn.ModuleList([mlp([d1, *hidden, d2], dtype) for d1, d2 in halves])
+        self.log_scale = nn.Parameter(torch.zeros(dim, dtype=dtype))
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x)`` per row of integer-valued images ``x: (N, D)`` (dequantised here)."""
+        x = (x + torch.rand_like(x)) / 256.0
+        for k, net in enumerate(self.nets):
+            p = k % 2
+            x1, x2 = x[:, p::2], x[:, 1 - p :: 2]
+            z = torch.empty_like(x)
+            z[:, p::2] = x1
+            z[:, 1 - p :: 2] = x2 + net(x1)
+            x = z
+        z = x * torch.exp(self.log_scale)
+        a = z.abs()
+        prior = -(a + 2 * torch.log1p(torch.exp(-a))).sum(dim=1)
+        return prior + self.log_scale.sum() - self.dim * math.log(256.0)
+
+
+def nice_training_step(
+    x: np.ndarray, couplings: int, hidden: Sequence[int], lr: float = 1e-3, seed: int = 0
+) -> tuple[NICE, Callable[[np.ndarray], None]]:
+    """A NICE model and its step ``step(batch)``: ``−mean log p(batch)``, backward, Adam (``x`` sets D and dtype)."""
+    torch.manual_seed(seed)
+    model = NICE(x.shape[1], couplings, hidden, _DTYPES[str(x.dtype)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+
+    def step(batch: np.ndarray) -> None:
+        optimizer.zero_grad()
+        loss = -model.log_prob(torch.from_numpy(batch)).mean()
+        loss.backward()
+        optimizer.step()
+
+    return model, step

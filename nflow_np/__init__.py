@@ -15,9 +15,12 @@ from nflow_np.flows import (
     Reverse,
     Sequential,
 )
+from nflow_np.fpmode import flush_denormals, get_flush_denormals, set_flush_denormals
 from nflow_np.gmm import GaussianMixture
+from nflow_np.grad_mode import is_grad_enabled, no_grad
 from nflow_np.model import FlowModel
 from nflow_np.module import Module
+from nflow_np.threads import get_num_threads, num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
@@ -40,7 +43,15 @@ __all__ = [
     "StandardNormal",
     "register_law",
     "available_backends",
+    "flush_denormals",
     "get_backend",
+    "get_flush_denormals",
+    "get_num_threads",
+    "is_grad_enabled",
+    "no_grad",
+    "num_threads",
     "set_backend",
+    "set_flush_denormals",
+    "set_num_threads",
     "using",
 ]

@@ -22,8 +22,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from threadpoolctl import threadpool_limits
-
 from nflow_np import __version__
 from nflow_np.architectures import MODELS
 from nflow_np.backend import BACKENDS, set_backend
@@ -33,6 +31,7 @@ from nflow_np.data import TOY_DATASETS
 from nflow_np.data.images import IMAGE_DATASETS
 from nflow_np.io import ModelFileError
 from nflow_np.nn import ACTIVATIONS
+from nflow_np.threads import num_threads
 from nflow_np.train import NonFiniteLossError
 from nflow_np.vi_cli import add_gmm_arguments, add_vi_subcommand
 
@@ -150,9 +149,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads",
         type=number(int, 1),
-        default=1,
-        help="BLAS threads (default: 1; the GEMMs of these models are too small to gain from splitting, and a "
-        "split GEMM stalls whenever another process holds the second core: 4 ms vs 140 ms per step measured)",
+        default=None,
+        help="threads for the library's compute (default: the cores no other process keeps busy; "
+        "nflow_np.threads chooses the BLAS/Numba split per operation)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi,bench}")
 
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.backend is not None:
                 set_backend(args.backend)
-            with threadpool_limits(limits=args.threads, user_api="blas"):
+            with num_threads(args.threads):
                 return args.handler(args)
         except (ModelFileError, ValueError, OSError, ImportError) as error:  # ImportError: an optional package
             if job.says(error):

@@ -105,15 +105,16 @@ class ImageFlowModel(FlowModel):
         rows = self._check(x, "x")
         stream = self.dequantize.rng.bit_generator.state  # training's noise stream resumes afterwards
         self.dequantize.reseed(seed)
-        if comm is None:
-            total = 0.0
-            for start in range(0, rows.shape[0], batch_size):
-                total -= float(self.log_prob(rows[start : start + batch_size]).sum())
-            nll = total / rows.shape[0]
-        else:
-            from nflow_np.distributed import evaluate_nll
+        with self._inference("log_prob"):  # one thread plan and flush for all batches, no caches kept
+            if comm is None:
+                total = 0.0
+                for start in range(0, rows.shape[0], batch_size):
+                    total -= float(self.log_prob(rows[start : start + batch_size]).sum())
+                nll = total / rows.shape[0]
+            else:
+                from nflow_np.distributed import evaluate_nll
 
-            nll = evaluate_nll(comm, self, rows, batch_size)
+                nll = evaluate_nll(comm, self, rows, batch_size)
         self.dequantize.rng.bit_generator.state = stream
         return {
             "nll": nll,

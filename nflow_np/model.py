@@ -7,6 +7,12 @@ Every public method checks its input and its result: a point so far out that its
 its image overflows raises :class:`~nflow_np.validation.NonFiniteError` naming the row, rather than
 returning a silent ``-inf`` or NaN (README, "Reliability").
 
+Compute (``docs/numerics.md``): every method runs under :func:`nflow_np.threads.compute`, which
+chooses the BLAS and Numba thread counts for the operation and flushes subnormals to zero on those
+threads, both put back when the method returns. ``log_prob``, ``encode``, ``decode`` and ``sample``
+run in inference mode (:func:`nflow_np.no_grad`): no layer keeps a backward cache, and
+``cached_nbytes()`` is 0 when they return.
+
 Device (``docs/kernels.md#gpu-backends``): after ``model.to_device()`` the parameters are device
 (CuPy) arrays. Every method still takes host NumPy data: it is moved to the device once, at the
 entry, and results go back where their input was (a host ``x`` gives a host ``log_prob``; a
@@ -15,9 +21,12 @@ device ``x`` stays on the device); losses are Python floats.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 
-from nflow_np import backend
+from nflow_np import backend, grad_mode, threads
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows.base import Flow, Sequential
 from nflow_np.module import Module
@@ -73,10 +82,20 @@ class FlowModel(Module):
         """``x`` moved to the parameters' device and checked."""
         return check_batch(self._to_model(x), name, self.dim, self.dtype, self.array_module)
 
+    @contextlib.contextmanager
+    def _inference(self, operation: str) -> Iterator[None]:
+        """The block as inference ``operation``: its thread plan and flush mode, no caches kept or left."""
+        with threads.compute(operation), grad_mode.no_grad():
+            try:
+                yield
+            finally:
+                self.flow.free_caches()
+
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         """``log p(x)`` per row (nats), ``x: (N, D)`` → ``(N,)``, on the device of ``x``."""
-        z, logdet = self.flow._forward(self._check(x, "x"))
-        return _like(check_result(self.base.log_prob(z) + logdet, "log_prob", x), x)
+        with self._inference("log_prob"):
+            z, logdet = self.flow._forward(self._check(x, "x"))
+            return _like(check_result(self.base.log_prob(z) + logdet, "log_prob", x), x)
 
     def nll(self, x: np.ndarray) -> float:
         """Mean negative log-likelihood of the rows of ``x`` (nats)."""
@@ -93,22 +112,25 @@ class FlowModel(Module):
         float
             The loss ``L`` before the update.
         """
-        x = self._check(x, "x")
-        z, logdet = self.flow._forward(x)
-        n = x.shape[0]
-        loss = -(self.base.log_prob(z) + logdet).mean()
-        d_z = self.base.grad_log_prob(z)
-        d_z *= -1.0 / n
-        self.flow._backward(d_z, np.full_like(x, -1.0 / n, shape=n))
-        return float(loss)
+        with threads.compute("train"), grad_mode.set_grad_enabled(True):
+            x = self._check(x, "x")
+            z, logdet = self.flow._forward(x)
+            n = x.shape[0]
+            loss = -(self.base.log_prob(z) + logdet).mean()
+            d_z = self.base.grad_log_prob(z)
+            d_z *= -1.0 / n
+            self.flow._backward(d_z, np.full_like(x, -1.0 / n, shape=n))
+            return float(loss)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """Latent representation ``z = f(x)``, ``(N, D)``, on the device of ``x``."""
-        return _like(check_result(self.flow._forward(self._check(x, "x"))[0], "encode", x), x)
+        with self._inference("log_prob"):
+            return _like(check_result(self.flow._forward(self._check(x, "x"))[0], "encode", x), x)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Data point ``x = f⁻¹(z)``, ``(N, D)``, on the device of ``z``."""
-        return _like(check_result(self.flow._inverse(self._check(z, "z"))[0], "decode", z), z)
+        with self._inference("sample"):
+            return _like(check_result(self.flow._inverse(self._check(z, "z"))[0], "decode", z), z)
 
     def sample(self, n: int, rng: np.random.Generator | None = None, temperature: float = 1.0) -> np.ndarray:
         """Draw ``n`` samples ``x = f⁻¹(T · z)``, ``z ~ p_Z``.
@@ -142,11 +164,12 @@ class FlowModel(Module):
             raise ValueError(f"temperature must be a positive finite number, got {temperature}")
         xp = self.array_module or backend.array_module()
         rng = xp.random.default_rng() if rng is None else rng
-        drawn = self.base.sample(int(n), self.dim, rng, self.dtype)
-        z = self._to_model(drawn)
-        if temperature != 1.0:
-            z *= z.dtype.type(temperature)
-        return _like(check_result(self.flow._inverse(z)[0], "sample", z), drawn)
+        with self._inference("sample"):
+            drawn = self.base.sample(int(n), self.dim, rng, self.dtype)
+            z = self._to_model(drawn)
+            if temperature != 1.0:
+                z *= z.dtype.type(temperature)
+            return _like(check_result(self.flow._inverse(z)[0], "sample", z), drawn)
 
     # -- the conventions users bring from scikit-learn, nflows and zuko ---------------------------------
 

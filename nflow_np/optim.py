@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nflow_np import backend
+from nflow_np import backend, threads
 from nflow_np.backend import array_module, to_host
 from nflow_np.module import Module
 
@@ -104,8 +104,9 @@ class Optimizer:
     def step(self) -> None:
         """Apply one update using the gradients currently in ``grads``."""
         self.step_count += 1
-        for name, param, grad in self.module.named_parameters():
-            self._update(name, param, grad)
+        with threads.compute("train"):  # thread plan and flush-to-zero (Adam's moments underflow)
+            for name, param, grad in self.module.named_parameters():
+                self._update(name, param, grad)
 
     def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
         raise NotImplementedError

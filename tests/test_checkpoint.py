@@ -433,10 +433,15 @@ def test_what_a_checkpoint_cannot_hold_is_refused_before_training(data, tmp_path
 
 
 def test_resuming_on_another_backend_warns(data, tmp_path, monkeypatch):
-    import nflow_np.backend
+    import types
 
+    import nflow_np.backend
+    import nflow_np.train
+
+    # the name the checkpoint records (the layers still compute on the active backend through the seam)
+    recorded = types.SimpleNamespace(get_backend=lambda: "some_kernel", array_module=nflow_np.backend.array_module)
     with monkeypatch.context() as patch:
-        patch.setattr(nflow_np.backend, "get_backend", lambda: "some_kernel")  # recorded, not used to compute
+        patch.setattr(nflow_np.train, "backend", recorded)
         interrupt_at(patch, 8)
         with pytest.raises(Interrupted):
             run(data, tmp_path, checkpoint_every=3)

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nflow_np import grad_mode
 from nflow_np.allocator import keep_freed_memory
 from nflow_np.flows import memory
 from nflow_np.flows.memory import MEMORY_MODES, REMEASURE_EVERY, anchor_every_for, check_memory_options
@@ -163,8 +164,8 @@ class Flow(Module):
         raise NotImplementedError
 
     def _remember(self, direction: str, n: int, data: object = None) -> None:
-        """Store what ``_backward`` needs: the direction of the call, its batch size, data."""
-        self._cache = (direction, data)
+        """Store what ``_backward`` needs: the direction of the call, its batch size, data (nothing under no_grad)."""
+        self._cache = (direction, data) if grad_mode.is_grad_enabled() else None
         self._n = n
 
     def _reconstruct(self, z: np.ndarray) -> np.ndarray:
@@ -266,20 +267,26 @@ class Sequential(Flow):
         return self.flows[index]
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.memory == "invert":
+        keep = grad_mode.is_grad_enabled()
+        if self.memory == "invert" and keep:
             return memory.forward_invert(self, x, REMEASURE_EVERY)
         logdet = np.zeros_like(x, shape=x.shape[0])
         for flow in self.flows:
             x, layer_logdet = flow._forward(x)
             logdet += layer_logdet
+            if not keep:
+                flow.free_caches()  # no_grad: nothing kept, the next layer reuses the freed memory
         self._remember("forward", x.shape[0])
         return x, logdet
 
     def _inverse(self, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = grad_mode.is_grad_enabled()
         logdet = np.zeros_like(z, shape=z.shape[0])
         for flow in reversed(self.flows):
             z, layer_logdet = flow._inverse(z)
             logdet += layer_logdet
+            if not keep:
+                flow.free_caches()
         self._remember("inverse", z.shape[0])
         return z, logdet
 
