@@ -17,6 +17,7 @@ from threadpoolctl import threadpool_limits
 from nflow_np.architectures import build_model
 from nflow_np.data import load_toy
 from nflow_np.optim import Adam
+from nflow_np.train import train_step
 
 
 def time_steps(threads: int, steps: int, repeats: int = 5) -> list[float]:
@@ -29,9 +30,7 @@ def time_steps(threads: int, steps: int, repeats: int = 5) -> list[float]:
         for repeat in range(repeats + 1):
             start = time.perf_counter()
             for _ in range(steps):
-                model.zero_grad()
-                model.nll_and_backward(data)
-                optimizer.step()
+                train_step(model, optimizer, data)
             if repeat:  # the first round is the warm-up
                 figures.append((time.perf_counter() - start) * 1e3 / steps)
     return figures

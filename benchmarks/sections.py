@@ -27,6 +27,7 @@ from nflow_np.model import FlowModel
 from nflow_np.nn import MLP
 from nflow_np.optim import Adam
 from nflow_np.packaging import kernel_module
+from nflow_np.train import train_step
 
 from .bench_kernels import affine_bytes, copy_bandwidth, cpu_calls, gpu_backends, gpu_calls, inputs, measure
 from .machine import peak_rss_mib
@@ -258,13 +259,11 @@ def realnvp(s: Settings, dtype: str) -> FlowModel:
 
 
 def training_step(model: FlowModel, x: np.ndarray, lr: float) -> Callable[[], None]:
-    """``zero_grad; nll_and_backward(x); Adam step`` on ``model``."""
+    """:func:`nflow_np.train.train_step` (``zero_grad; nll_and_backward(x)``; gradient norm; Adam step) on ``model``."""
     optimizer = Adam(model, lr=lr)
 
     def step() -> None:
-        model.zero_grad()
-        model.nll_and_backward(x)
-        optimizer.step()
+        train_step(model, optimizer, x)
 
     return step
 

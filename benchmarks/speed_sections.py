@@ -27,6 +27,7 @@ import numpy as np
 from nflow_np import fpmode, threads
 from nflow_np.image_models import build_nice
 from nflow_np.optim import Adam
+from nflow_np.train import train_step
 
 from .sections import Settings, attempt, figure, realnvp, timed, training_step
 from .subnormal import subnormal_fraction
@@ -126,9 +127,7 @@ def _nice_nflow(x: np.ndarray, s: Settings) -> tuple[Callable[[np.ndarray], None
     optimizer = Adam(model, lr=s.lr)
 
     def step(batch: np.ndarray) -> None:
-        model.zero_grad()
-        model.nll_and_backward(batch)
-        optimizer.step()
+        train_step(model, optimizer, batch)
 
     return step, (model, optimizer)
 

@@ -4,8 +4,8 @@ float32's smallest normal number is ``2⁻¹²⁶ ≈ 1.18e-38``; below it, down
 subnormals, which many x86 cores handle with a slow microcode assist unless the FTZ/DAZ flags of
 MXCSR flush them to zero (NumPy leaves those flags alone; some libraries built with ``-ffast-math``
 set them when loaded). Variants of one float32 step of ``build_model("nice", 64, layers=8,
-hidden=(256, 256))`` (zero_grad, nll_and_backward, Adam step), every parameter first moved off its
-initial value (N(0, 0.01) added) so no net is exactly zero:
+hidden=(256, 256))`` (:func:`nflow_np.train.train_step`: zero_grad, nll_and_backward, gradient norm,
+Adam step), every parameter first moved off its initial value (N(0, 0.01) added) so no net is exactly zero:
 
 - ``normal``: ``x ~ N(0, 1)``;
 - ``subnormal data``: the same ``x`` times ``1e-39`` (each net's first GEMM and its weight gradient
@@ -36,6 +36,7 @@ import numpy as np
 from nflow_np import fpmode, threads
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
+from nflow_np.train import train_step
 
 from .sections import Settings, figure
 
@@ -90,9 +91,7 @@ def nice_step_variants(s: Settings) -> dict:
     tiny_params = {name: value * SCALE if ".net." in f".{name}" else value for name, value in params.items()}
     weights = dict.fromkeys(variants, params) | {"subnormal weights": tiny_params}
     for _ in range(2):  # two steps, so the state holds moments of the right shapes and signs
-        model.zero_grad()
-        model.nll_and_backward(x)
-        optimizer.step()
+        train_step(model, optimizer, x)
     normal_state = optimizer.state_dict()
     tiny_state = {key: value * SCALE if "/" in key else value for key, value in normal_state.items()}
     states = dict.fromkeys(variants, normal_state) | {"subnormal Adam moments": tiny_state}
@@ -109,9 +108,7 @@ def nice_step_variants(s: Settings) -> dict:
         def call() -> None:
             fpmode.set_flush_denormals(flush)
             try:
-                model.zero_grad()
-                model.nll_and_backward(data[variant])
-                optimizer.step()
+                train_step(model, optimizer, data[variant])
             finally:
                 fpmode.set_flush_denormals(True)
 

@@ -15,9 +15,9 @@ One file, an ``.npz`` archive read with ``allow_pickle=False``, holds
 
     {"format": "nflow-checkpoint", "format_version": 1, "backend": "numpy",
      "model": {"dtype", "dim", "base", "flow"},           # as in model.json
-     "optimizer": {"kind": "adam", "lr", "betas", "eps", "weight_decay"},
+     "optimizer": {"kind": "adam", "lr", "betas", "eps", "weight_decay"},  # + "groups" if it has any
      "run": {"epochs", "batch_size", "seed", "patience", "clip_norm", "lr_schedule",
-             "train": {"shape", "dtype", "sha256"}, "val": {...} or null},
+             "train": {"shape", "dtype", "sha256"}, "val": {...} or null},   # + "time_limit" if set
      "state": {"epoch", "batch", "steps", "skipped", "epoch_loss", "epoch_batches", "rng",
                "best_val", "best_epoch", "history", "seconds", "finished", "stopped_early"},
      "arrays_sha256": "…", "metadata": {...}}
@@ -53,7 +53,7 @@ from nflow_np.files.safe import (
     read_file,
 )
 from nflow_np.model import FlowModel
-from nflow_np.optim import SGD, Adam, Optimizer
+from nflow_np.optim import SGD, Adam, Optimizer, RMSprop
 
 FORMAT = "nflow-checkpoint"
 FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ KEEP = 2
 _NAME = re.compile(r"checkpoint-(\d{9})\.npz")
 _TEMPORARY = re.compile(r"\.checkpoint-\d{9}\.npz\.[0-9a-f]+\.tmp")
 _META_KEYS = {"format", "format_version", "backend", "model", "optimizer", "run", "state", "arrays_sha256", "metadata"}
-_OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "sgd": SGD}
+_OPTIMIZERS: dict[str, type[Optimizer]] = {"adam": Adam, "sgd": SGD, "rmsprop": RMSprop}
 
 
 class CheckpointError(ModelFileError):
@@ -233,16 +233,20 @@ def optimizer_config(optimizer: Optimizer, lr: float) -> dict:
     Raises
     ------
     TypeError
-        An optimizer other than :class:`~nflow_np.optim.Adam` and :class:`~nflow_np.optim.SGD`.
+        An optimizer other than :class:`~nflow_np.optim.Adam`, :class:`~nflow_np.optim.SGD` and
+        :class:`~nflow_np.optim.RMSprop`.
     """
     if type(optimizer) is Adam:
         hyper = {"betas": [optimizer.beta1, optimizer.beta2], "eps": optimizer.eps}
     elif type(optimizer) is SGD:
         hyper = {"momentum": optimizer.momentum}
+    elif type(optimizer) is RMSprop:
+        hyper = {"alpha": optimizer.alpha, "eps": optimizer.eps, "momentum": optimizer.momentum}
     else:
-        raise TypeError(f"checkpoints know Adam and SGD, not {type(optimizer).__name__}")
-    kind = "adam" if type(optimizer) is Adam else "sgd"
-    return {"kind": kind, "lr": float(lr), **hyper, "weight_decay": optimizer.weight_decay}
+        raise TypeError(f"checkpoints know Adam, SGD and RMSprop, not {type(optimizer).__name__}")
+    kind = next(name for name, cls in _OPTIMIZERS.items() if type(optimizer) is cls)
+    groups = {"groups": optimizer.group_config()} if len(optimizer.groups) > 1 else {}  # absent: files before groups
+    return {"kind": kind, "lr": float(lr), **hyper, "weight_decay": optimizer.weight_decay} | groups
 
 
 def data_fingerprint(x: np.ndarray | None) -> dict | None:
@@ -430,17 +434,23 @@ def _build(data: bytes, path: Path, meta: dict, meta_shape: tuple) -> Checkpoint
     if not isinstance(optimizer.get("lr"), float | int) or not 0 < optimizer["lr"] < math.inf:
         raise CheckpointError(f"{where}: optimizer lr must be a positive number, got {optimizer.get('lr')!r}")
 
-    shapes = {name: value.shape for name, value, _ in model.named_parameters()}
+    shapes = {name: value.shape for name, value in model.named_state()}  # parameters and buffers
     expected: dict[str, tuple] = {"meta": (meta_shape, np.uint8)}
     for prefix in ("model", "best"):
         expected |= {f"{prefix}/{name}": (shape, dtype) for name, shape in shapes.items()}
     expected |= {"optimizer/step": ((), np.int64), "optimizer/lr": ((), np.float64)}
     for buffer in kind._buffers:
-        expected |= {f"optimizer/{buffer}/{name}": (shape, dtype) for name, shape in shapes.items()}
+        expected |= {f"optimizer/{buffer}/{name}": (value.shape, dtype) for name, value, _ in model.named_parameters()}
+    # files written while batch norm's running averages were parameters hold (unused) moments for them too
+    members = archive_members(data, path)
+    legacy = {f"optimizer/{b}/{n}": (value.shape, dtype) for b in kind._buffers for n, value in model.named_buffers()}
+    expected |= {key: spec for key, spec in legacy.items() if key in members}
     arrays = read_arrays(data, path, expected, "the model and optimizer it describes")
     del arrays["meta"]
     if _digest(arrays) != meta["arrays_sha256"]:
         raise CheckpointError(f"{where}: the arrays do not match their checksum; the file is damaged")
+    for key in legacy:
+        arrays.pop(key, None)
 
     model.load_state_dict({name: arrays[f"model/{name}"] for name in shapes})
     best = {name: arrays[f"best/{name}"] for name in shapes}

@@ -26,7 +26,7 @@ from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write, save_model
 from nflow_np.model import FlowModel
 from nflow_np.optim import Adam
 from nflow_np.provenance import provenance
-from nflow_np.train import TrainResult, evaluate_nll, fit
+from nflow_np.train import TrainResult, evaluate_nll, fit, train_step
 from nflow_np.validation import NonFiniteError
 
 INVERT_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
@@ -67,8 +67,7 @@ def compile_kernels(model: FlowModel, rows: np.ndarray, say: bool = True) -> flo
     start = time.perf_counter()
     scratch = copy.deepcopy(model)
     rows = np.zeros((8, model.dim), dtype=rows.dtype)  # harmless inputs: the data may hold a row that overflows
-    scratch.nll_and_backward(rows)
-    Adam(scratch, lr=1e-3).step()  # the fused optimizer kernel, where the backend has one
+    train_step(scratch, Adam(scratch, lr=1e-3), rows)  # with the fused optimizer kernel, where the backend has one
     scratch.log_prob(rows[:2])
     scratch.sample(2, np.random.default_rng(0))
     seconds = time.perf_counter() - start
@@ -196,6 +195,7 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         "train_seconds": result.seconds,
         "compile_seconds": compile_seconds,
         "stopped_early": result.stopped_early,
+        "stopped_by": result.stopped_by,
         "skipped_batches": result.skipped_batches,
         "resumed_from": result.resumed_from,
         "checkpoint": result.checkpoint,
@@ -223,6 +223,8 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
 def describe(summary: dict) -> str:
     """The one line ``nflow train`` prints after a toy run."""
     stopped = ", stopped early" if summary["stopped_early"] else ""
+    if summary.get("stopped_by") == "time_limit":
+        stopped += ", stopped by the time limit"
     if summary["skipped_batches"]:
         stopped += f", skipped {summary['skipped_batches']} non-finite batches"
     return (

@@ -256,7 +256,7 @@ def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Calla
     try:
         if _uninitialized(module):  # the start one process takes from this batch, taken from all of it
             states = [layer.rng.bit_generator.state for layer in drawing_layers(module)]
-            running = [{k: v.copy() for k, v in layer.params.items() if k.startswith("running_")}
+            running = [{k: v.copy() for k, v in layer.buffers.items() if k.startswith("running_")}
                        for layer in batch_norms(module)]
             loss_and_backward(batch)
             module.zero_grad()
@@ -264,7 +264,7 @@ def backward(comm: Any, module: Any, batch: np.ndarray, loss_and_backward: Calla
                 layer.rng.bit_generator.state = state  # the step below draws this batch's noise again
             for layer, saved in zip(batch_norms(module), running, strict=True):
                 for name, value in saved.items():  # ... and moves the running averages again
-                    layer.params[name][...] = value
+                    layer.buffers[name][...] = value
         if rows.shape[0]:
             add = partial(sum_in_rank_order, comm)
             with global_draws(module, n, mine), synced_batch_norms(add, module, rows.shape[0], n):

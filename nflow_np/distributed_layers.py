@@ -109,7 +109,7 @@ class SyncedMoments:
 
 def batch_norms(module: Any) -> list[Any]:
     """The layers that normalise by batch statistics (they carry a ``moments`` slot: BatchNorm)."""
-    return [layer for layer in module.modules() if hasattr(layer, "moments") and "running_mean" in layer.params]
+    return [layer for layer in module.modules() if hasattr(layer, "moments") and "running_mean" in layer.buffers]
 
 
 @contextlib.contextmanager

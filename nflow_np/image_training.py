@@ -2,17 +2,16 @@
 
 What ``nflow train --data digits|mnist --model nice|realnvp`` runs. :data:`IMAGE_RECIPES` holds the
 settings measured on a 2-core machine for each pair (``README.md#image-flows``); every one of them
-can be overridden. Training is :func:`nflow_np.train.fit`, one epoch per call with the same
-optimizer, so that a wall-clock budget (``time_limit``) can end it between epochs; the learning rate
-follows a cosine from ``lr`` to 0 over the epochs, or over the time budget when there is one, and
-the parameters with the best validation NLL are kept. NICE's final rescaling starts from a
-data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`).
+can be overridden. Training is one call of :func:`nflow_np.train.fit` whose end-of-epoch hook
+ends it between epochs when the next one would not fit the wall-clock budget (``time_limit``) and
+sets the learning rate of the next epoch, a cosine from ``lr`` to 0 over the epochs, or over the
+time budget when there is one; ``fit`` keeps the parameters with the best validation NLL. NICE's
+final rescaling starts from a data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from nflow_np.data.images import load_images
 from nflow_np.flows.normalization import batch_norms, recalibrate
 from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, initialize_rescale
 from nflow_np.optim import Adam
-from nflow_np.train import cosine_lr, evaluate_nll, fit
+from nflow_np.train import cosine_lr, fit
 
 IMAGE_RECIPES: dict[tuple[str, str], dict] = {
     # digits: 1,347 training images overfit within ~20-80 epochs; early stopping on the 150
@@ -120,10 +119,12 @@ def fit_for(
 ) -> dict:
     """Fit ``model`` for at most ``epochs`` epochs and ``time_limit`` seconds; keep the best validation NLL.
 
-    Each epoch is one call of :func:`~nflow_np.train.fit` with a shared Adam optimizer, at the
-    learning rate ``cosine_lr(lr, progress)`` where progress is the fraction of epochs (or of the
-    time budget) used so far. A new epoch starts only if the last one's duration still fits in the
-    budget, so the budget is never overrun by more than the evaluation at the end.
+    One :func:`~nflow_np.train.fit` call with an Adam optimizer and an end-of-epoch hook. Each
+    epoch runs at the learning rate ``cosine_lr(lr, progress)`` where progress is the fraction of
+    epochs (or of the time budget) used before it. The hook ends the run when the last epoch's
+    duration no longer fits in the budget, so the budget is never overrun by more than the
+    evaluation at the end (``fit``'s own ``time_limit``, which stops only after the epoch that
+    crosses it, is not used).
 
     After every epoch the batch norms' running averages are recalibrated on (up to
     ``calibration_rows``) training rows (:func:`~nflow_np.flows.normalization.recalibrate`) before
@@ -136,58 +137,43 @@ def fit_for(
     Returns
     -------
     dict
-        ``history`` (per epoch: ``epoch``, ``train_nll``, ``val_nll``, ``lr``, ``seconds``),
-        ``best_epoch``, ``best_val_nll``, ``epochs_run``, ``steps``, ``train_seconds``, ``stopped_by``.
+        ``history`` (per epoch: ``epoch``, ``train_nll``, ``val_nll``, ``lr``, ``seconds``, ...),
+        ``best_epoch``, ``best_val_nll``, ``epochs_run``, ``steps``, ``train_seconds``, ``stopped_by``
+        (``"epochs"``, ``"patience"`` or ``"time_limit"``).
     """
     optimizer = Adam(model, lr=lr, weight_decay=weight_decay)
     rows_train, rows_val = train.reshape(train.shape[0], -1), val.reshape(val.shape[0], -1)
     has_batch_norm = any(True for _ in batch_norms(model))
     calibration = rows_train[np.random.default_rng(seed).permutation(len(rows_train))[:calibration_rows]]
-    best_val, best_state, best_epoch, steps = math.inf, model.state_dict(), 0, 0
-    history: list[dict] = []
     start = time.perf_counter()
-    stopped_by = "epochs"
-    for epoch in range(1, epochs + 1):
-        elapsed = distributed.broadcast(comm, time.perf_counter() - start)  # one clock for every rank
-        if time_limit is not None and history and elapsed + history[-1]["epoch_seconds"] > time_limit:
-            stopped_by = "time_limit"
-            break
-        fraction = elapsed / time_limit if time_limit is not None else (epoch - 1) / epochs
-        optimizer.lr = cosine_lr(lr, int(1000 * fraction), 1000)
-        result = fit(
-            model,
-            rows_train,
-            None,
-            optimizer=optimizer,
-            epochs=1,
-            batch_size=batch_size,
-            seed=seed + epoch,
-            patience=None,
-            progress=progress,
-            comm=comm,
-        )
-        steps += result.steps
+    epoch_started = [0.0]  # seconds into the run (rank 0's clock) when the epoch began
+
+    def recalibrate_batch_norms(epoch: int) -> None:
         if has_batch_norm:
             recalibrate(model.flow, model.log_prob, calibration)
-        entry = result.history[0] | {"epoch": epoch, "lr": optimizer.lr, "step": steps}
-        entry["val_nll"] = evaluate_nll(model, rows_val, comm=comm)
-        entry["epoch_seconds"] = distributed.broadcast(comm, time.perf_counter() - start) - elapsed
-        entry["seconds"] = time.perf_counter() - start
-        history.append(entry)
+
+    def end_of_epoch(epoch: int, record: dict) -> bool:
+        elapsed = distributed.broadcast(comm, time.perf_counter() - start)  # one clock, so every rank stops alike
+        record["lr"], record["epoch_seconds"] = lr * optimizer.lr_scale, elapsed - epoch_started[0]
+        epoch_started[0] = elapsed
         if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
-            on_epoch(entry)
-        if entry["val_nll"] < best_val:
-            best_val, best_state, best_epoch = entry["val_nll"], model.state_dict(), epoch
-        if patience is not None and epoch - best_epoch >= patience:
-            stopped_by = "patience"
-            break
-    model.load_state_dict(best_state)
+            on_epoch(record)
+        if time_limit is not None and elapsed + record["epoch_seconds"] > time_limit:
+            return True  # the next epoch would not end within the budget
+        fraction = elapsed / time_limit if time_limit is not None else epoch / epochs
+        optimizer.lr_scale = cosine_lr(1.0, int(1000 * fraction), 1000)
+        return False
+
+    result = fit(model, rows_train, rows_val, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
+                 patience=patience, progress=progress, on_epoch_end=end_of_epoch,
+                 before_validation=recalibrate_batch_norms, comm=comm)
+    stopped_by = "time_limit" if result.stopped_by == "on_epoch_end" else result.stopped_by
     return {
-        "history": history,
-        "best_epoch": best_epoch,
-        "best_val_nll": best_val,
-        "epochs_run": len(history),
-        "steps": steps,
+        "history": result.history,
+        "best_epoch": result.best_epoch,
+        "best_val_nll": result.best_val_nll,
+        "epochs_run": len(result.history),
+        "steps": result.steps,
         "train_seconds": time.perf_counter() - start,
         "stopped_by": stopped_by,
     }

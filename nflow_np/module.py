@@ -2,8 +2,14 @@
 
 A :class:`Module` keeps its trainable arrays in ``params`` and their gradients, under the same
 names and with the same shapes, in ``grads``. Modules built from other modules list them in
-``children``. An optimizer walks :meth:`Module.named_parameters` and never needs to know which
+``children``. An optimizer walks :meth:`Module.trainable_parameters` and never needs to know which
 layer it is updating; saving a model is writing :meth:`Module.state_dict`.
+
+State that is not a parameter (batch norm's running averages) lives in its own slot,
+``buffers`` (:meth:`Module.register_buffer`): it is saved and loaded, moved and converted with the
+parameters, but it has no gradient, and optimizers and weight decay never see it. A parameter can
+be frozen (:meth:`Module.freeze`): it keeps its gradient slot, but optimizers, gradient clipping
+and weight decay skip it until :meth:`Module.unfreeze`.
 
 Gradients *accumulate*: every backward pass adds to ``grads`` until :meth:`Module.zero_grad`.
 
@@ -15,7 +21,8 @@ device arrays; :meth:`Module.load_state_dict` puts the values back on the module
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from fnmatch import fnmatchcase
 from types import ModuleType
 
 import numpy as np
@@ -57,6 +64,10 @@ class Module:
         Gradient of the loss w.r.t. each entry of ``params``; same keys, shapes, dtypes.
     children : dict[str, Module]
         Sub-modules, by name.
+    buffers : dict[str, numpy.ndarray]
+        Non-trainable state of this module (saved, never optimized), e.g. running averages.
+    frozen : set[str]
+        Names in ``params`` that optimizers skip (:meth:`freeze`).
     """
 
     cache_attributes: tuple[str, ...] = ()
@@ -66,6 +77,8 @@ class Module:
         self.params: dict[str, np.ndarray] = {}
         self.grads: dict[str, np.ndarray] = {}
         self.children: dict[str, Module] = {}
+        self.buffers: dict[str, np.ndarray] = {}
+        self.frozen: set[str] = set()
 
     def add_param(self, name: str, value: np.ndarray) -> np.ndarray:
         """Register ``value`` as parameter ``name`` with a zero gradient; return it."""
@@ -73,12 +86,87 @@ class Module:
         self.grads[name] = np.zeros_like(value)
         return value
 
+    def register_buffer(self, name: str, value: np.ndarray) -> np.ndarray:
+        """Register ``value`` as non-trainable state ``name`` (saved, moved, never optimized); return it."""
+        if name in self.params:
+            raise ValueError(f"{name!r} is already a parameter of {type(self).__name__}")
+        self.buffers[name] = value
+        return value
+
     def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """Yield ``(qualified_name, param, grad)`` for this module and all children, depth first."""
+        """Yield ``(qualified_name, param, grad)`` for this module and all children, depth first.
+
+        Frozen parameters included, buffers not (:meth:`named_buffers`).
+        """
         for name, value in self.params.items():
             yield prefix + name, value, self.grads[name]
         for child_name, child in self.children.items():
             yield from child.named_parameters(f"{prefix}{child_name}.")
+
+    def trainable_parameters(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """:meth:`named_parameters` without the frozen ones: what optimizers and clipping walk."""
+        for module, prefix in self._named_modules():
+            for name, value in module.params.items():
+                if name not in module.frozen:
+                    yield prefix + name, value, module.grads[name]
+
+    def named_buffers(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(qualified_name, buffer)`` for this module and all children, depth first."""
+        for module, path in self._named_modules(prefix):
+            for name, value in module.buffers.items():
+                yield path + name, value
+
+    def named_state(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(qualified_name, array)`` of every parameter and buffer: what :meth:`state_dict` saves.
+
+        Module by module, depth first, each module's parameters before its buffers (the order the
+        files written before buffers existed have, where the buffers were registered last).
+        """
+        for module, prefix in self._named_modules():
+            for name, value in (module.params | module.buffers).items():
+                yield prefix + name, value
+
+    def _named_modules(self, prefix: str = "") -> Iterator[tuple[Module, str]]:
+        """Yield ``(module, prefix of its qualified names)`` for this module and every one below it."""
+        yield self, prefix
+        for child_name, child in self.children.items():
+            yield from child._named_modules(f"{prefix}{child_name}.")
+
+    def freeze(self, *patterns: str) -> list[str]:
+        """Freeze the parameters whose qualified names match any of ``patterns``; return their names.
+
+        Patterns are shell-style (``fnmatch``: ``"flow.0.*"``, ``"*.scale"``); no pattern freezes every
+        parameter. A frozen parameter keeps its value and its gradient slot (the backward pass still
+        fills it), but optimizers, gradient clipping and weight decay skip it.
+
+        Raises
+        ------
+        ValueError
+            A pattern matches no parameter (nothing is frozen then).
+        """
+        return self._set_frozen(patterns, frozen=True)
+
+    def unfreeze(self, *patterns: str) -> list[str]:
+        """Undo :meth:`freeze` for the parameters matching ``patterns`` (none: every parameter)."""
+        return self._set_frozen(patterns, frozen=False)
+
+    def is_frozen(self, name: str) -> bool:
+        """Whether the parameter with qualified name ``name`` is frozen."""
+        for module, prefix in self._named_modules():
+            if name.startswith(prefix) and name[len(prefix) :] in module.params:
+                return name[len(prefix) :] in module.frozen
+        raise KeyError(f"no parameter named {name!r}")
+
+    def _set_frozen(self, patterns: Iterable[str], frozen: bool) -> list[str]:
+        patterns = tuple(patterns) or ("*",)
+        owners = [(module, prefix + name, name) for module, prefix in self._named_modules() for name in module.params]
+        unmatched = [p for p in patterns if not any(fnmatchcase(full, p) for _, full, _ in owners)]
+        if unmatched:
+            raise ValueError(f"no parameter matches {unmatched}; parameters: {[full for _, full, _ in owners]}")
+        chosen = [(module, full, name) for module, full, name in owners if any(fnmatchcase(full, p) for p in patterns)]
+        for module, _, name in chosen:
+            (module.frozen.add if frozen else module.frozen.discard)(name)
+        return [full for _, full, _ in chosen]
 
     def modules(self) -> Iterator[Module]:
         """Yield this module and every module below it, depth first."""
@@ -149,6 +237,8 @@ class Module:
             for name in module.params:
                 module.params[name] = _move(module.params[name], xp)
                 module.grads[name] = _move(module.grads[name], xp)
+            for name in module.buffers:
+                module.buffers[name] = _move(module.buffers[name], xp)
         self.free_caches()
         return self
 
@@ -164,17 +254,17 @@ class Module:
         return None
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Host NumPy copies of all parameters under their qualified names (on any device)."""
-        return {name: backend.to_host(value, copy=True) for name, value, _ in self.named_parameters()}
+        """Host NumPy copies of all parameters and buffers under their qualified names (on any device)."""
+        return {name: backend.to_host(value, copy=True) for name, value in self.named_state()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Copy ``state`` into the parameters, in place, after checking every name and shape.
+        """Copy ``state`` into the parameters and buffers, in place, after checking every name and shape.
 
         Nothing is written unless every entry matches, so a bad state never half-loads. ``state``
         holds host arrays (or arrays of the module's device); they are copied to the parameters'
         device.
         """
-        own = {name: value for name, value, _ in self.named_parameters()}
+        own = dict(self.named_state())
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
@@ -200,6 +290,8 @@ class Module:
         for name in self.params:
             self.params[name] = self.params[name].astype(dtype)
             self.grads[name] = self.grads[name].astype(dtype)
+        for name in self.buffers:
+            self.buffers[name] = self.buffers[name].astype(dtype)
 
     def __repr__(self) -> str:
         """``AffineCoupling(dim=2, law='affine', …; 4,420 parameters)``; a container lists its flows below it."""

@@ -1,11 +1,22 @@
-"""Optimizers written by hand: SGD with momentum and Adam, weight decay, global-norm clipping.
+"""Optimizers written by hand: SGD with momentum, Adam(W), RMSprop; weight decay, global-norm clipping.
 
-They walk :meth:`nflow_np.module.Module.named_parameters` and update the parameter arrays in
-place, so they work for any module. Their state (step count and moment estimates, keyed by the
-parameters' qualified names) is a flat ``dict[str, numpy.ndarray]`` that ``numpy.savez`` can store.
+They walk :meth:`nflow_np.module.Module.trainable_parameters` (frozen parameters and buffers are
+never touched) and update the parameter arrays in place, so they work for any module. Their state
+(step count and moment estimates, keyed by the parameters' qualified names) is a flat
+``dict[str, numpy.ndarray]`` that ``numpy.savez`` can store.
+
+**Parameter groups**: ``groups=[{"params": ["flow.0.*"], "lr": 1e-4, "weight_decay": 0.0}, ...]``
+gives the parameters whose qualified names match a group's shell-style patterns that group's
+learning rate and weight decay; every other parameter is in the default group, with the
+constructor's ``lr`` and ``weight_decay``. A schedule sets :attr:`Optimizer.lr_scale`, which
+multiplies every group's rate, so a cosine decay keeps the ratios between groups. Derivations:
+``docs/training.md``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -15,9 +26,9 @@ from nflow_np.module import Module
 
 
 def global_grad_norm(module: Module) -> float:
-    """``‖g‖₂`` over all gradients of ``module`` taken together."""
+    """``‖g‖₂`` over all gradients of the trainable (not frozen) parameters of ``module`` taken together."""
     total = 0.0
-    for _, _, grad in module.named_parameters():
+    for _, _, grad in module.trainable_parameters():
         total += float(np.vdot(grad, grad))
     return float(np.sqrt(total))
 
@@ -26,14 +37,14 @@ def clip_grad_norm(module: Module, max_norm: float) -> float:
     """Rescale all gradients in place so their global norm is at most ``max_norm``.
 
     ``g ← g · min(1, max_norm / ‖g‖)``: the direction of the step is kept, only its length is
-    capped. Returns the norm before clipping.
+    capped. Frozen parameters are left out (their gradients are not used). Returns the norm before clipping.
     """
     if not max_norm > 0:
         raise ValueError(f"max_norm must be positive, got {max_norm}")
     norm = global_grad_norm(module)
     if norm > max_norm:
         factor = max_norm / norm
-        for _, _, grad in module.named_parameters():
+        for _, _, grad in module.trainable_parameters():
             grad *= grad.dtype.type(factor)
     return norm
 
@@ -82,37 +93,128 @@ def adam_update(
     param -= param.dtype.type(step_size) * (m / denominator)
 
 
+def rmsprop_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    mean_square: np.ndarray,
+    velocity: np.ndarray,
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    momentum: float,
+    weight_decay: float,
+) -> None:
+    """One RMSprop update of ``param``, ``mean_square`` and ``velocity`` in place (``docs/training.md#rmsprop``).
+
+    ``g ← g + λθ``;  ``s ← αs + (1 − α)g²``;  ``b ← μb + g / (√s + ε)``;  ``θ ← θ − η b``
+    (``μ = 0``: ``θ ← θ − η g / (√s + ε)``; ``velocity`` is then left at zero).
+
+    Parameters
+    ----------
+    param, grad, mean_square, velocity : arrays of one shape and dtype
+    lr, alpha, eps, momentum, weight_decay : float
+        ``η``, ``α``, ``ε``, ``μ``, ``λ``.
+    """
+    g = grad + param.dtype.type(weight_decay) * param if weight_decay else grad
+    mean_square *= alpha
+    mean_square += (1 - alpha) * (g * g)
+    direction = g / (np.sqrt(mean_square) + eps)
+    if momentum:
+        velocity *= momentum
+        velocity += direction
+        direction = velocity
+    param -= param.dtype.type(lr) * direction
+
+
 class Optimizer:
-    """Common state handling: the step counter, per-parameter buffers, save and restore."""
+    """Common state handling: parameter groups, the step counter, per-parameter buffers, save and restore.
+
+    Parameters
+    ----------
+    module : Module
+    lr : float
+        Learning rate of the default group.
+    weight_decay : float
+        Weight decay of the default group.
+    groups : sequence of mapping, optional
+        ``{"params": pattern or patterns, "lr": float, "weight_decay": float}`` (``lr`` and
+        ``weight_decay`` optional: the default group's). Patterns are shell-style over qualified
+        parameter names (``"flow.0.*"``, ``"*.scale"``); each must match a parameter, and no
+        parameter may be in two groups.
+
+    Attributes
+    ----------
+    groups : list of dict
+        ``{"params": patterns, "names": qualified names, "lr", "weight_decay"}``; ``groups[0]`` is the
+        default group (the parameters no other group takes).
+    lr_scale : float
+        Factor on every group's learning rate, set by a schedule (1: none).
+    """
 
     _buffers: tuple[str, ...] = ()
 
-    def __init__(self, module: Module, lr: float, weight_decay: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"learning rate must be positive, got {lr}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be non-negative, got {weight_decay}")
+    def __init__(
+        self, module: Module, lr: float, weight_decay: float, groups: Sequence[Mapping] | None = None
+    ) -> None:
         self.module = module
-        self.lr = float(lr)
-        self.weight_decay = float(weight_decay)
+        names = [name for name, _, _ in module.named_parameters()]
+        self.groups = [{"params": ("*",), "names": [], "lr": float(lr), "weight_decay": float(weight_decay)}]
+        self.groups += [_group(spec, names, lr, weight_decay, k + 1) for k, spec in enumerate(groups or ())]
+        for group in self.groups:
+            if not group["lr"] > 0:
+                raise ValueError(f"learning rate must be positive, got {group['lr']}")
+            if group["weight_decay"] < 0:
+                raise ValueError(f"weight_decay must be non-negative, got {group['weight_decay']}")
+        owner: dict[str, int] = {}
+        for k, group in enumerate(self.groups[1:], 1):
+            for name in group["names"]:
+                if name in owner:
+                    raise ValueError(f"parameter {name!r} is in groups {owner[name]} and {k}")
+                owner[name] = k
+        self.groups[0]["names"] = [name for name in names if name not in owner]
+        self.lr_scale = 1.0
         self.step_count = 0
         self.state: dict[str, dict[str, np.ndarray]] = {
             buffer: {name: np.zeros_like(value) for name, value, _ in module.named_parameters()}
             for buffer in self._buffers
         }
 
-    def step(self) -> None:
-        """Apply one update using the gradients currently in ``grads``."""
-        self.step_count += 1
-        with threads.compute("train"):  # thread plan and flush-to-zero (Adam's moments underflow)
-            for name, param, grad in self.module.named_parameters():
-                self._update(name, param, grad)
+    @property
+    def lr(self) -> float:
+        """The default group's learning rate (what the constructor's ``lr`` set)."""
+        return self.groups[0]["lr"]
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self.groups[0]["lr"] = float(value)
+
+    @property
+    def weight_decay(self) -> float:
+        """The default group's weight decay."""
+        return self.groups[0]["weight_decay"]
+
+    def step(self) -> None:
+        """Apply one update using the gradients currently in ``grads`` (frozen parameters skipped)."""
+        self.step_count += 1
+        trainable = {name: (param, grad) for name, param, grad in self.module.trainable_parameters()}
+        with threads.compute("train"):  # thread plan and flush-to-zero (Adam's moments underflow)
+            for group in self.groups:
+                lr = group["lr"] * self.lr_scale
+                for name in group["names"]:
+                    if name in trainable:
+                        self._update(name, *trainable[name], lr, group["weight_decay"])
+
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
         raise NotImplementedError
 
+    def group_config(self) -> list[dict]:
+        """The groups other than the default one, JSON-ready: ``params`` (patterns), ``lr``, ``weight_decay``."""
+        return [{key: list(g[key]) if key == "params" else g[key] for key in ("params", "lr", "weight_decay")}
+                for g in self.groups[1:]]
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Flat copy of the state: ``"step"`` and ``"<buffer>/<parameter name>"`` arrays."""
+        """Flat copy of the state: ``"step"``, ``"lr"`` and ``"<buffer>/<parameter name>"`` arrays."""
         flat = {"step": np.array(self.step_count, dtype=np.int64), "lr": np.array(self.lr)}
         for buffer, arrays in self.state.items():
             for name, value in arrays.items():
@@ -136,6 +238,25 @@ class Optimizer:
                 value[...] = array_module(value).asarray(flat[f"{buffer}/{name}"])
 
 
+def _group(spec: Mapping, names: list[str], lr: float, weight_decay: float, index: int) -> dict:
+    """Check one entry of ``groups`` and resolve its patterns to the parameter names they match."""
+    unknown = sorted(set(spec) - {"params", "lr", "weight_decay"})
+    if unknown or "params" not in spec:
+        raise ValueError(f"group {index} must have 'params' and may have 'lr', 'weight_decay'; got {sorted(spec)}")
+    patterns = (spec["params"],) if isinstance(spec["params"], str) else tuple(spec["params"])
+    if not patterns or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"group {index}: params must be a name pattern or a list of them, got {spec['params']!r}")
+    unmatched = [p for p in patterns if not any(fnmatchcase(name, p) for name in names)]
+    if unmatched:
+        raise ValueError(f"group {index}: no parameter matches {unmatched}; parameters: {names}")
+    return {
+        "params": patterns,
+        "names": [name for name in names if any(fnmatchcase(name, p) for p in patterns)],
+        "lr": float(spec.get("lr", lr)),
+        "weight_decay": float(spec.get("weight_decay", weight_decay)),
+    }
+
+
 class SGD(Optimizer):
     """SGD with (heavy-ball) momentum and L2 weight decay.
 
@@ -150,22 +271,31 @@ class SGD(Optimizer):
         ``μ`` in [0, 1).
     weight_decay : float
         ``λ ≥ 0``.
+    groups : sequence of mapping, optional
+        Parameter groups with their own ``lr`` / ``weight_decay`` (:class:`Optimizer`).
     """
 
     _buffers = ("velocity",)
 
-    def __init__(self, module: Module, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0) -> None:
+    def __init__(
+        self,
+        module: Module,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        groups: Sequence[Mapping] | None = None,
+    ) -> None:
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
-        super().__init__(module, lr, weight_decay)
+        super().__init__(module, lr, weight_decay, groups)
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
-        g = grad + self.weight_decay * param if self.weight_decay else grad
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+        g = grad + weight_decay * param if weight_decay else grad
         velocity = self.state["velocity"][name]
         velocity *= self.momentum
         velocity += g
-        param -= param.dtype.type(self.lr) * velocity
+        param -= param.dtype.type(lr) * velocity
 
 
 class Adam(Optimizer):
@@ -187,6 +317,8 @@ class Adam(Optimizer):
         ``ε``, keeps the step finite where ``v ≈ 0``.
     weight_decay : float
         ``λ ≥ 0``.
+    groups : sequence of mapping, optional
+        Parameter groups with their own ``lr`` / ``weight_decay`` (:class:`Optimizer`).
     """
 
     _buffers = ("m", "v")
@@ -198,6 +330,7 @@ class Adam(Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        groups: Sequence[Mapping] | None = None,
     ) -> None:
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
@@ -205,9 +338,9 @@ class Adam(Optimizer):
             raise ValueError(f"eps must be positive, got {eps}")
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
-        super().__init__(module, lr, weight_decay)
+        super().__init__(module, lr, weight_decay, groups)
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray) -> None:
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
         t = self.step_count
         backend.fused("adam_update", adam_update)(
             param,
@@ -217,7 +350,68 @@ class Adam(Optimizer):
             beta1=self.beta1,
             beta2=self.beta2,
             eps=self.eps,
-            step_size=self.lr / (1 - self.beta1**t),
+            step_size=lr / (1 - self.beta1**t),
             bias2=1 - self.beta2**t,
-            decay=1 - self.lr * self.weight_decay,
+            decay=1 - lr * weight_decay,
+        )
+
+
+class RMSprop(Optimizer):
+    """RMSprop (Tieleman & Hinton 2012), the optimiser of Rezende & Mohamed's VI paper; optional momentum.
+
+    Each coordinate's step is divided by a running root mean square of its gradients
+    (``docs/training.md#rmsprop`` derives it):
+    ``g ← g + λθ``;  ``s ← αs + (1 − α)g²``;  ``b ← μb + g / (√s + ε)``;  ``θ ← θ − η b``.
+    With ``μ = 0``: ``θ ← θ − η g / (√s + ε)``. No bias correction: ``s`` starts at 0, so the first
+    steps are larger than ``η`` (by ``1/√(1 − α)`` at the first), as in the original and in PyTorch.
+
+    Parameters
+    ----------
+    module : Module
+    lr : float
+        ``η``.
+    alpha : float
+        ``α`` in [0, 1): decay of the running mean of ``g²``.
+    eps : float
+        ``ε > 0``, added to ``√s``.
+    momentum : float
+        ``μ`` in [0, 1).
+    weight_decay : float
+        ``λ ≥ 0``, L2 (added to the gradient, as in SGD).
+    groups : sequence of mapping, optional
+        Parameter groups with their own ``lr`` / ``weight_decay`` (:class:`Optimizer`).
+    """
+
+    _buffers = ("mean_square", "velocity")
+
+    def __init__(
+        self,
+        module: Module,
+        lr: float = 1e-3,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        groups: Sequence[Mapping] | None = None,
+    ) -> None:
+        if not 0 <= alpha < 1:
+            raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.alpha, self.eps, self.momentum = float(alpha), float(eps), float(momentum)
+        super().__init__(module, lr, weight_decay, groups)
+
+    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+        rmsprop_update(
+            param,
+            grad,
+            self.state["mean_square"][name],
+            self.state["velocity"][name],
+            lr=lr,
+            alpha=self.alpha,
+            eps=self.eps,
+            momentum=self.momentum,
+            weight_decay=weight_decay,
         )

@@ -1,8 +1,12 @@
-"""Maximum-likelihood training: minibatch Adam/SGD on the mean NLL, validation, early stopping.
+"""Maximum-likelihood training: one training step, and minibatch epochs with validation and early stopping.
 
 ``θ* = argmax_θ Σ_n log p(x_n | θ)`` (the lecture's MLE problem), approximated by stochastic
-gradient steps on minibatches; after every epoch the validation NLL decides which parameters are
-kept (the best seen) and whether to stop (no improvement for ``patience`` epochs).
+gradient steps on minibatches. :func:`train_step` is the one step (zero the gradients; the loss
+and its backward pass; clip; update) that every training loop of the library calls: :func:`fit`,
+:func:`nflow_np.vi.fit_vi`, the image trainer and the benchmarks. After every epoch :func:`fit`
+measures the validation NLL, which decides which parameters are kept (the best seen) and whether
+to stop (no improvement for ``patience`` epochs, the ``time_limit`` crossed, or ``on_epoch_end``
+says so). Derivations: ``docs/training.md``.
 
 Reliability (README, "Reliability"): the data are checked before the first step; a run can write
 checkpoints and be resumed from them, reproducing the uninterrupted run bit for bit (its whole
@@ -20,7 +24,7 @@ import json
 import math
 import os
 import time
-import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,25 +33,94 @@ from tqdm.auto import tqdm
 
 from nflow_np import backend, distributed
 from nflow_np.checkpoint import (
-    CheckpointError,
     TrainState,
     data_fingerprint,
-    latest_checkpoint,
     list_checkpoints,
     optimizer_config,
     remove_temporary_files,
     run_config,
     save_checkpoint,
-    set_aside,
 )
 from nflow_np.io import describe_model
 from nflow_np.model import FlowModel
+from nflow_np.module import Module
 from nflow_np.optim import Adam, Optimizer, clip_grad_norm, global_grad_norm
-from nflow_np.validation import NonFiniteError, check_data
+from nflow_np.train_guards import check_arguments, check_same_device, divergence_hint, resume_run
+from nflow_np.validation import NonFiniteError
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or Inf; the model holds the best parameters seen so far."""
+    """The training loss or its gradient became NaN or Inf.
+
+    Raised by :func:`train_step` before the update (the parameters are those before the step, its
+    ``loss`` and ``norm`` attributes say which was not finite; ``None`` where the error was raised
+    elsewhere, e.g. by a VI target); :func:`fit` then restores the best parameters seen so far.
+    """
+
+    def __init__(self, message: str, loss: float | None = None, norm: float | None = None) -> None:
+        super().__init__(message)
+        self.loss, self.norm = loss, norm
+
+
+def train_step(
+    model: Module,
+    optimizer: Optimizer,
+    batch: np.ndarray,
+    *,
+    clip: float | None = None,
+    loss_and_backward: Callable[[np.ndarray], float] | None = None,
+    reduce_gradients: Callable[[Module], None] | None = None,
+) -> float:
+    """One optimizer step on ``batch``; return the loss before the step.
+
+    1. ``model.zero_grad()``;
+    2. the loss and its gradient: the mean NLL ``model.nll_and_backward(batch)``
+       (``docs/model.md#gradient-of-the-loss``), or ``loss_and_backward(batch)`` for another loss
+       (VI's free energy), which must add its gradient to ``grads`` the same way;
+    3. ``reduce_gradients(model)``, if given: the one place between backward and update where the
+       gradients of this batch are final, e.g. where a data-parallel run all-reduces (averages) them
+       across workers, so that clipping and the update below see the global gradient (leaving the
+       same gradients on every worker keeps the workers' parameters, and their NaN checks, in step);
+    4. the global gradient norm, clipped to ``clip`` if given (:func:`~nflow_np.optim.clip_grad_norm`);
+       a non-finite loss or norm raises before anything is updated;
+    5. ``optimizer.step()``.
+
+    Parameters
+    ----------
+    model : Module
+        A :class:`~nflow_np.model.FlowModel`, or any module when ``loss_and_backward`` is given.
+    optimizer : Optimizer
+    batch : numpy.ndarray, shape (N, D)
+        Rows of data (or base draws for VI), in the model's dtype.
+    clip : float, optional
+        Maximum global gradient norm.
+    loss_and_backward : callable, optional
+        ``batch -> float``; default ``model.nll_and_backward``.
+    reduce_gradients : callable, optional
+        ``model -> None``, called on the accumulated gradients before clipping and the update.
+
+    Returns
+    -------
+    float
+        The loss at the parameters before the step.
+
+    Raises
+    ------
+    NonFiniteLossError
+        The loss or the gradient norm is NaN/Inf; the parameters are untouched.
+    """
+    model.zero_grad()
+    # overflow is checked for explicitly just below, so NumPy's warnings would only be noise
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        loss = (model.nll_and_backward if loss_and_backward is None else loss_and_backward)(batch)
+        if reduce_gradients is not None:
+            reduce_gradients(model)
+        # the norm is needed anyway to catch a NaN/Inf gradient before it reaches the parameters
+        norm = clip_grad_norm(model, clip) if clip else global_grad_norm(model)
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFiniteLossError(f"non-finite loss ({loss}) or gradient norm ({norm})", loss, norm)
+    optimizer.step()
+    return loss
 
 
 @dataclass
@@ -59,7 +132,8 @@ class TrainResult:
     history : list of dict
         One entry per epoch: ``epoch``, ``step``, ``train_nll`` (mean over the epoch's stepped
         batches), ``val_nll`` (``None`` without validation data), ``skipped`` (batches skipped in
-        the epoch), ``seconds`` since the start.
+        the epoch), ``seconds`` since the start; the last entry also ``stopped_by``, and whatever
+        ``on_epoch_end`` added.
     best_val_nll : float or None
         Validation NLL of the parameters the model holds at the end.
     best_epoch : int
@@ -70,6 +144,8 @@ class TrainResult:
         Training time of the whole fit (across resumes).
     stopped_early : bool
         Whether patience ran out before ``epochs``.
+    stopped_by : str
+        What ended the run: ``"epochs"``, ``"patience"``, ``"time_limit"`` or ``"on_epoch_end"``.
     skipped_batches : int
         Batches skipped because their loss or gradient was not finite (``skip_nonfinite``).
     resumed_from : pathlib.Path or None
@@ -84,6 +160,7 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    stopped_by: str = "epochs"
     skipped_batches: int = 0
     resumed_from: Path | None = None
     checkpoint: Path | None = None
@@ -125,6 +202,9 @@ def fit(
     progress: bool = True,
     memory: str | None = None,
     comm: object = None,
+    time_limit: float | None = None,
+    on_epoch_end: Callable[[int, dict], bool | None] | None = None,
+    before_validation: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Fit ``model`` to the rows of ``train`` by minibatch maximum likelihood.
 
@@ -141,7 +221,8 @@ def fit(
         Validation data; without it the last parameters are kept and there is no early stop.
     optimizer : Optimizer, optional
         Default: ``Adam(model, lr=1e-3)``. Built after the model was moved (its state must be on
-        the parameters' device).
+        the parameters' device). Any of :mod:`nflow_np.optim` (with parameter groups, frozen
+        parameters skipped); checkpoints know Adam, SGD and RMSprop.
     epochs : int
         Maximum number of passes over ``train``.
     batch_size : int
@@ -154,7 +235,8 @@ def fit(
     clip_norm : float, optional
         Clip the global gradient norm to this value before every step.
     lr_schedule : {"constant", "cosine"}
-        ``cosine`` decays the learning rate to 0 over ``epochs`` (see :func:`cosine_lr`).
+        ``cosine`` decays every parameter group's learning rate to 0 over ``epochs`` (see
+        :func:`cosine_lr`), through the optimizer's ``lr_scale``.
     skip_nonfinite : bool
         Skip (and count) a batch whose loss or gradient is NaN/Inf instead of stopping.
     checkpoint_dir : str or os.PathLike, optional
@@ -181,6 +263,17 @@ def fit(
         validation set, the gradients are summed in rank order, and every rank takes the same step.
         Only rank 0 shows progress and writes checkpoints; every rank reads them on ``resume``, at any
         number of ranks. ``"auto"``: ``MPI.COMM_WORLD`` under ``mpiexec -n P > 1``, else one process.
+    time_limit : float, optional
+        Seconds of training (across resumes); the run stops after the epoch that crosses it
+        (``stopped_by == "time_limit"``), so it overruns by at most one epoch.
+    on_epoch_end : callable, optional
+        ``on_epoch_end(epoch, record) -> bool | None``, called after every epoch with its history
+        entry (which it may extend, e.g. with the learning rate it used, or change the optimizer's
+        ``lr_scale`` for the next epoch); returning ``True`` ends the run (``stopped_by ==
+        "on_epoch_end"``).
+    before_validation : callable, optional
+        ``before_validation(epoch)``, called at the end of every epoch before the validation NLL is
+        measured (the image trainer recalibrates its batch norms there).
 
     Returns
     -------
@@ -197,27 +290,19 @@ def fit(
         no checkpoint is written, so the last one stays the last good one.
     """
     comm = distributed.resolve(comm)
-    dtype = model.dtype
-    train = check_data(train, "train", model.dim, dtype)
-    if val is not None:
-        val = check_data(val, "val", model.dim, dtype)
-    if isinstance(batch_size, bool) or not 1 <= batch_size <= train.shape[0]:
-        raise ValueError(
-            f"batch_size must be between 1 and the {train.shape[0]} training rows, got {batch_size}"
-            + (" (the batch is larger than the data)" if batch_size > train.shape[0] else "")
-        )
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-    if checkpoint_every < 0 or ((checkpoint_every or resume) and checkpoint_dir is None):
-        raise ValueError("checkpoint_every (>= 0) and resume need checkpoint_dir")
+    train, val = check_arguments(model, train, val, epochs, batch_size, lr_schedule, checkpoint_dir,
+                                  checkpoint_every, resume, time_limit)
     if memory is not None:
         model.set_memory(memory)
     optimizer = Adam(model, lr=1e-3) if optimizer is None else optimizer
-    _check_same_device(model, optimizer)
-    base_lr = optimizer.lr
+    check_same_device(model, optimizer)
+    base_lr, base_scale = optimizer.lr, optimizer.lr_scale
     steps_per_epoch = train.shape[0] // batch_size
+
+    def step_loss(batch: np.ndarray) -> float:
+        """The NLL and its gradient of ``batch``, data-parallel over ``comm``'s ranks (one process: unchanged)."""
+        return distributed.backward(comm, model, batch, model.nll_and_backward)
+
     total_steps = epochs * steps_per_epoch
 
     result = TrainResult()
@@ -229,21 +314,15 @@ def fit(
         describe_model(model)
         optimizer_config(optimizer, base_lr)
         json.dumps(metadata, allow_nan=False)
-        run = run_config(
-            epochs=epochs,
-            batch_size=batch_size,
-            seed=seed,
-            patience=patience,
-            clip_norm=clip_norm,
-            lr_schedule=lr_schedule,
-            train=data_fingerprint(train),
-            val=data_fingerprint(val),
-        )
+        run = run_config(epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, clip_norm=clip_norm,
+                         lr_schedule=lr_schedule, train=data_fingerprint(train), val=data_fingerprint(val))
+        if time_limit is not None:  # absent otherwise, as in the checkpoints written before it existed
+            run["time_limit"] = float(time_limit)
         if resume:  # rank 0 first: it sets damaged checkpoints aside before the others read
             state, result.resumed_from = distributed.root_first(
-                comm, lambda: _resume(checkpoint_dir, model, optimizer, run, steps_per_epoch)
+                comm, lambda: resume_run(checkpoint_dir, model, optimizer, run, steps_per_epoch)
             )
-            optimizer.lr = base_lr  # the state holds the scheduled rate of its step; the loop sets it again
+            optimizer.lr = base_lr  # older files hold the scheduled rate of their step; the loop sets it again
             rng.bit_generator.state = state.rng
         elif list_checkpoints(checkpoint_dir):
             raise ValueError(
@@ -252,8 +331,7 @@ def fit(
         distributed.on_root(comm, lambda: remove_temporary_files(checkpoint_dir))  # left by a killed writer
 
     def diverged(what: str) -> NonFiniteLossError:
-        last_good = result.checkpoint or result.resumed_from
-        hint = _divergence_hint(model, optimizer, last_good)  # judged from the parameters that diverged
+        hint = divergence_hint(model, optimizer, result.checkpoint or result.resumed_from)  # from the bad parameters
         model.load_state_dict(state.best_params)
         return NonFiniteLossError(f"{what}; {hint}")
 
@@ -272,24 +350,17 @@ def fit(
             order = rng.permutation(train.shape[0])
             for i in range(state.batch, steps_per_epoch):
                 if lr_schedule == "cosine":
-                    optimizer.lr = cosine_lr(base_lr, state.steps, total_steps)
-                batch = train[order[i * batch_size : (i + 1) * batch_size]]
-                model.zero_grad()
-                # overflow is checked for explicitly just below, so NumPy's warnings would only be noise
-                with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                    loss = distributed.backward(comm, model, batch, model.nll_and_backward)
-                    # the norm is needed anyway to catch a NaN/Inf gradient before it reaches the parameters
-                    norm = clip_grad_norm(model, clip_norm) if clip_norm else global_grad_norm(model)
+                    optimizer.lr_scale = cosine_lr(base_scale, state.steps, total_steps)
                 state.batch = i + 1
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                try:
+                    loss = train_step(model, optimizer, train[order[i * batch_size : (i + 1) * batch_size]],
+                                      clip=clip_norm, loss_and_backward=step_loss)
+                except NonFiniteLossError as error:
                     if not skip_nonfinite:
-                        raise diverged(
-                            f"non-finite loss ({loss}) or gradient norm ({norm}) at epoch {state.epoch}, "
-                            f"batch {i + 1}, step {state.steps + 1}"
-                        )
+                        where = f"at epoch {state.epoch}, batch {i + 1}, step {state.steps + 1}"
+                        raise diverged(f"{error} {where}") from None
                     state.skipped += 1
                     continue
-                optimizer.step()
                 state.steps += 1
                 state.epoch_loss += loss
                 state.epoch_batches += 1
@@ -299,17 +370,21 @@ def fit(
                     checkpoint()
             if state.epoch_batches == 0:
                 raise diverged(f"every batch of epoch {state.epoch} had a non-finite loss or gradient")
+            if before_validation is not None:
+                before_validation(state.epoch)
             try:
                 entry = _end_epoch(model, val, state, epochs, patience, start, comm)
             except NonFiniteError as error:
                 raise diverged(f"the validation NLL after epoch {state.epoch} is not finite ({error})") from error
+            entry["seconds"] = distributed.broadcast(comm, entry["seconds"])  # rank 0's clock: every rank stops alike
+            _stop_if_asked(entry, state, time_limit, on_epoch_end)
             shown = "-" if entry["val_nll"] is None else f"{entry['val_nll']:.4f}"
             bar.set_description(f"epoch {entry['epoch']} val {shown}")
         if checkpoint_dir is not None:
             checkpoint()  # the finished run, so resuming it after a crash in what follows returns at once
     finally:
         bar.close()
-        optimizer.lr = base_lr
+        optimizer.lr, optimizer.lr_scale = base_lr, base_scale
     model.load_state_dict(state.best_params)
     result.history = state.history
     result.best_val_nll = state.best_val if val is not None else None
@@ -317,21 +392,9 @@ def fit(
     result.steps = state.steps
     result.skipped_batches = state.skipped
     result.stopped_early = state.stopped_early
+    result.stopped_by = state.history[-1].get("stopped_by", "epochs") if state.history else "epochs"
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _check_same_device(model: FlowModel, optimizer: Optimizer) -> None:
-    """Refuse an optimizer whose state is not on the model's device (built before ``to_device``)."""
-    xp = model.array_module
-    for arrays in optimizer.state.values():
-        for name, value in arrays.items():
-            where = backend.array_module(value)
-            if where is not xp:
-                raise ValueError(
-                    f"the optimizer's state for {name!r} is a {where.__name__} array but the model's parameters are "
-                    f"{xp.__name__} arrays: build the optimizer after moving the model (model.to_device())"
-                )
 
 
 def _end_epoch(
@@ -365,78 +428,19 @@ def _end_epoch(
     state.history.append(entry)
     if patience is not None and val is not None and state.epoch - state.best_epoch >= patience:
         state.stopped_early = True
+        entry["stopped_by"] = "patience"
+    elif state.epoch >= epochs:
+        entry["stopped_by"] = "epochs"
     state.finished = state.stopped_early or state.epoch >= epochs
     state.epoch, state.batch, state.epoch_loss, state.epoch_batches = state.epoch + 1, 0, 0.0, 0
     return entry
 
 
-RESUME_MAY_CHANGE = ("epochs", "patience")
-"""What a resumed run may change: how long it trains (the cosine schedule then follows the new length)."""
-
-
-def _resume(
-    directory: str | os.PathLike, model: FlowModel, optimizer: Optimizer, run: dict, steps_per_epoch: int
-) -> tuple[TrainState, Path]:
-    """Load the newest good checkpoint into ``model`` and ``optimizer`` after checking it belongs to this run.
-
-    Nothing is written (to the model, the optimizer or the folder) unless every check passes; then
-    damaged checkpoints newer than the one used are renamed ``damaged-…`` so they are not tried again.
-    """
-    checkpoint, skipped = latest_checkpoint(directory)
-    differences = []
-    for key in sorted(set(run) | set(checkpoint.run)):
-        ours, theirs = run.get(key), checkpoint.run.get(key)
-        if ours != theirs and key not in RESUME_MAY_CHANGE:
-            what = "the data differ" if key in ("train", "val") else f"it has {theirs!r}, this run {ours!r}"
-            differences.append(f"{key}: {what}")
-    if differences:
-        raise ValueError(
-            f"cannot resume from {checkpoint.path}: it belongs to another run ({'; '.join(differences)}); "
-            "a resumed run must repeat the arguments it was started with"
-        )
-    state = checkpoint.state
-    recorded_epochs = checkpoint.run.get("epochs", run["epochs"])
-    beyond = state.epoch > recorded_epochs + 1 or (state.epoch > recorded_epochs and not state.finished)
-    if state.rng is None or state.batch > steps_per_epoch or state.best_epoch >= state.epoch or beyond:
-        raise CheckpointError(f"{checkpoint.path}: its training position is inconsistent")
-    if any(run.get(key) != checkpoint.run.get(key) for key in RESUME_MAY_CHANGE):  # a longer or shorter run
-        completed, patience = state.epoch - 1, run["patience"]
-        with_val = run.get("val") is not None
-        state.stopped_early = patience is not None and with_val and completed - state.best_epoch >= patience
-        state.finished = state.stopped_early or completed >= run["epochs"]
-    checkpoint.restore(model, optimizer)
-    if checkpoint.backend != backend.get_backend():
-        warnings.warn(
-            f"{checkpoint.path} was computed with the {checkpoint.backend!r} backend, this run uses "
-            f"{backend.get_backend()!r}: the result will not be bit for bit the uninterrupted run's",
-            stacklevel=3,
-        )
-    for message in skipped:
-        warnings.warn(f"passed over a damaged checkpoint: {message}", stacklevel=3)
-    for path in list_checkpoints(directory):
-        if path.name > checkpoint.path.name:
-            set_aside(path)
-    return state, checkpoint.path
-
-
-def _divergence_hint(model: FlowModel, optimizer: Optimizer, checkpoint: Path | None) -> str:
-    """What is kept after a non-finite loss, and its likely causes judged from the parameters."""
-    kept = "the model holds the best parameters seen so far"
-    if checkpoint is not None:
-        kept += f" and the last good checkpoint {checkpoint} is untouched"
-    causes = [f"a learning rate ({optimizer.lr:g}) too high for this model: lower it or clip gradients (clip_norm)"]
-    bad = [name for name, value, _ in model.named_parameters() if not np.isfinite(value).all()]
-    if bad:
-        causes.insert(0, f"parameter {bad[0]} is not finite (check how the model was built or loaded)")
-    bounds = [float(np.abs(value).max()) for name, value, _ in model.named_parameters() if name.endswith("scale")]
-    finite_bounds = [bound for bound in bounds if math.isfinite(bound)]
-    if finite_bounds:
-        largest = max(finite_bounds)
-        causes.append(
-            f"a scale bound grown large (the largest |scale| or |log_scale| is {largest:.3g}, a stretch of up to "
-            f"e^{largest:.3g} per layer): rescale the data or lower the learning rate"
-        )
-    return (
-        f"{kept}. Likely causes: {'; '.join(causes)}. "
-        "To skip such batches instead, pass skip_nonfinite=True (nflow train --skip-nonfinite)."
-    )
+def _stop_if_asked(
+    entry: dict, state: TrainState, time_limit: float | None, on_epoch_end: Callable[[int, dict], bool | None] | None
+) -> None:
+    """End the run after the epoch of ``entry`` if ``on_epoch_end`` returns True or the time limit is crossed."""
+    if on_epoch_end is not None and on_epoch_end(entry["epoch"], entry) is True and not state.finished:
+        state.finished, entry["stopped_by"] = True, "on_epoch_end"
+    if time_limit is not None and entry["seconds"] >= time_limit and not state.finished:
+        state.finished, entry["stopped_by"] = True, "time_limit"

@@ -49,10 +49,10 @@ from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling
 from nflow_np.flows.planar import Planar
 from nflow_np.flows.radial import Radial
 from nflow_np.module import as_float_dtype
-from nflow_np.optim import Adam, Optimizer, clip_grad_norm, global_grad_norm
+from nflow_np.optim import Adam, Optimizer
 from nflow_np.seeding import as_generator
 from nflow_np.targets import Energy
-from nflow_np.train import NonFiniteLossError, cosine_lr
+from nflow_np.train import NonFiniteLossError, cosine_lr, train_step
 from nflow_np.validation import check_batch
 
 BASE = StandardNormal()
@@ -183,8 +183,8 @@ def fit_vi(
 ) -> VIResult:
     """Minimise the free energy of ``q_K`` (``N(0, I)`` pushed by the flow's inverse) w.r.t. ``p̃ = exp(−U)``.
 
-    Every step draws a fresh batch ``z₀ ~ N(0, I)`` and takes one optimizer step on
-    :func:`free_energy_and_backward` with ``β = annealing_beta(step)``.
+    Every step draws a fresh batch ``z₀ ~ N(0, I)`` and takes one optimizer step
+    (:func:`nflow_np.train.train_step`) on :func:`free_energy_and_backward` with ``β = annealing_beta(step)``.
 
     Parameters
     ----------
@@ -197,7 +197,7 @@ def fit_vi(
     batch_size : int
         Base draws per step (the paper's and the issue's 500 by default).
     optimizer : Optimizer, optional
-        Default ``Adam(flow, lr=5e-3)``.
+        Default ``Adam(flow, lr=5e-3)``; the paper's is RMSprop (:class:`~nflow_np.optim.RMSprop`).
     anneal_steps : int or None
         ``T`` of the annealing schedule; ``None`` trains on ``U`` itself from the first step.
     beta0 : float
@@ -246,7 +246,7 @@ def fit_vi(
     comm = distributed.resolve(comm)
     dtype = as_float_dtype(flow.dtype or np.float64)
     optimizer = Adam(flow, lr=5e-3) if optimizer is None else optimizer
-    base_lr = optimizer.lr
+    base_scale = optimizer.lr_scale
     rng = np.random.default_rng(seed)
     result = VIResult()
     running, count = 0.0, 0
@@ -256,18 +256,20 @@ def fit_vi(
         for step in range(steps):
             beta = annealing_beta(step, anneal_steps, beta0)
             if lr_schedule == "cosine" and step >= decay_start:
-                optimizer.lr = cosine_lr(base_lr, step - decay_start, steps - decay_start)
+                optimizer.lr_scale = cosine_lr(base_scale, step - decay_start, steps - decay_start)
             z0 = base.sample(batch_size, flow.dim, rng, dtype)
-            flow.zero_grad()
-            step_of = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)  # of a shard of z0
-            loss = distributed.backward(comm, flow, z0, step_of)
-            norm = clip_grad_norm(flow, clip_norm) if clip_norm else global_grad_norm(flow)
-            if not (math.isfinite(loss) and math.isfinite(norm)):
+            try:
+                free_energy_at_beta = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)
+                sharded = partial(distributed.backward, comm, flow, loss_and_backward=free_energy_at_beta)
+                loss = train_step(flow, optimizer, z0, clip=clip_norm, loss_and_backward=sharded)
+            except NonFiniteLossError as error:
+                if error.norm is None:
+                    raise  # the target's own complaint, raised inside the loss
                 raise NonFiniteLossError(
-                    f"non-finite free energy ({loss}) or gradient norm ({norm}) at step {step + 1}; the flow "
-                    "holds the parameters of the previous step. Try a lower learning rate or gradient clipping."
-                )
-            optimizer.step()
+                    f"non-finite free energy ({error.loss}) or gradient norm ({error.norm}) at step {step + 1}; the "
+                    "flow holds the parameters of the previous step. Try a lower learning rate or gradient clipping.",
+                    error.loss, error.norm,
+                ) from None
             result.steps += 1
             running, count = running + loss, count + 1
             if result.steps % log_every == 0 or result.steps == steps:
@@ -284,7 +286,7 @@ def fit_vi(
             bar.update(1)
     finally:
         bar.close()
-        optimizer.lr = base_lr
+        optimizer.lr_scale = base_scale
     result.seconds = time.perf_counter() - start
     return result
 

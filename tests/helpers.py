@@ -71,12 +71,12 @@ BACKENDS = backends_under_test()
 
 
 def randomise(module: Module, rng: np.random.Generator, std: float = 0.5) -> Module:
-    """Overwrite every parameter of ``module`` in place with ``N(0, std²)`` draws; return ``module``.
+    """Overwrite every parameter and buffer of ``module`` in place with ``N(0, std²)`` draws; return ``module``.
 
     Zero-initialised last layers (and ``scale = 1``) would make many gradients vanish or coincide and
     hide bugs; every registered flow is randomised so that nothing sits at its initial value.
     """
-    for _, param, _ in module.named_parameters():
+    for _, param in module.named_state():
         param[...] = rng.normal(0.0, std, size=param.shape)
     return module
 
@@ -176,7 +176,7 @@ def _batch_norm(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     """Evaluation mode (training mode couples the rows of a batch: ``tests/flows/test_normalization.py``),
     per channel when ``dim`` is even (two channels of ``dim / 2`` pixels), else per coordinate."""
     flow = randomise(BatchNorm(dim, dtype=dtype, channels=2 if dim % 2 == 0 else None), rng)
-    flow.params["running_var"][...] = rng.uniform(0.25, 4.0, size=flow.params["running_var"].shape)
+    flow.buffers["running_var"][...] = rng.uniform(0.25, 4.0, size=flow.buffers["running_var"].shape)
     return flow
 
 

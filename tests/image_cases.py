@@ -21,7 +21,7 @@ def eval_batch_norms(flow: Flow, rng: np.random.Generator) -> Flow:
     """Give every batch norm in ``flow`` positive random running variances (after :func:`randomise`)."""
     for module in flow.modules():
         if isinstance(module, BatchNorm):
-            module.params["running_var"][...] = rng.uniform(0.5, 2.0, size=module.channels)
+            module.buffers["running_var"][...] = rng.uniform(0.5, 2.0, size=module.channels)
     return flow
 
 

@@ -59,8 +59,7 @@ def test_metadata_license_and_the_plots_extra(wheel: zipfile.ZipFile) -> None:
 
 def test_one_import_name_per_checkout() -> None:
     """Installed here (editable): the installed names, and ``import kernels`` yields that same package."""
-    installed = importlib.util.find_spec("nflow_np_kernels")
-    here = installed is not None and Path(installed.origin).resolve().parent == REPO / "kernels"
+    here = _installed_from_here()
     expected = ("nflow_np_kernels", "nflow_np_benchmarks") if here else ("kernels", "benchmarks")
     assert (sibling_package("kernels"), sibling_package("benchmarks")) == expected
     assert kernel_module("numba_cpu") == f"{expected[0]}.numba_cpu"
@@ -70,7 +69,13 @@ def test_one_import_name_per_checkout() -> None:
         assert kernels.__name__ == "nflow_np_kernels"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("nflow_np_kernels") is None, reason="needs pip install -e .")
+def _installed_from_here() -> bool:
+    """Whether ``nflow_np_kernels`` is this checkout's ``kernels/`` (``pip install -e .`` of this folder)."""
+    spec = importlib.util.find_spec("nflow_np_kernels")
+    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().parent == REPO / "kernels"
+
+
+@pytest.mark.skipif(not _installed_from_here(), reason="needs pip install -e . of this checkout")
 def test_a_kernel_cached_under_one_name_loads_in_a_process_that_uses_the_other(tmp_path: Path) -> None:
     """Numba's cache records the import name: kernels cached by a run of the bare checkout (``kernels``,
     as before ``pip install -e .``) load in an installed run from elsewhere (``nflow_np_kernels``), and back."""

@@ -63,7 +63,7 @@ def describe_model(model: FlowModel) -> dict:
     base = [name for name, cls in BASE_DISTRIBUTIONS.items() if type(model.base) is cls]
     if not base:
         raise TypeError(f"cannot save base distribution {type(model.base).__name__}; known: {list(BASE_DISTRIBUTIONS)}")
-    dtypes = {value.dtype for _, value, _ in model.named_parameters()}
+    dtypes = {value.dtype for _, value in model.named_state()}  # parameters and buffers
     if len(dtypes) > 1:
         raise ValueError(f"parameters have mixed dtypes {sorted(map(str, dtypes))}; call model.astype(...) first")
     dtype = dtypes.pop() if dtypes else np.dtype(np.float64)
@@ -258,7 +258,7 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
     # honest weights hold every parameter, so their size bounds what the config may ask to allocate
     stored = sum(archive_members(data, weights_path).values())
     model = model_from_description(config, str(directory / CONFIG_FILE), max_parameters=stored // dtype.itemsize)
-    expected = {name: (value.shape, dtype) for name, value, _ in model.named_parameters()}
+    expected = {name: (value.shape, dtype) for name, value in model.named_state()}  # parameters and buffers
     state = read_arrays(data, weights_path, expected, CONFIG_FILE)
     if hashlib.sha256(data).hexdigest() != config["npz_sha256"]:
         raise ModelFileError(

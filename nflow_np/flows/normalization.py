@@ -58,10 +58,9 @@ class BatchNorm(Flow):
 
     **Evaluation mode** (``training = False``, the default): ``μ, σ²`` are ``running_mean``,
     ``running_var``; both directions are exact per-row inverses of each other. The running
-    averages are in ``params`` (so ``state_dict``, model files and ``fit``'s best-parameter restore
-    carry them) and their gradients are exact: zero in training mode, where the output does not
-    depend on them, and ``∂L/∂μ = −Σ d_z ⊙ γ/σ̃``, ``∂L/∂σ² = −½ σ̃⁻² ⊙ (γ ⊙ Σ d_z ⊙ x̂ + P g)`` in
-    evaluation mode (forward direction).
+    averages are **buffers** (:meth:`~nflow_np.module.Module.register_buffer`), not parameters:
+    ``state_dict``, model files and ``fit``'s best-parameter restore carry them under the same names
+    as ever, but they have no gradient and optimizers (AdamW's weight decay included) never touch them.
 
     Parameters
     ----------
@@ -107,8 +106,8 @@ class BatchNorm(Flow):
         self.moments = None  # set by nflow_np.distributed: the batch's moments summed over the ranks' shards
         self.add_param("log_gamma", np.zeros(channels, dtype=dtype))
         self.add_param("beta", np.zeros(channels, dtype=dtype))
-        self.add_param("running_mean", np.zeros(channels, dtype=dtype))
-        self.add_param("running_var", np.ones(channels, dtype=dtype))
+        self.register_buffer("running_mean", np.zeros(channels, dtype=dtype))
+        self.register_buffer("running_var", np.ones(channels, dtype=dtype))
 
     def spec(self, where: str = "flow") -> dict:
         """``{"kind": "batch_norm", "dim", "momentum", "eps", "channels"}``."""
@@ -137,7 +136,7 @@ class BatchNorm(Flow):
         return np.zeros_like(like, shape=like.shape[0]) + logdet
 
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        p, g = self.params, self._group
+        p, g = self.params | self.buffers, self._group
         xv = self._view(x)
         if self.training:
             if self.moments is None:
@@ -163,7 +162,7 @@ class BatchNorm(Flow):
                 "BatchNorm has no inverse in training mode (the batch statistics are not known from "
                 "the output); set training = False to use the running averages"
             )
-        p, g = self.params, self._group
+        p, g = self.params | self.buffers, self._group
         inv_std = 1 / np.sqrt(p["running_var"] + self.eps)
         x_hat = (self._view(z) - g(p["beta"])) * g(np.exp(-p["log_gamma"]))
         x = x_hat / g(inv_std) + g(p["running_mean"])
@@ -183,8 +182,6 @@ class BatchNorm(Flow):
             d_out_x_hat = (d_out * x_hat).sum(axis=axes)
             self.grads["beta"] -= d_z.sum(axis=axes)
             self.grads["log_gamma"] -= d_out_x_hat / inv_std + d_logdet_sum
-            self.grads["running_mean"] += d_out.sum(axis=axes)
-            self.grads["running_var"] += 0.5 * inv_std * d_out_x_hat + 0.5 * inv_std**2 * d_logdet_sum
             return d_z.reshape(d_z.shape[0], -1)
         d_z_x_hat = (d_out * x_hat).sum(axis=axes)
         self.grads["beta"] += d_out.sum(axis=axes)
@@ -192,8 +189,6 @@ class BatchNorm(Flow):
         d_x_hat = d_out * g(gamma)
         if not training:
             d_x = d_x_hat * g(inv_std)
-            self.grads["running_mean"] -= d_x.sum(axis=axes)
-            self.grads["running_var"] -= 0.5 * inv_std**2 * (gamma * d_z_x_hat + d_logdet_sum)
             return d_x.reshape(d_x.shape[0], -1)
         if self.moments is None:
             mean_d = d_x_hat.mean(axis=axes, keepdims=True)

@@ -135,7 +135,7 @@ def test_fallback_layers_keep_their_cache_and_match_backprop() -> None:
                 assert kept == [2, 4, 6]  # Logit, BatchNorm, Planar (Dequantize caches no array)
             result = {"z": z, "logdet": logdet, "input": flow.backward(d_out, d_logdet)}
         results.append(result | {name: grad.copy() for name, _, grad in flow.named_parameters()})
-        stats.append(flow[4].params["running_mean"].copy())
+        stats.append(flow[4].buffers["running_mean"].copy())
     assert np.array_equal(results[0]["z"], results[1]["z"])
     assert gradient_error(*results) <= FLOAT64_RTOL
     assert np.array_equal(*stats)  # the batch statistics entered the running averages once
