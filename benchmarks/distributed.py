@@ -65,29 +65,37 @@ def worker(model: str, steps: int, quick: bool) -> dict:
 
     from nflow_np import distributed
     from nflow_np.optim import Adam
+    from nflow_np.train import train_step
 
     comm = MPI.COMM_WORLD
     flow, rows, batch = build(model, quick)
     optimizer = Adam(flow, lr=1e-4)
     order = np.random.default_rng(1).permutation(rows.shape[0])
     parts = {"compute": [], "wait": [], "reduce": [], "adam": [], "step": []}
-    warm_up = 3
+    warm_up, marks = 3, {}
+
+    def compute(x: np.ndarray) -> float:
+        """This rank's shard forward and backward, then the wait for the slowest rank (measured apart)."""
+        with distributed.global_draws(flow, batch, mine):
+            marks["loss"] = flow.nll_and_backward(x[mine])
+        marks["computed"] = time.perf_counter()
+        comm.Barrier()
+        marks["waited"] = time.perf_counter()
+        return marks["loss"]
+
+    def reduce(module: object) -> None:
+        distributed.reduce_gradients(comm, module, marks["loss"], mine.stop - mine.start, batch)
+        marks["reduced"] = time.perf_counter()
+
     with threadpool_limits(limits=1, user_api="blas"):
         for i in range(warm_up + steps):
             x = rows[order[(i * batch) % (rows.shape[0] - batch) :][:batch]]
             mine = distributed.shard(comm, batch)
             comm.Barrier()  # every step starts together, so "reduce" measures this step's wait only
             t0 = time.perf_counter()
-            flow.zero_grad()
-            with distributed.global_draws(flow, batch, mine):
-                loss = flow.nll_and_backward(x[mine])
-            t1 = time.perf_counter()
-            comm.Barrier()  # measured apart: the wait for the slowest rank's compute
-            t2 = time.perf_counter()
-            distributed.reduce_gradients(comm, flow, loss, mine.stop - mine.start, batch)
-            t3 = time.perf_counter()
-            optimizer.step()
-            t4 = time.perf_counter()
+            train_step(flow, optimizer, x, loss_and_backward=compute, reduce_gradients=reduce)
+            t4 = time.perf_counter()  # "adam": the norm check and the update after the reduction
+            t1, t2, t3 = marks["computed"], marks["waited"], marks["reduced"]
             if i >= warm_up:
                 for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
                     parts[name].append(seconds)
