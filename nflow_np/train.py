@@ -205,6 +205,7 @@ def fit(
     time_limit: float | None = None,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
     before_validation: Callable[[int], None] | None = None,
+    shuffle_seed: Callable[[int], int] | None = None,
 ) -> TrainResult:
     """Fit ``model`` to the rows of ``train`` by minibatch maximum likelihood.
 
@@ -274,6 +275,11 @@ def fit(
     before_validation : callable, optional
         ``before_validation(epoch)``, called at the end of every epoch before the validation NLL is
         measured (the image trainer recalibrates its batch norms there).
+    shuffle_seed : callable, optional
+        ``shuffle_seed(epoch) -> int``: epoch ``epoch`` (from 1) visits the rows in the order
+        ``np.random.default_rng(shuffle_seed(epoch)).permutation(N)``. Default: one generator seeded
+        with ``seed``, continued from epoch to epoch. (The image trainer passes ``seed + epoch``: the
+        orders its published runs used.)
 
     Returns
     -------
@@ -347,7 +353,8 @@ def fit(
     try:
         while not state.finished:
             state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
-            order = rng.permutation(train.shape[0])
+            shuffler = rng if shuffle_seed is None else np.random.default_rng(shuffle_seed(state.epoch))
+            order = shuffler.permutation(train.shape[0])
             for i in range(state.batch, steps_per_epoch):
                 if lr_schedule == "cosine":
                     optimizer.lr_scale = cosine_lr(base_scale, state.steps, total_steps)
