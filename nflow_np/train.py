@@ -16,6 +16,10 @@ best parameters restored and the last checkpoint untouched, or, if asked, skips 
 Device (``docs/kernels.md#gpu-backends``): the data stay on the host; a model moved with
 ``model.to_device()`` receives each batch once, moved by the model's own entry point. Everything
 kept across steps (the best parameters, checkpoints) is host NumPy.
+
+Length: over 400 lines because :func:`fit` keeps checkpointing, resume, divergence handling, the epoch
+hooks and data parallelism in one loop a reader can follow top to bottom; its argument checks, resume and
+divergence hint already live in :mod:`nflow_np.train_guards`.
 """
 
 from __future__ import annotations
