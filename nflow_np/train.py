@@ -195,9 +195,9 @@ def fit(
     epochs: int = 100,
     batch_size: int = 256,
     seed: int = 0,
-    patience: int | None = 10,
+    patience: int | None = 20,
     clip_norm: float | None = None,
-    lr_schedule: str = "constant",
+    lr_schedule: str = "cosine",
     skip_nonfinite: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
@@ -225,7 +225,7 @@ def fit(
     val : numpy.ndarray, shape (M, D), optional
         Validation data; without it the last parameters are kept and there is no early stop.
     optimizer : Optimizer, optional
-        Default: ``Adam(model, lr=1e-3)``. Built after the model was moved (its state must be on
+        Default: ``Adam(model, lr=2e-3)`` (``nflow train``'s). Built after the model was moved (its state must be on
         the parameters' device). Any of :mod:`nflow_np.optim` (with parameter groups, frozen
         parameters skipped); checkpoints know Adam, SGD and RMSprop.
     epochs : int
@@ -236,7 +236,8 @@ def fit(
     seed : int
         Seeds the shuffling, so a run is reproducible.
     patience : int or None
-        Stop after this many epochs without a better validation NLL (``None``: never).
+        Stop after this many epochs without a better validation NLL (``None``: never). The defaults
+        (100 epochs, batch 256, patience 20, cosine, Adam at 2e-3) are ``nflow train``'s.
     clip_norm : float, optional
         Clip the global gradient norm to this value before every step.
     lr_schedule : {"constant", "cosine"}
@@ -304,7 +305,7 @@ def fit(
                                   checkpoint_every, resume, time_limit)
     if memory is not None:
         model.set_memory(memory)
-    optimizer = Adam(model, lr=1e-3) if optimizer is None else optimizer
+    optimizer = Adam(model, lr=2e-3) if optimizer is None else optimizer
     check_same_device(model, optimizer)
     base_lr, base_scale = optimizer.lr, optimizer.lr_scale
     steps_per_epoch = train.shape[0] // batch_size
