@@ -36,7 +36,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "ruff>=0.6", "scikit-learn>=1.3", "mlxtend>=0.23",
-            "numba>=0.68", "mpmath>=1.3", "matplotlib>=3.8", "safetensors>=0.4",
+            "numba>=0.68", "mpmath>=1.3", "matplotlib>=3.8", "safetensors>=0.4", "mpi4py>=4.0", "mpich>=4.2",
         ],
         # the pictures: density.png, samples.png, figure3.png, image grids (nflow train draws them unless --no-plots)
         "plots": ["matplotlib>=3.8"],
@@ -49,6 +49,8 @@ setup(
         # model weights as .safetensors (nflow_np/safetensors_io.py reads and writes them with NumPy alone;
         # the package is the reference the tests compare against)
         "safetensors": ["safetensors>=0.4"],
+        # data-parallel training: mpi4py and an MPI library with its mpiexec (nflow_np/distributed.py)
+        "mpi": ["mpi4py>=4.0", "mpich>=4.2"],
     },
     package_data={KERNELS: ["cuda/*.cu"]},
     entry_points={"console_scripts": ["nflow=nflow_np.cli:main"]},

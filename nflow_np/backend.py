@@ -42,6 +42,9 @@ runs on whichever array it is given. Only code that makes arrays with no array a
 ``state_dict`` is always host NumPy, and :class:`~nflow_np.model.FlowModel` takes host data,
 moves it, and returns results where the input was. The GPU laws take device arrays without a
 copy; given NumPy arrays (a model left on the host) they copy to the device and back per call.
+
+Length: over 400 lines because the whole seam (backend records, the fused registry, law registration,
+device array modules) is kept in one file, the one place a reader looks to see what runs where.
 """
 
 from __future__ import annotations

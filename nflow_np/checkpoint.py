@@ -27,6 +27,9 @@ the shuffling generator's state at the start of that epoch, so resuming redraws 
 permutation and continues with batch ``batch``. ``arrays_sha256`` covers every array, so a damaged
 file is refused rather than half-trusted; :func:`latest_checkpoint` then falls back to the one before.
 Every problem with a file raises :class:`CheckpointError`, a :class:`~nflow_np.io.ModelFileError`.
+
+Length: over 400 lines because the checkpoint format (what is saved, every check on reading it back,
+the legacy layouts that must still load) is one contract and is kept in one file.
 """
 
 from __future__ import annotations

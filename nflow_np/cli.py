@@ -243,22 +243,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help, --version
         return exit_.code if isinstance(exit_.code, int) else 0
-    try:
-        if args.backend is not None:
-            set_backend(args.backend)
-        with num_threads(args.threads):
-            return args.handler(args)
-    except (ModelFileError, ValueError, OSError, ImportError) as error:  # ImportError: a missing optional package
-        print(f"nflow {args.command}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except MemoryError as error:
-        detail = f" ({error})" if str(error) else ""
-        print(f"nflow {args.command}: error: out of memory{detail}; ask for fewer rows, samples or "
-              "parameters", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as error:
-        print(f"nflow {args.command}: training diverged: {_one_line(error)}", file=sys.stderr)
-        return 1
+    from nflow_np.distributed_cli import command_line
+
+    with command_line(args.command) as job:  # under mpiexec: every rank runs it, rank 0 speaks (docs/distributed.md)
+        try:
+            if args.backend is not None:
+                set_backend(args.backend)
+            with num_threads(args.threads):
+                return args.handler(args)
+        except (ModelFileError, ValueError, OSError, ImportError) as error:  # ImportError: an optional package
+            if job.says(error):
+                print(f"nflow {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        except MemoryError as error:
+            detail = f" ({error})" if str(error) else ""
+            if job.says(error):
+                print(f"nflow {args.command}: error: out of memory{detail}; ask for fewer rows, samples or "
+                      "parameters", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as error:
+            if job.says(error):
+                print(f"nflow {args.command}: training diverged: {_one_line(error)}", file=sys.stderr)
+            return 1
+        except Exception as error:  # raised on one rank of an MPI job and on every rank after it (nflow_np.distributed)
+            if not getattr(error, "nflow_agreed", False):
+                raise
+            if job.says(error):
+                print(f"nflow {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return 2
 
 
 def _one_line(error: BaseException) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np import distributed
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
 from nflow_np.cli_options import NET_OPTIONS, TRAIN_DEFAULTS, flag, image_model_name, resolve_train
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
@@ -158,22 +159,26 @@ def train(args: argparse.Namespace) -> int:
     if options["kind"] == "gmm":
         from nflow_np.vi_cli import run_gmm_command
 
+        if distributed.launched_size() > 1:
+            raise ValueError("a Gaussian mixture (--model gmm) is fitted in one process: run it without mpiexec")
+
         return run_gmm_command(argparse.Namespace(**options, provenance=record))
+    comm = distributed.resolve("auto")  # MPI.COMM_WORLD under mpiexec -n P > 1 (docs/distributed.md)
     if options["kind"] == "image":
-        return _train_images(options, out, record)
+        return _train_images(options, out, record, comm)
     from nflow_np.density import describe as describe_run
     from nflow_np.density import train_density
 
     arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": args.threads}
     options["arguments"] = json_ready(arguments | {"given": options["given"]})
     options["threads"] = args.threads
-    summary = train_density(options, out)
+    summary = train_density(options, out, comm)
     print(describe_run(summary))
     print(f"wrote {', '.join(summary['files'])} to {out}")
     return 0
 
 
-def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
+def _train_images(options: dict[str, object], out: Path, record: dict, comm: object = None) -> int:
     """``nflow train --data digits|mnist``: the recipe's settings, each typed option in its place."""
     from tqdm.auto import tqdm
 
@@ -198,7 +203,7 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
         bar.set_postfix(val_nll=f"{entry['val_nll']:.2f}", refresh=True)
 
     if options.get("force"):
-        set_aside_checkpoints(out)
+        distributed.on_root(comm, lambda: set_aside_checkpoints(out))
     # the kernels the image models share with a small toy model (coupling laws, nets, Adam), compiled before
     # the progress bar starts, so that its ETA measures training
     probe = build_model("realnvp", 2, layers=1, hidden=(4,), dtype=options["dtype"])
@@ -206,7 +211,8 @@ def _train_images(options: dict[str, object], out: Path, record: dict) -> int:
     try:
         summary = train_image_model(
             options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
-            on_epoch=on_epoch, record={"provenance": record, "backend": record["backend"]}, **memory, **settings,
+            on_epoch=on_epoch, comm=comm, **memory, **settings,
+            record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
         )
     finally:
         bar.close()

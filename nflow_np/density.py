@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nflow_np import backend
+from nflow_np import backend, distributed
 from nflow_np.architectures import build_model
 from nflow_np.data import load_toy
 from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write, save_model
@@ -76,15 +76,17 @@ def compile_kernels(model: FlowModel, rows: np.ndarray, say: bool = True) -> flo
     return seconds
 
 
-def _nll(model: FlowModel, x: np.ndarray) -> float:
+def _nll(model: FlowModel, x: np.ndarray, comm: object = None) -> float:
     """Mean NLL of ``x``; ``inf`` (null in summary.json) if a row's density overflows, as an outlier may."""
     try:
-        return evaluate_nll(model, x)
+        return evaluate_nll(model, x, comm=comm)
     except NonFiniteError:
         return math.inf
 
 
-def _fit(options: dict, out: Path, model: FlowModel, train: np.ndarray, val: np.ndarray) -> TrainResult:
+def _fit(
+    options: dict, out: Path, model: FlowModel, train: np.ndarray, val: np.ndarray, comm: object = None
+) -> TrainResult:
     """:func:`~nflow_np.train.fit` with the run's options; checkpoints go to ``out/checkpoints``."""
     extra = {"time_limit": options["time_limit"]} if options.get("time_limit") is not None else {}
     return fit(
@@ -104,6 +106,7 @@ def _fit(options: dict, out: Path, model: FlowModel, train: np.ndarray, val: np.
         resume=options["resume"] is not None,
         metadata={"arguments": options["arguments"]},
         progress=options["progress"],
+        comm=comm,
         **extra,
     )
 
@@ -125,7 +128,7 @@ def remove_replaced(out: Path) -> None:
         shutil.rmtree(aside)
 
 
-def train_density(options: dict, out: Path) -> dict:
+def train_density(options: dict, out: Path, comm: object = None) -> dict:
     """Train a flow on a toy data set with ``options`` (every ``nflow train`` option resolved); write ``out``.
 
     Parameters
@@ -136,6 +139,8 @@ def train_density(options: dict, out: Path) -> dict:
     out : pathlib.Path
         The run's folder: ``model.npz`` + ``model.json``, ``summary.json``, ``density.png`` and
         ``samples.png`` (2-D data, unless ``plots`` is off), ``checkpoints/`` if asked for.
+    comm : mpi4py communicator, optional
+        Train data-parallel (:mod:`nflow_np.distributed`); rank 0 writes every file.
 
     Returns
     -------
@@ -162,24 +167,23 @@ def train_density(options: dict, out: Path) -> dict:
     model.set_memory(options["memory"], options["anchor_every"], tolerance)
     compile_seconds = compile_kernels(model, splits.train, say=options["progress"])
     if options.get("force"):
-        set_aside_checkpoints(out)
+        distributed.on_root(comm, lambda: set_aside_checkpoints(out))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = _fit(options, out, model, splits.train, splits.val)
+        result = _fit(options, out, model, splits.train, splits.val, comm)
     for warning in caught:
         print(f"nflow train: warning: {warning.message}", file=sys.stderr)
-    nll = {"train": _nll(model, splits.train), "val": result.best_val_nll, "test": _nll(model, splits.test)}
+    nll = {"train": _nll(model, splits.train, comm), "val": result.best_val_nll, "test": _nll(model, splits.test, comm)}
     arguments = options["arguments"]
     metadata = {"data": options["data"], "model": options["model"], "seed": options["seed"],
                 "n_test": options["n_test"]}
-    save_model(model, out, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
-    remove_replaced(out)
     summary = {
         "data": options["data"],
         "model": options["model"],
         "arguments": arguments,
         "provenance": provenance(dtype, options.get("threads")),
         "backend": backend.get_backend(),
+        "ranks": distributed.size(comm),  # MPI ranks that trained it (docs/distributed.md)
         "n_params": model.num_parameters(),
         "nll_unit": "nats",
         "train_nll": nll["train"],
@@ -197,14 +201,22 @@ def train_density(options: dict, out: Path) -> dict:
         "checkpoint": result.checkpoint,
         "history": result.history,
     }
-    atomic_write(out / "summary.json", (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8"))
     files = [WEIGHTS_FILE, CONFIG_FILE, "summary.json"]
-    if model.dim == 2 and options["plots"]:
-        from nflow_np import plots  # matplotlib is only imported when there is something to draw
-
-        plots.plot_density(model, splits.test, out / "density.png")
-        plots.plot_samples(model, splits.test, out / "samples.png", seed=options["seed"])
+    plot = model.dim == 2 and options["plots"]
+    if plot:
         files += ["density.png", "samples.png"]
+
+    def publish() -> None:
+        save_model(model, out, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
+        remove_replaced(out)
+        atomic_write(out / "summary.json", (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8"))
+        if plot:
+            from nflow_np import plots  # matplotlib is only imported when there is something to draw
+
+            plots.plot_density(model, splits.test, out / "density.png")
+            plots.plot_samples(model, splits.test, out / "samples.png", seed=options["seed"])
+
+    distributed.on_root(comm, publish)  # rank 0 writes; an error there is raised on every rank
     return summary | {"files": files}
 
 

@@ -90,8 +90,11 @@ class ImageFlowModel(FlowModel):
         """``n`` images ``f⁻¹(T · z)``, ``z ~ p_Z``: ``(n, C, H, W)`` integer levels."""
         return self.to_images(super().sample(n, rng, temperature))
 
-    def evaluate(self, x: np.ndarray, seed: int = 0, batch_size: int = 1000) -> dict[str, float]:
+    def evaluate(self, x: np.ndarray, seed: int = 0, batch_size: int = 1000, comm: object = None) -> dict[str, float]:
         """Test metrics of images ``x`` with the dequantisation noise reseeded (reproducible).
+
+        With ``comm`` (:mod:`nflow_np.distributed`) every batch is sharded over the ranks, each row
+        given the noise one process gives it.
 
         Returns
         -------
@@ -103,12 +106,17 @@ class ImageFlowModel(FlowModel):
         rows = self._check(x, "x")
         stream = self.dequantize.rng.bit_generator.state  # training's noise stream resumes afterwards
         self.dequantize.reseed(seed)
-        total = 0.0
         with self._inference("log_prob"):  # one thread plan and flush for all batches, no caches kept
-            for start in range(0, rows.shape[0], batch_size):
-                total -= float(self.log_prob(rows[start : start + batch_size]).sum())
+            if comm is None:
+                total = 0.0
+                for start in range(0, rows.shape[0], batch_size):
+                    total -= float(self.log_prob(rows[start : start + batch_size]).sum())
+                nll = total / rows.shape[0]
+            else:
+                from nflow_np.distributed import evaluate_nll
+
+                nll = evaluate_nll(comm, self, rows, batch_size)
         self.dequantize.rng.bit_generator.state = stream
-        nll = total / rows.shape[0]
         return {
             "nll": nll,
             "bits_per_dim": bits_per_dim(nll, self.dim),

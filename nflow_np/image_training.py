@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np import distributed
 from nflow_np.data.images import load_images
 from nflow_np.flows.normalization import batch_norms, recalibrate
 from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, build_realnvp_resnet, initialize_rescale
@@ -145,6 +146,7 @@ def fit_for(
     progress: bool = False,
     calibration_rows: int = 1000,
     on_epoch: Callable[[dict], None] | None = None,
+    comm: object = None,
 ) -> dict:
     """Fit ``model`` for at most ``epochs`` epochs and ``time_limit`` seconds; keep the best validation NLL.
 
@@ -160,6 +162,9 @@ def fit_for(
     the validation NLL is measured: with parameters that move fast, exponential running averages
     lag behind them, and the evaluation-mode density would drift from the one being trained.
 
+    With ``comm`` (:mod:`nflow_np.distributed`) every epoch and the validation run data-parallel, and
+    rank 0's clock decides the learning rate and when the budget is spent, so every rank agrees.
+
     Returns
     -------
     dict
@@ -172,19 +177,18 @@ def fit_for(
     has_batch_norm = any(True for _ in batch_norms(model))
     calibration = rows_train[np.random.default_rng(seed).permutation(len(rows_train))[:calibration_rows]]
     start = time.perf_counter()
-    epoch_started = [start]
+    epoch_started = [0.0]  # seconds into the run (rank 0's clock) when the epoch began
 
     def recalibrate_batch_norms(epoch: int) -> None:
         if has_batch_norm:
             recalibrate(model.flow, model.log_prob, calibration)
 
     def end_of_epoch(epoch: int, record: dict) -> bool:
-        now = time.perf_counter()
-        record["lr"], record["epoch_seconds"] = lr * optimizer.lr_scale, now - epoch_started[0]
-        epoch_started[0] = now
+        elapsed = distributed.broadcast(comm, time.perf_counter() - start)  # one clock, so every rank stops alike
+        record["lr"], record["epoch_seconds"] = lr * optimizer.lr_scale, elapsed - epoch_started[0]
+        epoch_started[0] = elapsed
         if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
             on_epoch(record)
-        elapsed = now - start
         if time_limit is not None and elapsed + record["epoch_seconds"] > time_limit:
             return True  # the next epoch would not end within the budget
         fraction = elapsed / time_limit if time_limit is not None else epoch / epochs
@@ -193,7 +197,8 @@ def fit_for(
 
     result = fit(model, rows_train, rows_val, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
                  patience=patience, progress=progress, on_epoch_end=end_of_epoch,
-                 before_validation=recalibrate_batch_norms)
+                 before_validation=recalibrate_batch_norms, comm=comm,
+                 shuffle_seed=lambda epoch: seed + epoch)  # the orders of the README's runs
     stopped_by = "time_limit" if result.stopped_by == "on_epoch_end" else result.stopped_by
     return {
         "history": result.history,
@@ -219,6 +224,7 @@ def train_image_model(
     tolerance: float | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     record: dict | None = None,
+    comm: object = None,
     **overrides: object,
 ) -> dict:
     """Train ``model_name`` on ``data`` with :data:`IMAGE_RECIPES` (and ``overrides``); write ``out``.
@@ -229,7 +235,8 @@ def train_image_model(
 
     Writes ``model.npz``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
-    ``reconstructions.png`` and ``interpolations.png``.
+    ``reconstructions.png`` and ``interpolations.png``. With ``comm`` the training runs data-parallel
+    (:mod:`nflow_np.distributed`; batch norms use the whole batch's moments) and rank 0 writes the files.
 
     Returns
     -------
@@ -273,8 +280,9 @@ def train_image_model(
         seed=seed,
         progress=progress,
         on_epoch=on_epoch,
+        comm=comm,
     )
-    metrics = {name: model.evaluate(getattr(splits, name), seed=seed) for name in ("train", "val", "test")}
+    metrics = {name: model.evaluate(getattr(splits, name), seed=seed, comm=comm) for name in ("train", "val", "test")}
     out = Path(out)
     metadata = {
         "data": data,
@@ -284,10 +292,14 @@ def train_image_model(
         "levels": splits.levels,
         "test": metrics["test"],
     }
-    save_model(model, out, metadata)
-    image_plots.plot_samples(model, out / "samples.png", seed=seed)
-    image_plots.plot_reconstructions(model, splits.test, out / "reconstructions.png")
-    image_plots.plot_interpolations(model, splits.test, out / "interpolations.png")
+
+    def pictures() -> None:
+        save_model(model, out, metadata)
+        image_plots.plot_samples(model, out / "samples.png", seed=seed)
+        image_plots.plot_reconstructions(model, splits.test, out / "reconstructions.png")
+        image_plots.plot_interpolations(model, splits.test, out / "interpolations.png")
+
+    distributed.on_root(comm, pictures)
     summary = {
         "data": data,
         "model": model_name,
@@ -301,5 +313,5 @@ def train_image_model(
         **{f"{name}_{key}": value for name, m in metrics.items() for key, value in m.items()},
     } | run | (record or {})
     text = json.dumps(summary, indent=2, default=float, allow_nan=False)
-    atomic_write(out / "summary.json", (text + "\n").encode("utf-8"))
+    distributed.on_root(comm, lambda: atomic_write(out / "summary.json", (text + "\n").encode("utf-8")))
     return summary

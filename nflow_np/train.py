@@ -16,6 +16,10 @@ best parameters restored and the last checkpoint untouched, or, if asked, skips 
 Device (``docs/kernels.md#gpu-backends``): the data stay on the host; a model moved with
 ``model.to_device()`` receives each batch once, moved by the model's own entry point. Everything
 kept across steps (the best parameters, checkpoints) is host NumPy.
+
+Length: over 400 lines because :func:`fit` keeps checkpointing, resume, divergence handling, the epoch
+hooks and data parallelism in one loop a reader can follow top to bottom; its argument checks, resume and
+divergence hint already live in :mod:`nflow_np.train_guards`.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nflow_np import backend
+from nflow_np import backend, distributed
 from nflow_np.checkpoint import (
     TrainState,
     data_fingerprint,
@@ -172,8 +176,10 @@ def cosine_lr(base_lr: float, step: int, total_steps: int, final_fraction: float
     return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def evaluate_nll(model: FlowModel, x: np.ndarray, batch_size: int = 8192) -> float:
-    """Mean NLL (nats) of all rows of ``x``, computed in batches to bound memory."""
+def evaluate_nll(model: FlowModel, x: np.ndarray, batch_size: int = 8192, comm: object = None) -> float:
+    """Mean NLL (nats) of all rows of ``x``, computed in batches to bound memory (sharded over ``comm``'s ranks)."""
+    if comm is not None:
+        return distributed.evaluate_nll(comm, model, x, batch_size)
     total = 0.0
     for start in range(0, x.shape[0], batch_size):
         total += float(-model.log_prob(x[start : start + batch_size]).sum())
@@ -189,9 +195,9 @@ def fit(
     epochs: int = 100,
     batch_size: int = 256,
     seed: int = 0,
-    patience: int | None = 10,
+    patience: int | None = 20,
     clip_norm: float | None = None,
-    lr_schedule: str = "constant",
+    lr_schedule: str = "cosine",
     skip_nonfinite: bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
@@ -199,9 +205,11 @@ def fit(
     metadata: dict | None = None,
     progress: bool = True,
     memory: str | None = None,
+    comm: object = None,
     time_limit: float | None = None,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
     before_validation: Callable[[int], None] | None = None,
+    shuffle_seed: Callable[[int], int] | None = None,
 ) -> TrainResult:
     """Fit ``model`` to the rows of ``train`` by minibatch maximum likelihood.
 
@@ -217,7 +225,7 @@ def fit(
     val : numpy.ndarray, shape (M, D), optional
         Validation data; without it the last parameters are kept and there is no early stop.
     optimizer : Optimizer, optional
-        Default: ``Adam(model, lr=1e-3)``. Built after the model was moved (its state must be on
+        Default: ``Adam(model, lr=2e-3)`` (``nflow train``'s). Built after the model was moved (its state must be on
         the parameters' device). Any of :mod:`nflow_np.optim` (with parameter groups, frozen
         parameters skipped); checkpoints know Adam, SGD and RMSprop.
     epochs : int
@@ -228,7 +236,8 @@ def fit(
     seed : int
         Seeds the shuffling, so a run is reproducible.
     patience : int or None
-        Stop after this many epochs without a better validation NLL (``None``: never).
+        Stop after this many epochs without a better validation NLL (``None``: never). The defaults
+        (100 epochs, batch 256, patience 20, cosine, Adam at 2e-3) are ``nflow train``'s.
     clip_norm : float, optional
         Clip the global gradient norm to this value before every step.
     lr_schedule : {"constant", "cosine"}
@@ -254,6 +263,12 @@ def fit(
         Set the model's memory mode (:meth:`~nflow_np.model.FlowModel.set_memory`) before training:
         ``"invert"`` recomputes activations by inversion instead of storing them (``docs/memory.md``).
         Default: leave the model's as it is.
+    comm : mpi4py communicator or "auto", optional
+        Train data-parallel over its ranks (:mod:`nflow_np.distributed`, ``docs/distributed.md``): every
+        rank passes the same arguments and data; each computes its shard of every batch and of the
+        validation set, the gradients are summed in rank order, and every rank takes the same step.
+        Only rank 0 shows progress and writes checkpoints; every rank reads them on ``resume``, at any
+        number of ranks. ``"auto"``: ``MPI.COMM_WORLD`` under ``mpiexec -n P > 1``, else one process.
     time_limit : float, optional
         Seconds of training (across resumes); the run stops after the epoch that crosses it
         (``stopped_by == "time_limit"``), so it overruns by at most one epoch.
@@ -265,6 +280,11 @@ def fit(
     before_validation : callable, optional
         ``before_validation(epoch)``, called at the end of every epoch before the validation NLL is
         measured (the image trainer recalibrates its batch norms there).
+    shuffle_seed : callable, optional
+        ``shuffle_seed(epoch) -> int``: epoch ``epoch`` (from 1) visits the rows in the order
+        ``np.random.default_rng(shuffle_seed(epoch)).permutation(N)``. Default: one generator seeded
+        with ``seed``, continued from epoch to epoch. (The image trainer passes ``seed + epoch``: the
+        orders its published runs used.)
 
     Returns
     -------
@@ -280,14 +300,20 @@ def fit(
         or a whole epoch was skipped). The model is first restored to the best parameters seen;
         no checkpoint is written, so the last one stays the last good one.
     """
+    comm = distributed.resolve(comm)
     train, val = check_arguments(model, train, val, epochs, batch_size, lr_schedule, checkpoint_dir,
                                   checkpoint_every, resume, time_limit)
     if memory is not None:
         model.set_memory(memory)
-    optimizer = Adam(model, lr=1e-3) if optimizer is None else optimizer
+    optimizer = Adam(model, lr=2e-3) if optimizer is None else optimizer
     check_same_device(model, optimizer)
     base_lr, base_scale = optimizer.lr, optimizer.lr_scale
     steps_per_epoch = train.shape[0] // batch_size
+
+    def step_loss(batch: np.ndarray) -> float:
+        """The NLL and its gradient of ``batch``, data-parallel over ``comm``'s ranks (one process: unchanged)."""
+        return distributed.backward(comm, model, batch, model.nll_and_backward)
+
     total_steps = epochs * steps_per_epoch
 
     result = TrainResult()
@@ -303,15 +329,17 @@ def fit(
                          lr_schedule=lr_schedule, train=data_fingerprint(train), val=data_fingerprint(val))
         if time_limit is not None:  # absent otherwise, as in the checkpoints written before it existed
             run["time_limit"] = float(time_limit)
-        if resume:
-            state, result.resumed_from = resume_run(checkpoint_dir, model, optimizer, run, steps_per_epoch)
+        if resume:  # rank 0 first: it sets damaged checkpoints aside before the others read
+            state, result.resumed_from = distributed.root_first(
+                comm, lambda: resume_run(checkpoint_dir, model, optimizer, run, steps_per_epoch)
+            )
             optimizer.lr = base_lr  # older files hold the scheduled rate of their step; the loop sets it again
             rng.bit_generator.state = state.rng
         elif list_checkpoints(checkpoint_dir):
             raise ValueError(
                 f"{checkpoint_dir} already holds checkpoints of a run; resume it or choose another folder"
             )
-        remove_temporary_files(checkpoint_dir)  # left by a writer killed before its rename
+        distributed.on_root(comm, lambda: remove_temporary_files(checkpoint_dir))  # left by a killed writer
 
     def diverged(what: str) -> NonFiniteLossError:
         hint = divergence_hint(model, optimizer, result.checkpoint or result.resumed_from)  # from the bad parameters
@@ -320,23 +348,25 @@ def fit(
 
     def checkpoint() -> None:
         state.seconds = time.perf_counter() - start
-        result.checkpoint = save_checkpoint(
+        result.checkpoint = distributed.on_root(comm, lambda: save_checkpoint(
             checkpoint_dir, model, optimizer, state, run, lr=base_lr, backend=backend.get_backend(), metadata=metadata
-        )
+        ))
 
     start = time.perf_counter() - state.seconds
-    bar = tqdm(total=total_steps, initial=state.steps, disable=not progress, desc="train", unit="step", leave=False)
+    shown = progress and distributed.is_root(comm)  # rank 0 speaks for the job
+    bar = tqdm(total=total_steps, initial=state.steps, disable=not shown, desc="train", unit="step", leave=False)
     try:
         while not state.finished:
             state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
-            order = rng.permutation(train.shape[0])
+            shuffler = rng if shuffle_seed is None else np.random.default_rng(shuffle_seed(state.epoch))
+            order = shuffler.permutation(train.shape[0])
             for i in range(state.batch, steps_per_epoch):
                 if lr_schedule == "cosine":
                     optimizer.lr_scale = cosine_lr(base_scale, state.steps, total_steps)
                 state.batch = i + 1
                 try:
                     loss = train_step(model, optimizer, train[order[i * batch_size : (i + 1) * batch_size]],
-                                      clip=clip_norm)
+                                      clip=clip_norm, loss_and_backward=step_loss)
                 except NonFiniteLossError as error:
                     if not skip_nonfinite:
                         where = f"at epoch {state.epoch}, batch {i + 1}, step {state.steps + 1}"
@@ -355,9 +385,10 @@ def fit(
             if before_validation is not None:
                 before_validation(state.epoch)
             try:
-                entry = _end_epoch(model, val, state, epochs, patience, start)
+                entry = _end_epoch(model, val, state, epochs, patience, start, comm)
             except NonFiniteError as error:
                 raise diverged(f"the validation NLL after epoch {state.epoch} is not finite ({error})") from error
+            entry["seconds"] = distributed.broadcast(comm, entry["seconds"])  # rank 0's clock: every rank stops alike
             _stop_if_asked(entry, state, time_limit, on_epoch_end)
             shown = "-" if entry["val_nll"] is None else f"{entry['val_nll']:.4f}"
             bar.set_description(f"epoch {entry['epoch']} val {shown}")
@@ -379,7 +410,13 @@ def fit(
 
 
 def _end_epoch(
-    model: FlowModel, val: np.ndarray | None, state: TrainState, epochs: int, patience: int | None, start: float
+    model: FlowModel,
+    val: np.ndarray | None,
+    state: TrainState,
+    epochs: int,
+    patience: int | None,
+    start: float,
+    comm: object = None,
 ) -> dict:
     """Validate, record the epoch in ``state.history``, keep the best parameters, decide whether to stop.
 
@@ -394,7 +431,7 @@ def _end_epoch(
         "skipped": state.batch - state.epoch_batches,
     }
     if val is not None:
-        entry["val_nll"] = evaluate_nll(model, val)
+        entry["val_nll"] = evaluate_nll(model, val, comm=comm)
         if entry["val_nll"] < state.best_val:
             state.best_val, state.best_params, state.best_epoch = entry["val_nll"], model.state_dict(), state.epoch
     else:

@@ -42,6 +42,7 @@ from functools import partial
 import numpy as np
 from tqdm.auto import tqdm
 
+from nflow_np import distributed
 from nflow_np.distributions import DiagonalNormal, StandardNormal
 from nflow_np.flows.base import Flow, Inverse, Sequential
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling
@@ -178,6 +179,7 @@ def fit_vi(
     log_every: int = 100,
     progress: bool = False,
     base: Base = BASE,
+    comm: object = None,
 ) -> VIResult:
     """Minimise the free energy of ``q_K`` (``N(0, I)`` pushed by the flow's inverse) w.r.t. ``p̃ = exp(−U)``.
 
@@ -213,9 +215,12 @@ def fit_vi(
     log_every : int
         Steps between :attr:`VIResult.history` entries.
     progress : bool
-        Show a tqdm bar.
+        Show a tqdm bar (rank 0 only).
     base : StandardNormal or DiagonalNormal
         ``q₀``, fixed during training (default ``N(0, I)``, the paper's).
+    comm : mpi4py communicator or "auto", optional
+        Data-parallel over its ranks (:mod:`nflow_np.distributed`): every rank draws the same ``z₀``,
+        computes its shard, and the gradients are summed in rank order before the same step on every rank.
 
     Returns
     -------
@@ -238,6 +243,7 @@ def fit_vi(
         decay_start = min(anneal_steps or 0, steps)
     if not 0 <= decay_start <= steps:
         raise ValueError(f"decay_start must lie in [0, steps = {steps}], got {decay_start}")
+    comm = distributed.resolve(comm)
     dtype = as_float_dtype(flow.dtype or np.float64)
     optimizer = Adam(flow, lr=5e-3) if optimizer is None else optimizer
     base_scale = optimizer.lr_scale
@@ -245,7 +251,7 @@ def fit_vi(
     result = VIResult()
     running, count = 0.0, 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, disable=not progress, desc="vi", unit="step", leave=False)
+    bar = tqdm(total=steps, disable=not (progress and distributed.is_root(comm)), desc="vi", unit="step", leave=False)
     try:
         for step in range(steps):
             beta = annealing_beta(step, anneal_steps, beta0)
@@ -254,7 +260,8 @@ def fit_vi(
             z0 = base.sample(batch_size, flow.dim, rng, dtype)
             try:
                 free_energy_at_beta = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)
-                loss = train_step(flow, optimizer, z0, clip=clip_norm, loss_and_backward=free_energy_at_beta)
+                sharded = partial(distributed.backward, comm, flow, loss_and_backward=free_energy_at_beta)
+                loss = train_step(flow, optimizer, z0, clip=clip_norm, loss_and_backward=sharded)
             except NonFiniteLossError as error:
                 if error.norm is None:
                     raise  # the target's own complaint, raised inside the loss

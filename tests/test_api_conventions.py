@@ -109,9 +109,6 @@ def test_em_matches_scikit_learn_from_the_same_initialisation(k: int) -> None:
     np.testing.assert_allclose(ours.log_prob(x), reference.score_samples(x), rtol=1e-6, atol=1e-8)
 
 
-@pytest.mark.xfail(strict=True, reason="fit() belongs to engineer 'training': its defaults must become the CLI's "
-                   "(patience 20, lr_schedule 'cosine', Adam lr 2e-3 when fit builds the optimizer); strict: "
-                   "remove this mark when they are")
 def test_fit_defaults_equal_the_command_lines() -> None:
     defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()}
     for name in ("epochs", "batch_size", "patience", "lr_schedule", "clip_norm", "seed"):

@@ -92,3 +92,23 @@ def test_cosine_schedule_endpoints():
     assert cosine_lr(1.0, 0, 100) == pytest.approx(1.0)
     assert cosine_lr(1.0, 50, 100) == pytest.approx(0.5)
     assert cosine_lr(1.0, 100, 100) == pytest.approx(0.0)
+
+
+def test_shuffle_seed_gives_each_epoch_the_order_of_its_own_seed():
+    """``shuffle_seed(epoch)``: one run of 3 epochs takes the steps of 3 one-epoch runs seeded 8, 9, 10
+    (what the image trainer did before it made one ``fit`` call, and what its published runs used)."""
+    rows = load_toy("two_moons", n_train=96, n_val=8, n_test=8, seed=1).train
+    one_run, per_epoch = small_model(), small_model()
+    optimizer = Adam(one_run, lr=1e-2)
+    fit(one_run, rows, epochs=3, batch_size=32, optimizer=optimizer, lr_schedule="constant", patience=None,
+        progress=False, shuffle_seed=lambda epoch: 7 + epoch)
+    optimizer = Adam(per_epoch, lr=1e-2)
+    for epoch in (1, 2, 3):
+        fit(per_epoch, rows, epochs=1, batch_size=32, optimizer=optimizer, lr_schedule="constant", patience=None,
+            progress=False, seed=7 + epoch)
+    for name, value in one_run.state_dict().items():
+        np.testing.assert_array_equal(value, per_epoch.state_dict()[name], err_msg=name)
+    default = small_model()
+    fit(default, rows, epochs=3, batch_size=32, optimizer=Adam(default, lr=1e-2), lr_schedule="constant",
+        patience=None, progress=False, seed=8)
+    assert any(not np.array_equal(v, default.state_dict()[k]) for k, v in one_run.state_dict().items())

@@ -103,6 +103,7 @@ class BatchNorm(Flow):
         self.channels = int(channels)
         self.pixels = self.dim // self.channels
         self.training = False
+        self.moments = None  # set by nflow_np.distributed: the batch's moments summed over the ranks' shards
         self.add_param("log_gamma", np.zeros(channels, dtype=dtype))
         self.add_param("beta", np.zeros(channels, dtype=dtype))
         self.register_buffer("running_mean", np.zeros(channels, dtype=dtype))
@@ -138,7 +139,10 @@ class BatchNorm(Flow):
         p, g = self.params | self.buffers, self._group
         xv = self._view(x)
         if self.training:
-            mean, var = xv.mean(axis=(0, 2)), xv.var(axis=(0, 2))
+            if self.moments is None:
+                mean, var = xv.mean(axis=(0, 2)), xv.var(axis=(0, 2))
+            else:  # the moments over every rank's shard of the batch
+                mean, var = self.moments.mean_var(xv)
             m = p["running_mean"].dtype.type(self.momentum)
             p["running_mean"] *= 1 - m
             p["running_mean"] += m * mean
@@ -186,10 +190,15 @@ class BatchNorm(Flow):
         if not training:
             d_x = d_x_hat * g(inv_std)
             return d_x.reshape(d_x.shape[0], -1)
-        n = d_out.shape[0]
-        d_x = d_x_hat - d_x_hat.mean(axis=axes, keepdims=True)
-        d_x -= x_hat * (d_x_hat * x_hat).mean(axis=axes, keepdims=True)
-        d_x -= (d_logdet.sum() / n) * x_hat  # the log-det's dependence on the batch variance
+        if self.moments is None:
+            mean_d = d_x_hat.mean(axis=axes, keepdims=True)
+            mean_d_x_hat = (d_x_hat * x_hat).mean(axis=axes, keepdims=True)
+            mean_d_logdet = d_logdet.sum() / d_out.shape[0]
+        else:  # the means over every rank's shard of the batch
+            mean_d, mean_d_x_hat, mean_d_logdet = self.moments.backward_means(d_x_hat, x_hat, d_logdet)
+        d_x = d_x_hat - mean_d
+        d_x -= x_hat * mean_d_x_hat
+        d_x -= mean_d_logdet * x_hat  # the log-det's dependence on the batch variance
         d_x *= g(inv_std)
         return d_x.reshape(d_x.shape[0], -1)
 
