@@ -172,7 +172,7 @@ def test_the_conv_model_trains_on_the_device(fake_backend: object) -> None:  # n
     x = images(64)
     rows = x.reshape(64, -1)
     host = small(6)
-    want = fit(host, rows[:48], rows[48:], epochs=2, batch_size=16, progress=False).history
+    want = fit(host, rows[:48], rows[48:], optimizer=Adam(host), epochs=2, batch_size=16, progress=False).history
     model = small(6).to_device()
     optimizer = Adam(model)
     got = fit(model, rows[:48], rows[48:], optimizer=optimizer, epochs=2, batch_size=16, progress=False).history
