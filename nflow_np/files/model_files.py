@@ -44,7 +44,15 @@ from nflow_np import safetensors_io
 from nflow_np.distributions import BASE_DISTRIBUTIONS
 from nflow_np.files import safe
 from nflow_np.files.folders import publish_folder
-from nflow_np.files.safe import ModelFileError, archive_members, parse_json, read_arrays, read_file, read_tensors
+from nflow_np.files.safe import (
+    ModelFileError,
+    archive_members,
+    parse_json,
+    read_arrays,
+    read_file,
+    read_tensors,
+    tensor_sizes,
+)
 from nflow_np.model import FlowModel
 from nflow_np.specs import MAX_DIM, check_int, flow_from_spec, to_spec
 
@@ -275,7 +283,12 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
     data = read_file(weights_path, safe.MAX_WEIGHTS_BYTES)  # read once: checksum and arrays from the same bytes
     dtype = np.dtype(config["dtype"])
     # honest weights hold every parameter, so their size bounds what the config may ask to allocate
-    stored = len(data) if version == 2 else sum(archive_members(data, weights_path).values())
+    # (the whole file, like an archive's member sizes, counts headers too: a loose bound, checked exactly later)
+    if version == 2:
+        tensor_sizes(data, weights_path)  # a damaged file is named as such before the config is built
+        stored = len(data)
+    else:
+        stored = sum(archive_members(data, weights_path).values())
     model = model_from_description(config, str(directory / CONFIG_FILE), max_parameters=stored // dtype.itemsize)
     expected = {name: (value.shape, dtype) for name, value in model.named_state()}  # parameters and buffers
     read = read_tensors if version == 2 else read_arrays

@@ -247,6 +247,26 @@ def read_arrays(data: bytes, path: Path, expected: dict[str, tuple], source: str
     return state
 
 
+def _decode_tensors(data: bytes, path: Path) -> dict[str, np.ndarray]:
+    from nflow_np.safetensors_io import SafetensorsError, decode
+
+    try:
+        return decode(data, str(path))[0]
+    except SafetensorsError as error:
+        raise ModelFileError(f"not a readable .safetensors file: {error}") from error
+
+
+def tensor_sizes(data: bytes, path: Path) -> dict[str, int]:
+    """``{tensor name: bytes}`` of the ``.safetensors`` bytes ``data`` (its header parsed, no data copied).
+
+    Raises
+    ------
+    ModelFileError
+        Not a valid ``.safetensors`` file (:func:`nflow_np.safetensors_io.decode`).
+    """
+    return {name: tensor.nbytes for name, tensor in _decode_tensors(data, path).items()}
+
+
 def read_tensors(data: bytes, path: Path, expected: dict[str, tuple], source: str) -> dict[str, np.ndarray]:
     """The tensors of the ``.safetensors`` bytes ``data`` after checking them against ``expected``.
 
@@ -259,12 +279,7 @@ def read_tensors(data: bytes, path: Path, expected: dict[str, tuple], source: st
     ------
     ModelFileError
     """
-    from nflow_np.safetensors_io import SafetensorsError, decode
-
-    try:
-        tensors, _ = decode(data, str(path))
-    except SafetensorsError as error:
-        raise ModelFileError(f"not a readable .safetensors file: {error}") from error
+    tensors = _decode_tensors(data, path)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ModelFileError(f"{path}: tensors do not match {source}: missing {missing}, unexpected {unexpected}")
