@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Callable
@@ -269,8 +270,9 @@ def test_truncated_weights(saved: Path, keep: int) -> None:
 
 def test_weights_that_are_not_safetensors(saved: Path) -> None:
     state, _ = decode((saved / WEIGHTS_FILE).read_bytes())
-    np.savez(saved / "model.npz", **state)  # the old format under the new name
-    (saved / WEIGHTS_FILE).write_bytes((saved / "model.npz").read_bytes())
+    buffer = io.BytesIO()
+    np.savez(buffer, **state)
+    (saved / WEIGHTS_FILE).write_bytes(buffer.getvalue())  # the old format under the new name
     with pytest.raises(ModelFileError, match=r"not a readable \.safetensors file: .*header length"):
         load_model(saved)
 
