@@ -313,7 +313,7 @@ def unlock(path: Path) -> None:
 
 
 # -- space -----------------------------------------------------------------------------------------
-_ARRAY_OVERHEAD = 128 + 2 * 100  # .npy header, plus the zip local and central headers of one member
+_ARRAY_OVERHEAD = 128 + 2 * 100  # .npy header and zip headers of one member (more than a safetensors entry)
 
 
 def save_bytes(n_parameters: int, n_arrays: int, itemsize: int, config_bytes: int = 64 * 1024) -> int:
