@@ -165,7 +165,7 @@ def fit_for(
         return False
 
     result = fit(model, rows_train, rows_val, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-                 patience=patience, progress=progress, on_epoch_end=end_of_epoch,
+                 lr_schedule="constant", patience=patience, progress=progress, on_epoch_end=end_of_epoch,
                  before_validation=recalibrate_batch_norms, comm=comm,
                  shuffle_seed=lambda epoch: seed + epoch)  # the orders of the README's runs
     stopped_by = "time_limit" if result.stopped_by == "on_epoch_end" else result.stopped_by

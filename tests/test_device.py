@@ -148,7 +148,7 @@ def test_image_models_train_on_the_device(fake_backend: object, kind: str) -> No
     images = np.random.default_rng(3).integers(0, 4, size=(96, 1, 4, 4)).astype(np.float64)
     rows = images.reshape(96, -1)
     host = build()
-    want = fit(host, rows[:64], rows[64:], epochs=2, batch_size=16, progress=False).history
+    want = fit(host, rows[:64], rows[64:], optimizer=Adam(host), epochs=2, batch_size=16, progress=False).history
     model = build().to_device()
     optimizer = Adam(model)
     got = fit(model, rows[:64], rows[64:], optimizer=optimizer, epochs=2, batch_size=16, progress=False).history
