@@ -223,7 +223,10 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
         f"{summary['test_log_likelihood_01']:.1f} nats); best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}, {summary['steps']} steps in {summary['train_seconds']:.1f} s"
     )
-    print(f"wrote model.npz, model.json, summary.json, samples.png, reconstructions.png, interpolations.png to {out}")
+    print(
+        f"wrote model.safetensors, model.json, summary.json, samples.png, reconstructions.png, interpolations.png "
+        f"to {out}"
+    )
     return 0
 
 

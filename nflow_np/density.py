@@ -137,7 +137,7 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         The keys of :data:`nflow_np.cli_options.TRAIN_DEFAULTS`, plus ``arguments`` (the JSON-ready
         record of the run kept in checkpoints and ``summary.json``).
     out : pathlib.Path
-        The run's folder: ``model.npz`` + ``model.json``, ``summary.json``, ``density.png`` and
+        The run's folder: ``model.safetensors`` + ``model.json``, ``summary.json``, ``density.png`` and
         ``samples.png`` (2-D data, unless ``plots`` is off), ``checkpoints/`` if asked for.
     comm : mpi4py communicator, optional
         Train data-parallel (:mod:`nflow_np.distributed`); rank 0 writes every file.

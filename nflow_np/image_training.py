@@ -233,7 +233,7 @@ def train_image_model(
     input (:meth:`~nflow_np.model.FlowModel.set_memory`; ``docs/memory.md``): ``"invert"`` recomputes
     it with the layer's inverse instead of storing it (the batch norms, in training mode, store theirs).
 
-    Writes ``model.npz``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
+    Writes ``model.safetensors``/``model.json`` (:func:`nflow_np.io.save_model`, metadata with the image
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
     ``reconstructions.png`` and ``interpolations.png``. With ``comm`` the training runs data-parallel
     (:mod:`nflow_np.distributed`; batch norms use the whole batch's moments) and rank 0 writes the files.

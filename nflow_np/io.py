@@ -19,6 +19,7 @@ from nflow_np.files.model_files import (
     CONFIG_FILE,
     FORMAT_VERSION,
     MODEL_KEYS,
+    NPZ_WEIGHTS_FILE,
     WEIGHTS_FILE,
     check_description,
     check_metadata,
@@ -40,6 +41,7 @@ from nflow_np.files.safe import (
     parse_json,
     read_arrays,
     read_file,
+    read_tensors,
 )
 from nflow_np.specs import FLOW_KINDS, MAX_DIM, flow_from_spec, register_flow
 from nflow_np.specs import to_spec as flow_to_spec
@@ -55,6 +57,7 @@ __all__ = [
     "MAX_DIM",
     "MAX_WEIGHTS_BYTES",
     "MODEL_KEYS",
+    "NPZ_WEIGHTS_FILE",
     "WEIGHTS_FILE",
     "FolderLockedError",
     "ModelFileError",
@@ -74,6 +77,7 @@ __all__ = [
     "parse_json",
     "publish_folder",
     "read_arrays",
+    "read_tensors",
     "read_config",
     "read_file",
     "register_flow",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from conv_cases import CONV_FLOW_CASES
@@ -322,3 +323,23 @@ CASES: list[FlowCase] = [
 FLOW_CASES: list[tuple[str, FlowFactory]] = [(case.name, case.build) for case in CASES if case.on_all_of_r_d]
 """``(name, factory(dim, rng, dtype) -> Flow)`` for the cases that are bijections of ``R^dim`` for any
 ``dim ≥ 2`` fed ``N(0, I)`` inputs: what tests that stack random layers or push extreme inputs draw from."""
+
+
+def to_format_1(folder: Path) -> Path:
+    """Rewrite the model folder ``folder`` as nflow_np before safetensors wrote it: ``model.npz``, format 1."""
+    import hashlib
+    import io
+    import json
+
+    from nflow_np.safetensors_io import decode
+
+    config = json.loads((folder / "model.json").read_text())
+    tensors, _ = decode((folder / "model.safetensors").read_bytes())
+    buffer = io.BytesIO()
+    np.savez(buffer, **tensors)
+    del config["weights_file"], config["sha256"]
+    config.update(format_version=1, npz_sha256=hashlib.sha256(buffer.getvalue()).hexdigest())
+    (folder / "model.npz").write_bytes(buffer.getvalue())
+    (folder / "model.json").write_text(json.dumps(config, indent=2))
+    (folder / "model.safetensors").unlink()
+    return folder

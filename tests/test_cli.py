@@ -27,7 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_train_writes_model_summary_and_plots(run: Path, capsys: pytest.CaptureFixture) -> None:
     files = sorted(p.name for p in run.iterdir())
-    assert files == ["density.png", "model.json", "model.npz", "samples.png", "summary.json"]
+    assert files == ["density.png", "model.json", "model.safetensors", "samples.png", "summary.json"]
     for picture in ("density.png", "samples.png"):
         assert (run / picture).read_bytes().startswith(PNG_SIGNATURE)
 
@@ -111,9 +111,9 @@ def test_errors_are_one_line_and_exit_2(
 
 def test_eval_of_a_damaged_model_exits_2(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "model.json").write_text((run / "model.json").read_text())
-    (tmp_path / "model.npz").write_bytes((run / "model.npz").read_bytes()[:100])
+    (tmp_path / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes()[:100])
     assert main(["eval", str(tmp_path)]) == 2
-    assert "model.npz: not a readable .npz archive" in capsys.readouterr().err
+    assert "not a readable .safetensors file" in capsys.readouterr().err
 
 
 def test_help_returns_0(capsys: pytest.CaptureFixture) -> None:

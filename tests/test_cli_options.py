@@ -134,7 +134,7 @@ def test_a_fresh_run_into_a_runs_folder_needs_force(tmp_path: Path, capsys: pyte
     first = load_model(out).state_dict()
     capsys.readouterr()
     assert main(["train", *TINY, "--no-plots", "--seed", "1", "--out", str(out)]) == 2
-    assert "already holds a model (model.json, model.npz); pass --force" in capsys.readouterr().err
+    assert "already holds a model (model.json, model.safetensors); pass --force" in capsys.readouterr().err
     assert main(["train", "--model", "gmm", "--components", "1", "--n-train", "300", "--force", "--out",
                  str(out)]) == 2
     assert "a mixed folder" in capsys.readouterr().err

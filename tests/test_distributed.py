@@ -19,7 +19,7 @@ import distributed_script
 import numpy as np
 import pytest
 
-from nflow_np import backend, distributed
+from nflow_np import backend, distributed, safetensors_io
 from nflow_np.architectures import build_model
 from nflow_np.flows.normalization import BatchNorm
 
@@ -74,6 +74,8 @@ def assert_close(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray]) 
 
 
 def load(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        return safetensors_io.load(path)[0]
     with np.load(path) as arrays:
         return {name: arrays[name] for name in arrays.files}
 
@@ -200,8 +202,8 @@ def test_a_rank_failing_inside_a_step_with_batch_norms_aborts_the_job(tmp_path: 
 def test_nflow_train_on_ranks_matches_one_process(ranks: int, tmp_path: Path) -> None:
     nflow(1, "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "one"))
     done = nflow(ranks, "train", *TOY, "--epochs", "10", "--out", str(tmp_path / "many"))
-    assert done.stdout.count("wrote model.npz") == 1 and done.stderr == ""  # rank 0 alone speaks
-    assert_close(load(tmp_path / "many" / "model.npz"), load(tmp_path / "one" / "model.npz"))
+    assert done.stdout.count("wrote model.safetensors") == 1 and done.stderr == ""  # rank 0 alone speaks
+    assert_close(load(tmp_path / "many" / "model.safetensors"), load(tmp_path / "one" / "model.safetensors"))
 
 
 def test_nflow_train_images_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
@@ -210,9 +212,9 @@ def test_nflow_train_images_on_two_ranks_matches_one_process(tmp_path: Path) -> 
               "--no-progress"]
     nflow(1, "train", *images, "--out", str(tmp_path / "one"))
     done = nflow(2, "train", *images, "--out", str(tmp_path / "two"))
-    assert done.stdout.count("wrote model.npz") == 1
+    assert done.stdout.count("wrote model.safetensors") == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert_close(load(tmp_path / "two" / "model.npz"), load(tmp_path / "one" / "model.npz"))
+    assert_close(load(tmp_path / "two" / "model.safetensors"), load(tmp_path / "one" / "model.safetensors"))
     one, two = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two"))
     assert (one["ranks"], two["ranks"]) == (1, 2)
     for split in ("train", "val", "test"):  # sharded over the ranks, each row with the noise one process draws
@@ -228,9 +230,9 @@ def test_checkpoint_at_two_ranks_resumes_at_one_and_three(tmp_path: Path) -> Non
     shutil.copytree(tmp_path / "two", tmp_path / "two-again")
     nflow(1, "train", "--resume", str(tmp_path / "two"), "--epochs", "10", "--no-progress")
     nflow(3, "train", "--resume", str(tmp_path / "two-again"), "--epochs", "10", "--no-progress")
-    reference = load(tmp_path / "single" / "model.npz")
-    assert_close(load(tmp_path / "two" / "model.npz"), reference)
-    assert_close(load(tmp_path / "two-again" / "model.npz"), reference)
+    reference = load(tmp_path / "single" / "model.safetensors")
+    assert_close(load(tmp_path / "two" / "model.safetensors"), reference)
+    assert_close(load(tmp_path / "two-again" / "model.safetensors"), reference)
 
 
 def test_nflow_train_stops_every_rank_when_one_fails_in_a_step(tmp_path: Path) -> None:
@@ -238,7 +240,7 @@ def test_nflow_train_stops_every_rank_when_one_fails_in_a_step(tmp_path: Path) -
                    check=False)
     assert done.returncode == 2
     assert done.stderr.strip() == "nflow train: error: rank 1 of 2 failed: injected failure in the third step"
-    assert not (tmp_path / "run" / "model.npz").exists()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_nflow_train_aborts_the_job_when_a_rank_leaves_outside_a_step(tmp_path: Path) -> None:
@@ -247,7 +249,7 @@ def test_nflow_train_aborts_the_job_when_a_rank_leaves_outside_a_step(tmp_path: 
                    check=False)
     assert done.returncode != 0
     assert "nflow (rank 1 of 2): OSError: injected failure before training; the other ranks do not" in done.stderr
-    assert not (tmp_path / "run" / "model.npz").exists()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_a_rank_killed_by_a_signal_ends_the_job_and_the_checkpoint_resumes(tmp_path: Path) -> None:
@@ -258,7 +260,7 @@ def test_a_rank_killed_by_a_signal_ends_the_job_and_the_checkpoint_resumes(tmp_p
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-000000030.npz"]
     nflow(1, "train", "--resume", str(tmp_path / "run"), "--no-plots", "--no-progress")
     nflow(1, "train", *arguments, "--out", str(tmp_path / "uninterrupted"))
-    assert_close(load(tmp_path / "run" / "model.npz"), load(tmp_path / "uninterrupted" / "model.npz"))
+    assert_close(load(tmp_path / "run" / "model.safetensors"), load(tmp_path / "uninterrupted" / "model.safetensors"))
 
 
 def test_one_process_imports_no_mpi(tmp_path: Path) -> None:

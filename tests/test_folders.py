@@ -167,7 +167,7 @@ def test_a_mixture_saved_over_a_flow_model_replaces_it_whole(old_folder, monkeyp
     assert snapshot(old_folder) == before
     mixture.save(old_folder, {"data": "two_moons", "seed": 0, "components": 2})
     names = set(snapshot(old_folder))
-    assert "gmm.npz" in names and "model.npz" not in names and "model.json" not in names
+    assert "gmm.npz" in names and not names & {"model.safetensors", "model.npz", "model.json"}
     loaded, summary = GaussianMixture.load(old_folder)
     np.testing.assert_array_equal(loaded.log_prob(POINTS), mixture.log_prob(POINTS))
     assert summary["components"] == 2
@@ -184,13 +184,13 @@ def _dead_pid() -> int:
 def test_temporaries_of_killed_saves_are_removed_by_the_next_save(old_folder):
     stale = old_folder.parent / f".{old_folder.name}.new-{_dead_pid()}-0123456789ab"
     stale.mkdir()
-    (stale / "model.npz").write_bytes(b"half")
+    (stale / "model.safetensors").write_bytes(b"half")
     live = old_folder.parent / f".{old_folder.name}.new-{os.getpid()}-0123456789ab"
     live.mkdir()  # a save of a live process is not touched
-    (old_folder / ".model.npz.0123456789ab.tmp").write_bytes(b"half")
+    (old_folder / ".model.safetensors.0123456789ab.tmp").write_bytes(b"half")
     save_model(new_model(), old_folder)
     assert not stale.exists() and live.exists()
-    assert not (old_folder / ".model.npz.0123456789ab.tmp").exists()
+    assert not (old_folder / ".model.safetensors.0123456789ab.tmp").exists()
 
 
 def test_the_lock_refuses_a_second_writer_by_pid_and_reclaims_a_dead_ones(tmp_path):

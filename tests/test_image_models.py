@@ -23,7 +23,9 @@ from nflow_np.image_training import IMAGE_RECIPES, train_image_model
 from nflow_np.io import save_model
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-IMAGE_FILES = ["interpolations.png", "model.json", "model.npz", "reconstructions.png", "samples.png", "summary.json"]
+IMAGE_FILES = [
+    "interpolations.png", "model.json", "model.safetensors", "reconstructions.png", "samples.png", "summary.json"
+]
 
 
 @pytest.fixture(scope="module")

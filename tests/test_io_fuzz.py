@@ -17,16 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import to_format_1
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nflow_np.architectures import build_model
 from nflow_np.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
-from nflow_np.io import CONFIG_FILE, MAX_DIM, WEIGHTS_FILE, ModelFileError, load_model, save_model
+from nflow_np.io import CONFIG_FILE, MAX_DIM, NPZ_WEIGHTS_FILE, WEIGHTS_FILE, ModelFileError, load_model, save_model
 from nflow_np.optim import Adam
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 POINTS = np.random.default_rng(0).normal(size=(16, 2))
+
+
+def _model_files(folder: Path, weights: str) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in (CONFIG_FILE, weights)}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +40,16 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, byt
     for _, value, _ in model.named_parameters():
         value[...] = np.random.default_rng(1).normal(0.0, 0.3, value.shape)
     folder = save_model(model, tmp_path_factory.mktemp("model"), metadata={"note": "fuzz"})
-    return {name: (folder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}, model.state_dict()
+    return _model_files(folder, WEIGHTS_FILE), model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def old_model_files(tmp_path_factory, model_files) -> dict[str, bytes]:
+    """The same model as format 1 (``model.npz``) wrote it: the old reader is fuzzed too."""
+    folder = tmp_path_factory.mktemp("old")
+    for name, content in model_files[0].items():
+        (folder / name).write_bytes(content)
+    return _model_files(to_format_1(folder), NPZ_WEIGHTS_FILE)
 
 
 @st.composite
@@ -76,14 +90,20 @@ def load_cleanly_or_refuse(folder: Path, original: dict[str, np.ndarray]) -> boo
 
 
 @FUZZ
-@given(data=st.data(), target=st.sampled_from([CONFIG_FILE, WEIGHTS_FILE, "both"]))
-def test_mutated_model_files_load_cleanly_or_raise_model_file_error(tmp_path, model_files, data, target):
+@given(data=st.data(), target=st.sampled_from(["config", "weights", "both"]), old=st.booleans())
+def test_mutated_model_files_load_cleanly_or_raise_model_file_error(
+    tmp_path, model_files, old_model_files, data, target, old
+):
     files, original = model_files
+    files = old_model_files if old else files
+    weights = NPZ_WEIGHTS_FILE if old else WEIGHTS_FILE
     folder = tmp_path / "m"
     folder.mkdir(exist_ok=True)
+    for stale in (WEIGHTS_FILE, NPZ_WEIGHTS_FILE):
+        (folder / stale).unlink(missing_ok=True)
     for name, content in files.items():
-        if target in (name, "both"):
-            other = files[WEIGHTS_FILE if name == CONFIG_FILE else CONFIG_FILE]
+        if target in ("config" if name == CONFIG_FILE else "weights", "both"):
+            other = files[weights if name == CONFIG_FILE else CONFIG_FILE]
             content = data.draw(mutated(content, other), label=name)
         (folder / name).write_bytes(content)
     load_cleanly_or_refuse(folder, original)
@@ -220,7 +240,7 @@ def rewrite_archive(folder: Path, members: dict[str, bytes], compress: bool = Fa
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as archive:
         for name, content in members.items():
             archive.writestr(name, content)
-    (folder / WEIGHTS_FILE).write_bytes(buffer.getvalue())
+    (folder / NPZ_WEIGHTS_FILE).write_bytes(buffer.getvalue())
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -230,15 +250,22 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def real_members(folder: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(folder / WEIGHTS_FILE) as archive:
+    with zipfile.ZipFile(folder / NPZ_WEIGHTS_FILE) as archive:
         return {name: archive.read(name) for name in archive.namelist()}
 
 
-def test_a_decompression_bomb_is_refused_before_it_is_inflated(saved):
+@pytest.fixture
+def saved_npz(saved: Path) -> Path:
+    """A format-1 folder (``model.npz``): the archive attacks below target the old reader, still in use."""
+    return to_format_1(saved)
+
+
+def test_a_decompression_bomb_is_refused_before_it_is_inflated(saved_npz):
+    saved = saved_npz
     members = real_members(saved)
     members["flow.0.scale.npy"] = npy(np.zeros(50_000_000 // 8))  # 50 MB of zeros, ~50 kB compressed
     rewrite_archive(saved, members, compress=True)
-    assert (saved / WEIGHTS_FILE).stat().st_size < 1_000_000
+    assert (saved / NPZ_WEIGHTS_FILE).stat().st_size < 1_000_000
     with pytest.raises(ModelFileError, match=r"'flow\.0\.scale' declares 50000128 bytes"):
         load_model(saved)
 
@@ -253,7 +280,8 @@ def test_a_decompression_bomb_is_refused_before_it_is_inflated(saved):
     ],
     ids=["object-array", "path-outside", "not-npy", "bad-header"],
 )
-def test_hostile_archive_members_are_refused(saved, name, content, message):
+def test_hostile_archive_members_are_refused(saved_npz, name, content, message):
+    saved = saved_npz
     members = real_members(saved)
     members[name] = content
     rewrite_archive(saved, members)
@@ -261,14 +289,15 @@ def test_hostile_archive_members_are_refused(saved, name, content, message):
         load_model(saved)
 
 
-def test_duplicate_archive_members_are_refused(saved):
+def test_duplicate_archive_members_are_refused(saved_npz):
+    saved = saved_npz
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for name, content in real_members(saved).items():
             archive.writestr(name, content)
         with pytest.warns(UserWarning, match="Duplicate name"):
             archive.writestr("flow.0.scale.npy", npy(np.zeros(1)))
-    (saved / WEIGHTS_FILE).write_bytes(buffer.getvalue())
+    (saved / NPZ_WEIGHTS_FILE).write_bytes(buffer.getvalue())
     with pytest.raises(ModelFileError, match="is not one .npy array"):
         load_model(saved)
 

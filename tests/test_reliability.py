@@ -188,7 +188,7 @@ def test_separate_processes_write_identical_files(tmp_path):
     ]
     for process in processes:
         assert process.wait(timeout=120) == 0, process.stderr.read().decode()
-    first, second = ((out / "model.npz").read_bytes() for out in runs)
+    first, second = ((out / "model.safetensors").read_bytes() for out in runs)
     assert first == second
     assert load_model(runs[0]).dtype == np.float32
 

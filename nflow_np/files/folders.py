@@ -313,11 +313,11 @@ def unlock(path: Path) -> None:
 
 
 # -- space -----------------------------------------------------------------------------------------
-_ARRAY_OVERHEAD = 128 + 2 * 100  # .npy header, plus the zip local and central headers of one member
+_ARRAY_OVERHEAD = 128 + 2 * 100  # .npy header and zip headers of one member (more than a safetensors entry)
 
 
 def save_bytes(n_parameters: int, n_arrays: int, itemsize: int, config_bytes: int = 64 * 1024) -> int:
-    """Bytes of one ``model.npz`` + ``model.json`` with ``n_parameters`` scalars in ``n_arrays`` arrays."""
+    """Bytes of one model folder (weights + ``model.json``) with ``n_parameters`` scalars in ``n_arrays`` arrays."""
     return n_parameters * itemsize + n_arrays * _ARRAY_OVERHEAD + config_bytes
 
 

@@ -3,7 +3,7 @@
 ``gmm.npz`` holds ``weights: (K,)``, ``means: (K, D)``, ``covariances: (K, D, D)`` in float64;
 ``summary.json`` the run's record (``data``, ``seed``, ``n_test``, ``components``, the NLLs...). Both
 are published together in one atomic step (:func:`~nflow_np.files.folders.publish_folder`; a flow
-model's ``model.npz``/``model.json`` are dropped, so a folder never holds both), and read with the
+model's weights and ``model.json`` are dropped, so a folder never holds both), and read with the
 protections of model files: regular files only (no FIFO hang, no symbolic link followed), size caps,
 ``allow_pickle=False``, array shapes read from the ``.npy`` headers and checked to fit together before
 anything is decompressed, ``summary.json`` nesting and the types of the fields nflow reads checked.
@@ -47,7 +47,7 @@ def save_gmm(
     arrays = dict(zip(_ARRAYS, (weights, means, covariances), strict=True))
     np.savez(buffer, **{name: np.asarray(value, dtype=np.float64) for name, value in arrays.items()})
     files = {GMM_FILE: buffer.getvalue(), SUMMARY_FILE: text.encode("utf-8")}
-    publish_folder(directory, files, drop=("model.npz", "model.json"))
+    publish_folder(directory, files, drop=("model.safetensors", "model.npz", "model.json"))
     return Path(directory)
 
 

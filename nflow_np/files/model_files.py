@@ -1,13 +1,18 @@
-"""Model files: a folder holding ``model.npz`` (the parameters) and ``model.json`` (the architecture).
+"""Model files: a folder holding ``model.safetensors`` (the parameters) and ``model.json`` (the architecture).
 
-``model.npz`` stores :meth:`~nflow_np.module.Module.state_dict` (every parameter under its
-qualified name, e.g. ``flow.0.net.0.W``). ``model.json`` stores what is needed to rebuild the
-model before those arrays are copied in::
+``model.safetensors`` stores :meth:`~nflow_np.module.Module.state_dict` (every parameter and buffer
+under its qualified name, e.g. ``flow.0.net.0.W``) in the field's safe tensor format
+(:mod:`nflow_np.safetensors_io`), so PyTorch reads it by name with ``safetensors.torch.load_file``.
+``model.json`` stores what is needed to rebuild the model before those arrays are copied in::
 
-    {"format_version": 1, "dtype": "float64", "dim": 2, "base": "normal",
+    {"format_version": 2, "dtype": "float64", "dim": 2, "base": "normal",
      "flow": {"kind": "sequential", "flows": [{"kind": "affine_coupling", "mask": [true, false],
               "hidden": [64, 64], "activation": "relu"}, ...]},
-     "npz_sha256": "…", "metadata": {...}}
+     "weights_file": "model.safetensors", "sha256": "…", "metadata": {...}}
+
+Format 1 (nflow_np before safetensors) held the same arrays in ``model.npz`` and their checksum under
+``npz_sha256``; such folders still load, through the same checks. A save always writes format 2 and
+drops an old ``model.npz``, so a folder never holds two weights files.
 
 The ``flow`` spec is written and read by the layers themselves (:mod:`nflow_np.specs`; the kinds and
 their keys are listed in ``docs/files.md``). A save publishes both files, and any extra ones, as one
@@ -19,34 +24,50 @@ before any parameter is written. Every problem with the files raises :class:`Mod
 
 Hostile files: both files must be regular files inside the folder (a symbolic link is refused); the
 JSON may be at most :data:`MAX_CONFIG_BYTES`, the weights at most :data:`MAX_WEIGHTS_BYTES` (refused
-from their size, unread); ``.npz`` archives are opened with ``allow_pickle=False`` and every member's
-declared size is checked against the shape the config implies *before* it is decompressed; the config
+from their size, unread); ``.safetensors`` files are parsed by a strict reader (header length capped,
+tensors tiling the buffer exactly, no copy of the data); old ``.npz`` archives are opened with
+``allow_pickle=False`` and every member's declared size is checked against the shape the config implies
+*before* it is decompressed; the config
 may not describe more parameters than the weights file can hold, nor a dimension above :data:`MAX_DIM`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from nflow_np import safetensors_io
 from nflow_np.distributions import BASE_DISTRIBUTIONS
 from nflow_np.files import safe
 from nflow_np.files.folders import publish_folder
-from nflow_np.files.safe import ModelFileError, archive_members, parse_json, read_arrays, read_file
+from nflow_np.files.safe import (
+    ModelFileError,
+    archive_members,
+    parse_json,
+    read_arrays,
+    read_file,
+    read_tensors,
+    tensor_sizes,
+)
 from nflow_np.model import FlowModel
 from nflow_np.specs import MAX_DIM, check_int, flow_from_spec, to_spec
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.npz"
+FORMAT_VERSION = 2
+WEIGHTS_FILE = "model.safetensors"
+NPZ_WEIGHTS_FILE = "model.npz"
+"""Format 1's weights file: still read, and dropped when a model is saved over its folder."""
 CONFIG_FILE = "model.json"
 GMM_FILES = ("gmm.npz",)
 """A Gaussian-mixture folder's own file: dropped when a flow model is saved over it (no mixed folder)."""
-_CONFIG_KEYS = {"format_version", "dtype", "dim", "base", "flow", "npz_sha256", "metadata"}
+_CONFIG_KEYS = {
+    1: {"format_version", "dtype", "dim", "base", "flow", "npz_sha256", "metadata"},
+    2: {"format_version", "dtype", "dim", "base", "flow", "weights_file", "sha256", "metadata"},
+}
+_CHECKSUM_KEY = {1: "npz_sha256", 2: "sha256"}
 MODEL_KEYS = ("dtype", "dim", "base", "flow")
 """The fields of ``model.json`` (and of a checkpoint's ``model`` entry) that describe the architecture."""
 
@@ -114,13 +135,12 @@ def model_file_bytes(model: FlowModel, metadata: dict | None = None) -> dict[str
     if not isinstance(metadata, dict):
         raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
     description = describe_model(model)
-    buffer = io.BytesIO()
-    np.savez(buffer, **model.state_dict())
-    weights = buffer.getvalue()
+    weights = safetensors_io.encode(model.state_dict())
     config = {
         "format_version": FORMAT_VERSION,
         **description,
-        "npz_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_file": WEIGHTS_FILE,
+        "sha256": hashlib.sha256(weights).hexdigest(),
         "metadata": metadata,
     }
     try:
@@ -137,10 +157,11 @@ def save_model(
     *,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save ``model`` as ``directory/model.npz`` and ``directory/model.json``, replacing the folder whole.
+    """Save ``model`` as ``directory/model.safetensors`` and ``directory/model.json``, replacing the folder whole.
 
     Every other file of ``directory`` (checkpoints, plots) is kept, except a Gaussian mixture's
-    ``gmm.npz``. The new folder is published in one atomic step (:mod:`nflow_np.files.folders`).
+    ``gmm.npz`` and a format-1 ``model.npz``. The new folder is published in one atomic step
+    (:mod:`nflow_np.files.folders`).
 
     Parameters
     ----------
@@ -167,7 +188,7 @@ def save_model(
         The write failed; the previous folder is unchanged.
     """
     files = {**(extra_files or {}), **model_file_bytes(model, metadata)}  # model.json last (in-place mode)
-    publish_folder(directory, files, drop=GMM_FILES)
+    publish_folder(directory, files, drop=(*GMM_FILES, NPZ_WEIGHTS_FILE))
     return Path(directory)
 
 
@@ -177,8 +198,9 @@ def read_config(directory: str | os.PathLike) -> dict:
     Returns
     -------
     dict
-        ``format_version``, ``dtype``, ``dim``, ``base``, ``flow``, ``npz_sha256``, ``metadata``
-        (whose fields nflow reads are checked: :func:`check_metadata`).
+        ``format_version``, ``dtype``, ``dim``, ``base``, ``flow``, ``metadata`` (whose fields nflow
+        reads are checked: :func:`check_metadata`), and the weights' SHA-256: ``weights_file`` and
+        ``sha256`` (format 2) or ``npz_sha256`` (format 1).
 
     Raises
     ------
@@ -188,18 +210,22 @@ def read_config(directory: str | os.PathLike) -> dict:
     data = read_file(path, safe.MAX_CONFIG_BYTES, hint=f" (is {directory} a folder written by save_model?)")
     config = parse_json(data, path)
     version = config.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in _CONFIG_KEYS:
         raise ModelFileError(
-            f"{path}: format_version {version!r} is not supported (this version reads {FORMAT_VERSION}; "
+            f"{path}: format_version {version!r} is not supported (this version reads 1 and {FORMAT_VERSION}; "
             "a newer file needs a newer nflow_np)"
         )
-    missing, unexpected = sorted(_CONFIG_KEYS - set(config)), sorted(set(config) - _CONFIG_KEYS)
+    keys = _CONFIG_KEYS[version]
+    missing, unexpected = sorted(keys - set(config)), sorted(set(config) - keys)
     if missing or unexpected:
         raise ModelFileError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     check_description(config, str(path))
-    sha = config["npz_sha256"]
+    if version == 2 and config["weights_file"] != WEIGHTS_FILE:  # never a path chosen by the file
+        raise ModelFileError(f"{path}: weights_file must be {WEIGHTS_FILE!r}, got {config['weights_file']!r}")
+    key = _CHECKSUM_KEY[version]
+    sha = config[key]
     if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-        raise ModelFileError(f"{path}: npz_sha256 must be 64 lowercase hex digits, got {sha!r}")
+        raise ModelFileError(f"{path}: {key} must be 64 lowercase hex digits, got {sha!r}")
     if not isinstance(config["metadata"], dict):
         raise ModelFileError(f"{path}: metadata must be an object, got {type(config['metadata']).__name__}")
     check_metadata(config["metadata"], f"{path}: metadata", config["dim"])
@@ -240,9 +266,9 @@ def check_metadata(metadata: dict, where: str, dim: int) -> None:
 
 
 def load_model(directory: str | os.PathLike) -> FlowModel:
-    """Load a model saved by :func:`save_model` (or by any earlier nflow_np writing format 1).
+    """Load a model saved by :func:`save_model` (format 2) or by an earlier nflow_np (format 1, ``model.npz``).
 
-    The whole model is built from ``model.json`` and every array of ``model.npz`` is checked
+    The whole model is built from ``model.json`` and every array of the weights file is checked
     against it (names, shapes, dtype, finiteness, checksum) before any parameter is written.
 
     Raises
@@ -252,15 +278,22 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
     """
     directory = Path(directory)
     config = read_config(directory)
-    weights_path = directory / WEIGHTS_FILE
+    version = config["format_version"]
+    weights_path = directory / (WEIGHTS_FILE if version == 2 else NPZ_WEIGHTS_FILE)
     data = read_file(weights_path, safe.MAX_WEIGHTS_BYTES)  # read once: checksum and arrays from the same bytes
     dtype = np.dtype(config["dtype"])
     # honest weights hold every parameter, so their size bounds what the config may ask to allocate
-    stored = sum(archive_members(data, weights_path).values())
+    # (the whole file, like an archive's member sizes, counts headers too: a loose bound, checked exactly later)
+    if version == 2:
+        tensor_sizes(data, weights_path)  # a damaged file is named as such before the config is built
+        stored = len(data)
+    else:
+        stored = sum(archive_members(data, weights_path).values())
     model = model_from_description(config, str(directory / CONFIG_FILE), max_parameters=stored // dtype.itemsize)
     expected = {name: (value.shape, dtype) for name, value in model.named_state()}  # parameters and buffers
-    state = read_arrays(data, weights_path, expected, CONFIG_FILE)
-    if hashlib.sha256(data).hexdigest() != config["npz_sha256"]:
+    read = read_tensors if version == 2 else read_arrays
+    state = read(data, weights_path, expected, CONFIG_FILE)
+    if hashlib.sha256(data).hexdigest() != config[_CHECKSUM_KEY[version]]:
         raise ModelFileError(
             f"{weights_path}: checksum differs from the one in {CONFIG_FILE}; the two files come from "
             "different saves (save the model again)"

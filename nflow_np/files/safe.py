@@ -30,8 +30,9 @@ import numpy as np
 MAX_CONFIG_BYTES = 64 * 2**20
 """Largest ``model.json`` (or checkpoint description, ``summary.json``) the loader reads: far above any real one."""
 MAX_WEIGHTS_BYTES = 4 * 2**30
-"""Largest weights file (``model.npz``, a checkpoint, ``gmm.npz``) a loader reads: 4 GiB, about 500 million
-float64 parameters. A larger (e.g. sparse) file is refused from its size, before a byte is read."""
+"""Largest weights file (``model.safetensors``, an old ``model.npz``, a checkpoint, ``gmm.npz``) a loader
+reads: 4 GiB, about 500 million float64 parameters. A larger (e.g. sparse) file is refused from its size,
+before a byte is read."""
 MAX_DEPTH = 64
 """Deepest nesting of JSON objects and lists in a flow spec. Real models use about ten levels; a much
 deeper one would build, then exhaust the interpreter's stack at its first forward pass."""
@@ -242,6 +243,57 @@ def read_arrays(data: bytes, path: Path, expected: dict[str, tuple], source: str
         raise
     except ARCHIVE_ERRORS as error:
         raise ModelFileError(f"{path}: not a readable .npz archive ({type(error).__name__}: {error})") from error
+    check_arrays(state, path, expected, source)
+    return state
+
+
+def _decode_tensors(data: bytes, path: Path) -> dict[str, np.ndarray]:
+    from nflow_np.safetensors_io import SafetensorsError, decode
+
+    try:
+        return decode(data, str(path))[0]
+    except SafetensorsError as error:
+        raise ModelFileError(f"not a readable .safetensors file: {error}") from error
+
+
+def tensor_sizes(data: bytes, path: Path) -> dict[str, int]:
+    """``{tensor name: bytes}`` of the ``.safetensors`` bytes ``data`` (its header parsed, no data copied).
+
+    Raises
+    ------
+    ModelFileError
+        Not a valid ``.safetensors`` file (:func:`nflow_np.safetensors_io.decode`).
+    """
+    return {name: tensor.nbytes for name, tensor in _decode_tensors(data, path).items()}
+
+
+def read_tensors(data: bytes, path: Path, expected: dict[str, tuple], source: str) -> dict[str, np.ndarray]:
+    """The tensors of the ``.safetensors`` bytes ``data`` after checking them against ``expected``.
+
+    The file is parsed by the strict reader :func:`nflow_np.safetensors_io.decode` (header length
+    capped and inside the file, offsets tiling the buffer exactly); the tensors are views of ``data``,
+    so nothing is allocated beyond the bytes already read. Then the same checks as :func:`read_arrays`:
+    exactly the expected names, shapes and dtype, finite values.
+
+    Raises
+    ------
+    ModelFileError
+    """
+    tensors = _decode_tensors(data, path)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ModelFileError(f"{path}: tensors do not match {source}: missing {missing}, unexpected {unexpected}")
+    check_arrays(tensors, path, expected, source)
+    return tensors
+
+
+def check_arrays(state: dict[str, object], path: Path, expected: dict[str, tuple], source: str) -> None:
+    """Check that every array of ``state`` has the ``(shape, dtype)`` of ``expected`` and finite values.
+
+    Raises
+    ------
+    ModelFileError
+    """
     for name, (shape, dtype) in expected.items():
         value = state[name]
         if not isinstance(value, np.ndarray):
@@ -252,4 +304,3 @@ def read_arrays(data: bytes, path: Path, expected: dict[str, tuple], source: str
             raise ModelFileError(f"{path}: {name!r} has shape {value.shape}, {source} implies {shape}")
         if value.dtype.kind == "f" and not np.isfinite(value).all():
             raise ModelFileError(f"{path}: {name!r} has non-finite values")
-    return state
