@@ -118,7 +118,9 @@ def run(ranks: int, model: str, steps: int, quick: bool) -> dict:
     package = __spec__.parent  # benchmarks, or nflow_np_benchmarks where installed
     threads = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                                       "NUMBA_NUM_THREADS")}
-    command = ["mpiexec", "-n", str(ranks), sys.executable, "-m", f"{package}.distributed", "--worker", model,
+    from nflow_np.distributed import launcher
+
+    command = [launcher(), "-n", str(ranks), sys.executable, "-m", f"{package}.distributed", "--worker", model,
                "--steps", str(steps)] + (["--quick"] if quick else [])
     done = subprocess.run(command, env=os.environ | threads, capture_output=True, text=True, check=False)
     if done.returncode:

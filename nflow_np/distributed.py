@@ -29,6 +29,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,27 @@ def _mpi() -> Any:
             f"distributed training needs mpi4py and an MPI library: {MPI_EXTRA} ({error})"
         ) from None
     return MPI
+
+
+def launcher() -> str:
+    """The ``mpiexec`` to start ranks with: this Python environment's own (the ``mpich`` wheel installs it
+    beside ``python``, on no ``PATH`` unless the environment is activated), else the one on ``PATH``.
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``mpiexec`` anywhere, with what to install.
+    """
+    import shutil
+    import sysconfig
+
+    own = Path(sysconfig.get_path("scripts")) / "mpiexec"
+    if own.is_file() and os.access(own, os.X_OK):
+        return str(own)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise FileNotFoundError("no mpiexec here: pip install 'nflow_np[mpi]' (mpi4py and mpich)")
+    return found
 
 
 def launched_size() -> int:

@@ -41,8 +41,8 @@ def environment() -> dict[str, str]:
 
 def mpiexec(ranks: int, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
     """``mpiexec -n ranks python arguments...`` in the repository."""
-    done = subprocess.run(["mpiexec", "-n", str(ranks), sys.executable, *arguments], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=HANG_GUARD)
+    done = subprocess.run([distributed.launcher(), "-n", str(ranks), sys.executable, *arguments], cwd=REPO,
+                          env=environment(), capture_output=True, text=True, timeout=HANG_GUARD)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -52,7 +52,7 @@ def nflow(ranks: int, *arguments: str) -> subprocess.CompletedProcess:
     """``nflow train ...`` as ``python -m nflow_np`` under ``mpiexec -n ranks`` (1: a plain process)."""
     command = [sys.executable, "-m", "nflow_np", *arguments]
     if ranks > 1:
-        command = ["mpiexec", "-n", str(ranks), *command]
+        command = [distributed.launcher(), "-n", str(ranks), *command]
     done = subprocess.run(command, cwd=REPO, env=environment(), capture_output=True, text=True, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
     return done
