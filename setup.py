@@ -37,6 +37,7 @@ setup(
         "test": [
             "pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "ruff>=0.6", "scikit-learn>=1.3", "mlxtend>=0.23",
             "numba>=0.68", "mpmath>=1.3", "matplotlib>=3.8", "safetensors>=0.4", "mpi4py>=4.0", "mpich>=4.2",
+            "setuptools>=68", "wheel>=0.42",  # tests/test_packaging.py builds a wheel without build isolation
         ],
         # the pictures: density.png, samples.png, figure3.png, image grids (nflow train draws them unless --no-plots)
         "plots": ["matplotlib>=3.8"],
