@@ -41,7 +41,7 @@ setup(
         ],
         # the pictures: density.png, samples.png, figure3.png, image grids (nflow train draws them unless --no-plots)
         "plots": ["matplotlib>=3.8"],
-        # fused CPU kernels (kernels/numba_cpu.py)
+        # fused CPU kernels (kernels/*/numba_cpu.py)
         "numba": ["numba>=0.68"],
         # GPU kernels: a CUDA GPU, numba.cuda and CuPy
         "cuda": ["numba>=0.68", "cupy-cuda12x>=13"],
@@ -53,6 +53,6 @@ setup(
         # data-parallel training: mpi4py and an MPI library with its mpiexec (nflow_np/distributed.py)
         "mpi": ["mpi4py>=4.0", "mpich>=4.2"],
     },
-    package_data={KERNELS: ["cuda/*.cu"]},
+    package_data={f"{KERNELS}.coupling": ["cuda/*.cu"]},  # the CUDA C beside kernels/coupling/cupy_kernels.py
     entry_points={"console_scripts": ["nflow=nflow_np.cli:main"]},
 )

@@ -15,7 +15,7 @@ The net is the ResNet of a checkerboard coupling (:class:`nflow_np.nn.resnet.Res
   and ``step/GEMMs``: what the rest (im2col, col2im, transposes, batch norm, ReLU) costs on top;
 - ``× torch``: PyTorch's time for the same net (weight-normalised convolutions, batch norm, autograd) over
   nflow_np's, at the same thread count (> 1: nflow_np faster);
-- ``im2col`` / ``col2im``: the NumPy reference against ``kernels.numba_conv`` on a block convolution's input
+- ``im2col`` / ``col2im``: the NumPy reference against ``kernels.conv.numba_cpu`` on a block convolution's input
   (the measurement that decides whether the Numba kernels are wired in: ``docs/conv.md#speed``).
 """
 
@@ -115,7 +115,7 @@ def im2col_rows(net_settings: dict, shape: tuple, repeats: int) -> list[dict]:
     cols = conv.im2col(x, k)
     impls = {"numpy": (conv.im2col, conv.col2im)}
     if numba_ready() is None:
-        numba_conv = importlib.import_module(kernel_module("numba_conv"))  # the name the library imports it by
+        numba_conv = importlib.import_module(kernel_module("conv.numba_cpu"))  # the name the library imports it by
         impls["numba"] = (numba_conv.im2col, numba_conv.col2im)
     rows = []
     for impl, (forward, adjoint) in impls.items():

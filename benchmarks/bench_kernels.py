@@ -15,8 +15,8 @@ What is timed (the affine law, the one with transcendentals; ``docs/kernels.md#m
 GB/s counts those bytes once each (what a perfect single pass moves) divided by the time. Backends:
 
 - ``numpy``: the reference ``nflow_np.flows.coupling_law`` (allocates its outputs, as the library does);
-- ``numba``: ``kernels.numba_cpu``'s ``*_into`` kernels writing into buffers allocated once;
-- ``numba (law)``: ``kernels.numba_cpu``'s law classes, allocating their outputs like the reference;
+- ``numba``: ``kernels.coupling.numba_cpu``'s ``*_into`` kernels writing into buffers allocated once;
+- ``numba (law)``: ``kernels.coupling.numba_cpu``'s law classes, allocating their outputs like the reference;
 - ``numba-cuda``, ``cupy``: when a GPU is present, on CuPy arrays already on the device, with the
   device synchronised before every clock read.
 
@@ -90,7 +90,7 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
         if op == "forward":
             return lambda: AffineLaw.forward(x2, h, scale)
         return lambda: AffineLaw.forward_vjp(x2, h, scale, d_z2, d_logdet)
-    numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
+    numba_cpu = importlib.import_module(kernel_module("coupling.numba_cpu"))
 
     if backend == "numba (law)":  # the layer's own call: what AffineCoupling gets from the seam
         with using("numba"):
@@ -114,7 +114,8 @@ def cpu_calls(backend: str, op: str, a: dict[str, np.ndarray]) -> Timer:
 def gpu_backends() -> dict[str, tuple[dict, object]]:
     """``{name: (laws, cupy)}`` for the GPU backends that run here (both need CuPy for device arrays)."""
     found = {}
-    for name, module_name in (("numba-cuda", kernel_module("numba_cuda")), ("cupy", kernel_module("cupy_kernels"))):
+    for name, module_name in (("numba-cuda", kernel_module("coupling.numba_cuda")),
+                              ("cupy", kernel_module("coupling.cupy_kernels"))):
         try:
             cupy = importlib.import_module("cupy")
             module = importlib.import_module(module_name)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if importlib.util.find_spec("numba") is not None:
-        numba_cpu = importlib.import_module(kernel_module("numba_cpu"))
+        numba_cpu = importlib.import_module(kernel_module("coupling.numba_cpu"))
 
         if args.serial:
             numba_cpu.PARALLEL_MIN_ELEMENTS = 2**62

@@ -9,7 +9,7 @@ Run from the repository root on the GPU machine (``benchmarks/gpu_check.sh`` ins
 Stages, each recorded in ``gpu_check.json`` with its status, so that one failing stage never hides the others:
 
 1. ``environment``: the GPU (``nvidia-smi``), Python and the versions of numpy / numba / numba-cuda / cupy / torch.
-2. ``tests``: ``tests/kernels/test_gpu.py`` and ``tests/test_device.py`` under pytest on the device (every GPU
+2. ``tests``: ``tests/kernels/coupling/test_gpu.py`` and ``tests/test_device.py`` under pytest on the device (every GPU
    law against the NumPy reference within the CPU tests' bounds; whole models trained on the device with the
    laws' host-copy paths made to fail). With ``--simulate`` the tests are only collected (no GPU to run them).
 3. ``laws``: the affine law forward and backward on device arrays, N ∈ {65,536, 1,048,576}, D₂ ∈ {32, 392},
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-GPU_BACKENDS = {"numba-cuda": "numba_cuda", "cupy": "cupy_kernels"}  # modules of kernels/
+GPU_BACKENDS = {"numba-cuda": "coupling.numba_cuda", "cupy": "coupling.cupy_kernels"}  # modules of kernels/
 
 
 def stage(results: dict, name: str, run: Callable[[], dict]) -> None:
@@ -76,7 +76,7 @@ def environment() -> dict:
 
 def run_tests(simulate: bool) -> dict:
     """pytest on the GPU test files; the summary line and the exit code (non-zero: the stage fails)."""
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/test_gpu.py",
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/coupling/test_gpu.py",
                "tests/test_device.py", *(["--collect-only"] if simulate else [])]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=420,
                           env=os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),

@@ -92,9 +92,9 @@ def numba_ready() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed"
     try:
-        importlib.import_module(kernel_module("numba_cpu"))
+        importlib.import_module(kernel_module("coupling.numba_cpu"))
     except Exception as error:
-        return f"kernels.numba_cpu does not import: {error}"
+        return f"kernels.coupling.numba_cpu does not import: {error}"
     return None
 
 

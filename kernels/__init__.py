@@ -1,18 +1,26 @@
-"""Fused kernels for the coupling laws (Numba CPU, Numba CUDA, CuPy).
+"""Fused kernels, one folder per operation: each replaces one NumPy reference function of ``nflow_np``.
 
 This package never imports ``nflow_np``; ``nflow_np.backend`` reaches it lazily, importing a
-module only when its backend is selected. The NumPy reference the kernels must match is
-``nflow_np.flows.coupling_law``; each backend module exports a ``FUSED`` table of only what it
+module only when its backend is selected. Each folder is one operation; its ``__init__`` names the
+NumPy reference (the specification, in ``nflow_np``) and the tests that hold the kernels to it, and
+holds one module per backend. Each backend module exports a ``FUSED`` table of only what it
 accelerates (``{"affine.forward": kernel, ...}``, the names ``nflow_np.backend.fused`` takes; a kernel
 may return ``NotImplemented`` to leave a call to the reference) and, where a device is needed,
-``require_device()``. Design, accuracy and timings:
-``docs/kernels.md``.
+``require_device()``. Design, accuracy and timings: ``docs/kernels.md``.
 
-- :mod:`kernels.numba_cpu`    backend ``"numba"``       (needs numba)
-- :mod:`kernels.numba_cuda`   backend ``"numba-cuda"``  (needs numba and a CUDA GPU, or the simulator)
-- :mod:`kernels.cupy_kernels` backend ``"cupy"``        (needs cupy and a CUDA GPU; CUDA C in ``cuda/``)
-- :mod:`kernels.vecmath`      vectorisable exp/tanh for the Numba CPU kernels
-- :mod:`kernels.validation`   argument checks shared by all backends
+- :mod:`kernels.coupling`         the coupling laws' elementwise transform and its VJPs:
+  ``numba_cpu`` (backend ``"numba"``), ``numba_cuda`` (``"numba-cuda"``), ``cupy_kernels``
+  (``"cupy"``, CUDA C in ``coupling/cuda/``), ``gpu_laws`` (the two GPU modules' shared wrapper),
+  ``validation`` (argument checks shared by the three)
+- :mod:`kernels.bias_activation`  a hidden layer's bias + activation and its backward: ``numba_cpu``
+- :mod:`kernels.adam`             Adam's update in one pass: ``numba_cpu``
+- :mod:`kernels.conv`             im2col / col2im of the convolutional nets: ``numba_cpu`` (not wired to
+  a backend: ``docs/conv.md#speed``)
+- :mod:`kernels.common`           what several operations share: ``vecmath`` (vectorisable exp/tanh
+  for the Numba CPU kernels)
+
+Tests mirror the folders: ``tests/kernels/<operation>/``; ``tests/kernels/test_backend.py`` proves the
+seam (``nflow_np.backend``) that picks a backend's modules.
 """
 
 import importlib as _importlib

@@ -7,15 +7,18 @@ in one place: :func:`set_backend`, or the environment variable ``NFLOW_BACKEND``
 Without either, the backend is ``"auto"``, the fastest that loads, resolved on first use (so
 ``import nflow_np`` never imports Numba).
 
-======================  ===================================  =============================================
-name                    implementation                       needs
-======================  ===================================  =============================================
-``"numpy"``             :mod:`nflow_np.flows.coupling_law`   nothing
-``"numba"``             :mod:`kernels.numba_cpu`             ``pip install numba``
-``"numba-cuda"``        :mod:`kernels.numba_cuda`            a CUDA GPU, ``pip install numba numba-cuda``
-``"cupy"``              :mod:`kernels.cupy_kernels`          a CUDA GPU, ``pip install cupy-cuda12x``
-``"auto"`` (default)    the fastest of the above that loads  (resolved when selected or first used)
-======================  ===================================  =============================================
+====================  ====================================  ============================================
+name                  implementation                        needs
+====================  ====================================  ============================================
+``"numpy"``           :mod:`nflow_np.flows.coupling_law`    nothing
+``"numba"``           ``kernels/*/numba_cpu.py``            ``pip install numba``
+``"numba-cuda"``      ``kernels/coupling/numba_cuda.py``    a CUDA GPU, ``pip install numba numba-cuda``
+``"cupy"``            ``kernels/coupling/cupy_kernels.py``  a CUDA GPU, ``pip install cupy-cuda12x``
+``"auto"`` (default)  the fastest of the above that loads   (resolved when selected or first used)
+====================  ====================================  ============================================
+
+``kernels/`` has one folder per operation (``coupling``, ``bias_activation``, ``adam``, ``conv``), each
+holding its kernels for every backend that has one; the records below list each backend's modules.
 
 **One seam.** Each backend is one :class:`Backend` record: its kernel modules, each exporting a
 ``FUSED`` table of only what it accelerates (``{"affine.forward": kernel, "adam_update": kernel, …}``).
@@ -91,11 +94,11 @@ _BUILT_IN = {
     record.name: record
     for record in (
         Backend(_REFERENCE),
-        Backend("numba", (kernel_module("numba_cpu"), kernel_module("numba_nn"), kernel_module("numba_optim")),
-                "pip install numba"),
-        Backend("numba-cuda", (kernel_module("numba_cuda"),),
+        Backend("numba", (kernel_module("coupling.numba_cpu"), kernel_module("bias_activation.numba_cpu"),
+                          kernel_module("adam.numba_cpu")), "pip install numba"),
+        Backend("numba-cuda", (kernel_module("coupling.numba_cuda"),),
                 "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)", "cupy"),
-        Backend("cupy", (kernel_module("cupy_kernels"),), "a CUDA GPU and pip install cupy-cuda12x", "cupy"),
+        Backend("cupy", (kernel_module("coupling.cupy_kernels"),), "a CUDA GPU and pip install cupy-cuda12x", "cupy"),
     )
 }
 _AUTO_ORDER = ("numba", _REFERENCE)

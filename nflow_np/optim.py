@@ -71,7 +71,7 @@ def adam_update(
     ``θ ← θ − η̂ · m / (√(v / b₂) + ε)``, with ``η̂ = η / (1 − β₁ᵗ)`` and ``b₂ = 1 − β₂ᵗ`` the bias
     corrections (dividing ``m`` by ``1 − β₁ᵗ`` is folded into the step size).
 
-    Each line is rounded to the parameters' dtype in this order; ``kernels.numba_optim`` does the
+    Each line is rounded to the parameters' dtype in this order; ``kernels/adam/numba_cpu.py`` does the
     same operations in one pass and gives the same bits.
 
     Parameters

@@ -35,8 +35,8 @@ def sibling_package(name: str) -> str:
     The installed name whenever it finds this checkout's folder (an editable install), else ``name``
     itself when that finds this checkout's folder (the repository on ``sys.path``, nothing installed),
     else the installed name. One name per checkout matters: Numba's on-disk cache sits beside each
-    source file and records the module's import name, so a kernel compiled as ``kernels.numba_cpu``
-    fails to load in a process that knows only ``nflow_np_kernels.numba_cpu`` (``kernels/__init__.py``
+    source file and records the module's import name, so a kernel compiled as ``kernels.coupling.numba_cpu``
+    fails to load in a process that knows only ``nflow_np_kernels.coupling.numba_cpu`` (``kernels/__init__.py``
     makes ``import kernels`` yield the installed package for the same reason).
     """
     installed = INSTALLED_NAMES[name]
@@ -46,7 +46,11 @@ def sibling_package(name: str) -> str:
 
 
 def kernel_module(module: str) -> str:
-    """The full import name of the kernel module ``module``, e.g. ``"kernels.numba_cpu"`` in the repository."""
+    """The full import name of the kernel module ``module`` (``"<operation>.<backend module>"``).
+
+    E.g. ``kernel_module("coupling.numba_cpu")`` is ``"kernels.coupling.numba_cpu"`` in the repository,
+    ``"nflow_np_kernels.coupling.numba_cpu"`` installed.
+    """
     return f"{sibling_package('kernels')}.{module}"
 
 
@@ -58,7 +62,7 @@ class _OtherName(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     Numba's cache, written by an earlier run under the other name (before ``pip install -e .``, or
     from a script that reached the folder by ``sys.path``), then rebuilds its compiled functions from
-    the same module objects, and a test's ``import kernels.numba_cpu`` is the module the library runs.
+    the same module objects, and a test's ``import kernels.coupling.numba_cpu`` is the module the library runs.
     """
 
     def __init__(self, other: str, canonical: str) -> None:

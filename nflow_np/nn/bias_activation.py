@@ -3,7 +3,7 @@
 A hidden layer of the coupling net is ``y = φ(x W + b)`` (:class:`nflow_np.nn.layers.Dense`). The
 product ``x W`` is a GEMM; everything else is elementwise and is done here, on the GEMM's fresh
 output, in place. These two functions are the reference (the specification) that a backend may
-replace by a fused one-pass kernel (``kernels.numba_nn`` on the ``"numba"`` backend, chosen by
+replace by a fused one-pass kernel (``kernels/bias_activation/numba_cpu.py`` on the ``"numba"`` backend, chosen by
 :func:`nflow_np.backend.fused`); NumPy needs three passes and two temporaries for the same work.
 
 Activations ``φ``, with ``u = y + b`` the pre-activation and ``out = φ(u)``; each derivative is

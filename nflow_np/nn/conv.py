@@ -3,7 +3,7 @@
 ``Conv2d`` is a stride-1, "same"-padded convolution with an odd kernel, on ``(N, C, H, W)`` batches
 (NCHW), computed as one GEMM per pass on an im2col matrix. The two pure functions :func:`im2col` and
 :func:`col2im` are the reference (the specification) that a fused kernel may replace
-(``kernels/numba_conv.py``, reached through :func:`nflow_np.backend.fused` under the names
+(``kernels/conv/numba_cpu.py``, reached through :func:`nflow_np.backend.fused` under the names
 ``"im2col"`` and ``"col2im"``). Derivations: ``docs/conv.md``.
 
 Layout of the im2col matrix (``docs/conv.md#one-gemm-per-pass``): rows ``(c, i, j)`` — input channel
@@ -67,7 +67,7 @@ def col2im(cols: np.ndarray, shape: tuple[int, int, int, int], k: int) -> np.nda
 
     ``d_x[n, c, y, x] = Σ_{i, j} cols[(c, i, j), (n, y − i + p, x − j + p)]`` over the offsets whose
     source pixel lies inside the image; the contributions are added in the order ``i``, then ``j``
-    (``kernels/numba_conv.py`` keeps that order, so the two agree bit for bit).
+    (``kernels/conv/numba_cpu.py`` keeps that order, so the two agree bit for bit).
 
     Parameters
     ----------

@@ -91,7 +91,7 @@ CUDASIM_PROPERTIES = ("agrees_with_the_reference", "round_trip_float32", "dtype_
 
 
 def test_the_coupling_layers_on_numba_cuda_under_the_cuda_simulator() -> None:
-    """As ``tests/kernels/test_numba_cuda.py``: ``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda``
+    """As ``tests/kernels/coupling/test_numba_cuda.py``: ``NUMBA_ENABLE_CUDASIM`` must be set before ``numba.cuda``
     is imported, so this part of the suite runs in a subprocess with it set."""
     pytest.importorskip("numba", reason="the numba-cuda backend needs `pip install numba`")
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1", "NFLOW_TEST_BACKENDS": "numba-cuda"}

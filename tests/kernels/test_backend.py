@@ -43,7 +43,7 @@ def test_default_is_the_fastest_available_resolved_on_first_use() -> None:
     code = (
         "import sys, nflow_np\n"
         "from nflow_np.packaging import kernel_module\n"
-        "print(kernel_module('numba_cpu') in sys.modules)\n"
+        "print(kernel_module('coupling.numba_cpu') in sys.modules)\n"
         "print(nflow_np.get_backend())\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "NFLOW_BACKEND"}
@@ -172,8 +172,10 @@ def test_importing_the_package_and_every_kernel_module_leaves_the_environment_un
         "before = dict(os.environ)\n"
         "import nflow_np\n"
         "from nflow_np.packaging import kernel_module\n"
-        "package = importlib.import_module(kernel_module('validation')).__name__.rpartition('.')[0]\n"
-        "names = sorted(m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__))\n"
+        "package = importlib.import_module(kernel_module('coupling')).__name__.rpartition('.')[0]\n"
+        "folders = importlib.import_module(package).__path__\n"
+        "names = sorted(m.name for m in pkgutil.walk_packages(folders, package + '.') if not m.ispkg)\n"
+        "names = [name[len(package) + 1:] for name in names]\n"
         "imported = []\n"
         "for name in names:\n"
         "    try:\n"
@@ -187,7 +189,9 @@ def test_importing_the_package_and_every_kernel_module_leaves_the_environment_un
     env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     imported, changed = out.stdout.splitlines()
-    assert "validation" in imported.split()
+    assert "coupling.validation" in imported.split()
     if importlib.util.find_spec("numba") is not None:
-        assert {"numba_cpu", "numba_nn", "numba_optim", "vecmath"} <= set(imported.split())
+        numba_modules = {"coupling.numba_cpu", "bias_activation.numba_cpu", "adam.numba_cpu", "conv.numba_cpu",
+                         "common.vecmath"}
+        assert numba_modules <= set(imported.split())
     assert changed == "[]"

@@ -76,7 +76,7 @@ def test_dense_gradients(activation: str, n: int, d_in: int, d_out: int, seed: i
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_dense_is_linear_then_activation(activation: str, dtype: type, reference_backend: None) -> None:
     """The hidden layer computes exactly what the two layers it replaces compute (the reference;
-    the numba kernels are held to the reference in ``tests/kernels/test_numba_nn.py``)."""
+    the numba kernels are held to the reference in ``tests/kernels/bias_activation/test_numba_cpu.py``)."""
     rng = np.random.default_rng(5)
     dense = randomise(Dense(6, 7, rng, dtype=dtype, activation=activation), rng)
     linear = Linear(6, 7, rng, dtype=dtype)

@@ -30,7 +30,8 @@ def gpu_laws(module_name: str) -> dict:
     return kernel_laws(module.FUSED)
 
 
-BACKENDS = pytest.mark.parametrize("module_name", [kernel_module("numba_cuda"), kernel_module("cupy_kernels")])
+GPU_MODULES = [kernel_module("coupling.numba_cuda"), kernel_module("coupling.cupy_kernels")]
+BACKENDS = pytest.mark.parametrize("module_name", GPU_MODULES)
 
 
 @BACKENDS

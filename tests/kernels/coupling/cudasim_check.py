@@ -18,14 +18,14 @@ import numpy as np
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "run me with NUMBA_ENABLE_CUDASIM=1"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the checkout, when nothing is installed
+sys.path.insert(1, str(Path(__file__).resolve().parents[3]))  # the checkout, when nothing is installed
 
 from law_check import FUNCTIONS, assert_matches_reference, draw, kernel_laws  # noqa: E402
 
 from nflow_np.flows.coupling_law import COUPLING_LAWS as REFERENCE  # noqa: E402
 from nflow_np.packaging import kernel_module  # noqa: E402
 
-numba_cuda = importlib.import_module(kernel_module("numba_cuda"))
+numba_cuda = importlib.import_module(kernel_module("coupling.numba_cuda"))
 
 CASES = [
     # (law, functions, n, d2, dtype, s_hat_scale)

@@ -1,9 +1,9 @@
 """The GPU kernels compile to PTX for sm_80 (A100) and sm_90 (H100) without a GPU.
 
-- ``kernels.numba_cuda``: every kernel, float32 and float64, through ``numba.cuda.compile_ptx``
+- ``kernels.coupling.numba_cuda``: every kernel, float32 and float64, through ``numba.cuda.compile_ptx``
   (which needs libNVVM from a CUDA toolkit, not a GPU or a driver);
-- ``kernels/cuda/coupling.cu`` (CuPy's source): ``nvcc --ptx``, and every ``extern "C"`` entry
-  that ``kernels.cupy_kernels`` launches is in the PTX.
+- ``kernels/coupling/cuda/coupling.cu`` (CuPy's source): ``nvcc --ptx``, and every ``extern "C"`` entry
+  that ``kernels.coupling.cupy_kernels`` launches is in the PTX.
 
 Skips, with the reason printed in pytest's summary (``-rs``), happen only where no CUDA compiler
 is installed (no libNVVM, or no ``nvcc`` on PATH). Set ``NFLOW_REQUIRE_CUDA_COMPILER=1`` to turn
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ARCHITECTURES = [(8, 0), (9, 0)]
-SOURCE = Path(__file__).resolve().parents[2] / "kernels" / "cuda" / "coupling.cu"
+SOURCE = Path(__file__).resolve().parents[3] / "kernels" / "coupling" / "cuda" / "coupling.cu"
 CUPY_ENTRIES = ["affine_forward", "affine_backward", "column_sum"]
 
 
@@ -59,7 +59,7 @@ def test_numba_cuda_kernels_compile_to_ptx(cc: tuple[int, int], dtype_name: str)
         nvvm.NVVM()
     except Exception as error:
         no_compiler(f"no libNVVM found by numba ({error}); install a CUDA toolkit")
-    from kernels import numba_cuda
+    from kernels.coupling import numba_cuda
 
     signatures = numba_signatures(getattr(types, dtype_name))
     assert set(signatures) == set(numba_cuda.KERNELS), "a kernel was added without a PTX signature here"
@@ -73,7 +73,7 @@ def test_numba_cuda_kernels_compile_to_ptx(cc: tuple[int, int], dtype_name: str)
 def test_cupy_source_compiles_to_ptx(cc: tuple[int, int], tmp_path: Path) -> None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        no_compiler("nvcc is not on PATH; install the CUDA toolkit to check kernels/cuda/coupling.cu")
+        no_compiler("nvcc is not on PATH; install the CUDA toolkit to check kernels/coupling/cuda/coupling.cu")
     ptx_path = tmp_path / "coupling.ptx"
     arch = f"sm_{cc[0]}{cc[1]}"
     run = subprocess.run(

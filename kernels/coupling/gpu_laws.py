@@ -1,6 +1,6 @@
 """The reference's law functions, built over a GPU module's four fused operations.
 
-``kernels.numba_cuda`` and ``kernels.cupy_kernels`` differ only in how they launch their kernels;
+``kernels.coupling.numba_cuda`` and ``kernels.coupling.cupy_kernels`` differ only in how they launch their kernels;
 the ``FUSED`` table that gives those kernels the signatures of ``nflow_np.flows.coupling_law`` is
 the same and is made here once. ``sign`` is ``+1`` for the forward pass and ``−1`` for the inverse.
 

@@ -1,4 +1,4 @@
-"""``kernels.numba_cuda`` without a GPU: under the CUDA simulator against the NumPy reference.
+"""``kernels.coupling.numba_cuda`` without a GPU: under the CUDA simulator against the NumPy reference.
 
 ``NUMBA_ENABLE_CUDASIM`` is read when ``numba.cuda`` is first imported, so the check runs in a
 subprocess (``cudasim_check.py``) whose environment sets it; this process's ``numba.cuda`` stays
@@ -24,7 +24,7 @@ def test_kernels_match_reference_under_the_cuda_simulator() -> None:
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "1"}
     run = subprocess.run(
         [sys.executable, str(HERE / "cudasim_check.py")],
-        cwd=HERE.parents[1],
+        cwd=HERE.parents[2],
         env=env,
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
-// Fused coupling-law kernels in CUDA C for CuPy (kernels/cupy_kernels.py); the maths is the NumPy
-// reference nflow_np/flows/coupling_law.py, the layout the same as kernels/numba_cuda.py:
+// Fused coupling-law kernels in CUDA C for CuPy (kernels/coupling/cupy_kernels.py); the maths is the NumPy
+// reference nflow_np/flows/coupling_law.py, the layout the same as kernels/coupling/numba_cuda.py:
 //
 //   blocks of (32, ROWS) threads, one warp per row; lane l handles columns l, l + 32, ...
 //   forward/inverse: the row's log-det is reduced with warp shuffles (in double);

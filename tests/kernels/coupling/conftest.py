@@ -1,6 +1,6 @@
 """Make ``from law_check import ...`` work in the kernel tests (the suite's own conftest adds ``tests/``).
 
-There is deliberately no ``__init__.py`` here: ``tests/kernels`` must not shadow the top-level
+There is deliberately no ``__init__.py`` here: ``tests/kernels`` (and its folders) must not shadow the top-level
 ``kernels`` package that these tests import.
 """
 

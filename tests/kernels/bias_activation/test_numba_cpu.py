@@ -1,4 +1,4 @@
-"""``kernels.numba_nn`` equals the NumPy reference ``nflow_np.nn.bias_activation``.
+"""``kernels.bias_activation.numba_cpu`` equals the NumPy reference ``nflow_np.nn.bias_activation``.
 
 Hypothesis draws shapes (1 row, 1 column, odd widths across the SIMD widths), dtypes, value
 ranges and the leaky slope; ``relu`` and ``leaky_relu`` must give the reference's bits for the
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
-from kernels import numba_nn
+from kernels.bias_activation import numba_cpu
 from nflow_np import backend
 from nflow_np.nn import MLP, bias_activation
 
@@ -58,10 +58,10 @@ def test_piecewise_linear_activations_give_the_reference_bits(
 ) -> None:
     a, b = _draw(seed, shape, dtype, magnitude), _draw(seed, shape, dtype, magnitude)
     bias_activation.forward(a["y"], a["b"], activation, slope)
-    numba_nn.forward(b["y"], b["b"], activation, slope)
+    numba_cpu.forward(b["y"], b["b"], activation, slope)
     np.testing.assert_array_equal(b["y"], a["y"], strict=True)
     want = bias_activation.backward(a["d_out"], a["y"], activation, slope, a["d_b"])
-    got = numba_nn.backward(b["d_out"], b["y"], activation, slope, b["d_b"])
+    got = numba_cpu.backward(b["d_out"], b["y"], activation, slope, b["d_b"])
     np.testing.assert_array_equal(got, want, strict=True)
     assert_column_sums_close(b["d_b"], a["d_b"], want)
 
@@ -76,12 +76,12 @@ def test_piecewise_linear_activations_give_the_reference_bits(
 def test_tanh_within_the_vecmath_bound(shape: tuple[int, int], dtype: type, magnitude: float, seed: int) -> None:
     a, b = _draw(seed, shape, dtype, magnitude), _draw(seed, shape, dtype, magnitude)
     bias_activation.forward(a["y"], a["b"], "tanh", 0.0)
-    numba_nn.forward(b["y"], b["b"], "tanh", 0.0)
+    numba_cpu.forward(b["y"], b["b"], "tanh", 0.0)
     eps = np.finfo(dtype).eps
     np.testing.assert_allclose(b["y"], a["y"], rtol=3 * eps, atol=np.finfo(dtype).tiny)
     # backward on the same cached output: then the arithmetic is the reference's, so the bits too
     want = bias_activation.backward(a["d_out"], a["y"], "tanh", 0.0, a["d_b"])
-    got = numba_nn.backward(b["d_out"], a["y"], "tanh", 0.0, b["d_b"])
+    got = numba_cpu.backward(b["d_out"], a["y"], "tanh", 0.0, b["d_b"])
     np.testing.assert_array_equal(got, want, strict=True)
     assert_column_sums_close(b["d_b"], a["d_b"], want)
 
@@ -92,7 +92,7 @@ def test_nan_propagates_like_numpy(activation: str) -> None:
     reference, kernel = y.copy(), y.copy()
     b = np.zeros(5)
     bias_activation.forward(reference, b, activation, 0.01)
-    numba_nn.forward(kernel, b, activation, 0.01)
+    numba_cpu.forward(kernel, b, activation, 0.01)
     np.testing.assert_array_equal(kernel, reference)
     assert np.isnan(kernel[0, 0])
 
@@ -103,7 +103,7 @@ def test_non_contiguous_gradient_is_accepted() -> None:
     d_out = rng.standard_normal((4, 5)).T  # Fortran order
     d_b_reference, d_b_kernel = np.zeros(4), np.zeros(4)
     want = bias_activation.backward(d_out, out, "relu", 0.0, d_b_reference)
-    got = numba_nn.backward(d_out, out, "relu", 0.0, d_b_kernel)
+    got = numba_cpu.backward(d_out, out, "relu", 0.0, d_b_kernel)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(d_b_kernel, d_b_reference)
 
@@ -111,13 +111,13 @@ def test_non_contiguous_gradient_is_accepted() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: numba_nn.forward(np.zeros((2, 3)), np.zeros(4), "relu", 0.0), r"b must be an array of shape \(3,\)"),
-        (lambda: numba_nn.forward(np.zeros((2, 3)), np.zeros(3, np.float32), "relu", 0.0), "dtype float64"),
-        (lambda: numba_nn.forward(np.zeros((2, 3)), np.zeros(3), "gelu", 0.0), "unknown activation 'gelu'"),
-        (lambda: numba_nn.forward(np.zeros(3), np.zeros(3), "relu", 0.0), "2-d float32/float64"),
-        (lambda: numba_nn.forward(np.zeros((3, 2)).T, np.zeros(3), "relu", 0.0), "y must be C-contiguous"),
+        (lambda: numba_cpu.forward(np.zeros((2, 3)), np.zeros(4), "relu", 0.0), r"b must be an array of shape \(3,\)"),
+        (lambda: numba_cpu.forward(np.zeros((2, 3)), np.zeros(3, np.float32), "relu", 0.0), "dtype float64"),
+        (lambda: numba_cpu.forward(np.zeros((2, 3)), np.zeros(3), "gelu", 0.0), "unknown activation 'gelu'"),
+        (lambda: numba_cpu.forward(np.zeros(3), np.zeros(3), "relu", 0.0), "2-d float32/float64"),
+        (lambda: numba_cpu.forward(np.zeros((3, 2)).T, np.zeros(3), "relu", 0.0), "y must be C-contiguous"),
         (
-            lambda: numba_nn.backward(np.zeros((2, 3)), np.zeros((2, 3)), "relu", 0.0, np.zeros(2)),
+            lambda: numba_cpu.backward(np.zeros((2, 3)), np.zeros((2, 3)), "relu", 0.0, np.zeros(2)),
             r"d_b must be an array of shape \(3,\)",
         ),
     ],
@@ -137,7 +137,7 @@ def test_mlp_on_the_numba_backend_matches_numpy(activation: str, dtype: type) ->
     results = {}
     for name in ("numpy", "numba"):
         with backend.using(name):
-            assert (backend.fused("bias_activation", bias_activation.forward) is numba_nn.forward) == (name == "numba")
+            assert (backend.fused("bias_activation", bias_activation.forward) is numba_cpu.forward) == (name == "numba")
             net = MLP([5, 8, 8, 4], np.random.default_rng(0), activation=activation, dtype=dtype, zero_last=False)
             y = net.forward(x)
             d_x = net.backward(d_y)

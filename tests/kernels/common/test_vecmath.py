@@ -1,4 +1,4 @@
-"""Accuracy of ``kernels.vecmath``'s vectorisable exp and tanh, in ulps, over the whole input range.
+"""Accuracy of ``kernels.common.vecmath``'s vectorisable exp and tanh, in ulps, over the whole input range.
 
 The ulp distance of two floats is the number of representable floats between them (their bit
 patterns as sign-magnitude integers subtracted). Bounds, measured (docs/kernels.md#exp-and-tanh)
@@ -22,9 +22,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("numba", reason="kernels.vecmath needs `pip install numba`")
+pytest.importorskip("numba", reason="kernels.common.vecmath needs `pip install numba`")
 
-from kernels.vecmath import exp_array, tanh_array
+from kernels.common.vecmath import exp_array, tanh_array
 
 BOUNDS_VS_NUMPY = {("exp", np.float64): 1, ("tanh", np.float64): 3, ("exp", np.float32): 3, ("tanh", np.float32): 3}
 BOUNDS_VS_TRUTH = {("exp", np.float64): 1, ("tanh", np.float64): 2, ("exp", np.float32): 1, ("tanh", np.float32): 2}

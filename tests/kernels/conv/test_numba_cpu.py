@@ -1,4 +1,4 @@
-"""``kernels.numba_conv`` equals the NumPy reference ``nflow_np.nn.conv.im2col`` / ``col2im`` bit for bit.
+"""``kernels.conv.numba_cpu`` equals the NumPy reference ``nflow_np.nn.conv.im2col`` / ``col2im`` bit for bit.
 
 Hypothesis draws batch sizes from 1, heights and widths from 1 (smaller than the kernel, too), one or
 several channels, kernel sizes 1, 3 and 5, both dtypes, and non-contiguous inputs; col2im must add the
@@ -17,7 +17,7 @@ pytest.importorskip("numba", reason="the numba kernels need `pip install numba`"
 
 import numba
 
-from kernels import numba_conv
+from kernels.conv import numba_cpu
 from nflow_np.nn import conv
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -32,7 +32,7 @@ def test_im2col_matches_the_reference(shape: tuple, k: int, dtype: type, seed: i
     x = np.random.default_rng(seed).standard_normal(shape).astype(dtype)
     if transposed:  # a non-contiguous view of the same shape
         x = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
-    got, want = numba_conv.im2col(x, k), conv.im2col(x, k)
+    got, want = numba_cpu.im2col(x, k), conv.im2col(x, k)
     assert got.dtype == want.dtype == dtype and got.flags.c_contiguous
     np.testing.assert_array_equal(got, want)
 
@@ -46,7 +46,7 @@ def test_col2im_matches_the_reference_bit_for_bit(shape: tuple, k: int, dtype: t
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        got = numba_conv.col2im(cols, shape, k)
+        got = numba_cpu.col2im(cols, shape, k)
     finally:
         numba.set_num_threads(before)
     assert got.dtype == dtype and got.shape == shape
@@ -59,7 +59,7 @@ def test_a_conv_layer_with_the_kernels_computes_the_same(monkeypatch: pytest.Mon
     x = rng.standard_normal((2, 3, 5, 7)).astype(np.float32)
     d_y = rng.standard_normal((2, 4, 5, 7)).astype(np.float32)
     want = layer.forward(x), layer.backward(d_y)
-    monkeypatch.setattr(conv.backend, "fused", lambda name, reference: numba_conv.FUSED[name])
+    monkeypatch.setattr(conv.backend, "fused", lambda name, reference: numba_cpu.FUSED[name])
     got = layer.forward(x), layer.backward(d_y)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)

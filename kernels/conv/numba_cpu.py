@@ -1,7 +1,7 @@
 """im2col and col2im for the convolutional coupling nets, on the CPU with Numba.
 
 The NumPy reference is ``nflow_np.nn.conv.im2col`` / ``col2im`` (this package never imports it;
-``tests/kernels/test_numba_conv.py`` compares the two bit for bit). Same signatures, same layout:
+``tests/kernels/conv/test_numba_cpu.py`` compares the two bit for bit). Same signatures, same layout:
 ``cols[(c, i, j), (n, h, w)] = x_pad[n, c, h + i, w + j]`` with "same" zero padding ``p = k // 2``.
 
 What the kernels save: the reference pads into a temporary (one extra write and read of the input),
@@ -9,7 +9,7 @@ then makes ``k²`` strided slice copies; col2im accumulates ``k²`` slices into 
 copies its interior out. Here each output element is written once, straight from its source, with no
 padded temporary. Whether that beats NumPy's vectorised slice copies is a measurement
 (``python -m benchmarks.bench_conv``, rows ``im2col``/``col2im``); the kernels are reached through
-``FUSED`` only once ``kernels.numba_conv`` is listed in ``nflow_np.backend._FUSED_MODULES["numba"]``.
+``FUSED`` only once this module is listed in the ``"numba"`` record of ``nflow_np/backend.py``.
 
 col2im adds the contributions of the offsets in the reference's order (``i`` outer, ``j`` inner, from
 zero), each rounding once, no ``fastmath``: the same bits as the reference. Channels run in parallel

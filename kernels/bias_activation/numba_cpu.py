@@ -1,7 +1,7 @@
 """Fused bias + activation for the coupling nets' hidden layers, on the CPU with Numba.
 
 The NumPy reference is ``nflow_np.nn.bias_activation`` (this package never imports it;
-``tests/kernels/test_numba_nn.py`` compares the two). A hidden layer ``out = φ(x W + b)`` runs
+``tests/kernels/bias_activation/test_numba_cpu.py`` compares the two). A hidden layer ``out = φ(x W + b)`` runs
 its GEMM in BLAS and then:
 
 forward   ``y ← φ(y + b)`` in place on the GEMM output: one read and one write per element
@@ -9,7 +9,7 @@ forward   ``y ← φ(y + b)`` in place on the GEMM output: one read and one writ
 backward  ``d_u = d_out ⊙ φ′(out)`` and the column sums ``Σ_n d_u[n]`` added to ``d_b``, in one pass
           (NumPy: a mask or factor temporary, the product, then ``sum(axis=0)``: three passes).
 
-Measured (``docs/kernels.md#fused-bias-activation``): at the benchmark net's hidden shape
+Measured (``docs/kernels.md#fused-bias--activation``): at the benchmark net's hidden shape
 (512, 256) float32 the ReLU forward takes ~12 µs instead of ~60 and the backward ~15 instead of
 ~53, which is 1.2 ms of a 30 ms training step of 8 couplings.
 
@@ -18,7 +18,7 @@ same operations, each rounded once, no ``fastmath`` (no FMA). The column sums ar
 after row into a zeroed accumulator, then to ``d_b`` — NumPy's order for
 ``d_b += d_u.sum(axis=0)`` on C-contiguous rows of several columns (for one column NumPy sums
 pairwise, so the bias gradient agrees to rounding, not always bit for bit). ``tanh`` uses
-:func:`kernels.vecmath.vtanh` (within 3 ulp of NumPy's).
+:func:`kernels.common.vecmath.vtanh` (within 3 ulp of NumPy's).
 NaN propagates as in NumPy: ``max(NaN, 0)`` is NaN, written ``u if not u < 0 else 0``.
 
 Rows run on the calling thread: at the nets' sizes a parallel region costs more than it saves.
@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .vecmath import vtanh
+from ..common.vecmath import vtanh
 
 _OPTIONS = {"error_model": "numpy", "cache": True}
 _RELU, _LEAKY_RELU, _TANH = 0, 1, 2

@@ -1,4 +1,4 @@
-"""Fused coupling-law kernels for NVIDIA GPUs with ``numba.cuda``; same maths as ``kernels.numba_cpu``.
+"""Fused coupling-law kernels for NVIDIA GPUs with ``numba.cuda``; same maths as ``kernels.coupling.numba_cpu``.
 
 Layout (``docs/kernels.md#numba-cuda``): a thread block is ``(32, ROWS)`` threads, one warp per
 row of a *row tile*; lane ``ℓ`` handles columns ``ℓ, ℓ + 32, …``, so each warp reads a row in

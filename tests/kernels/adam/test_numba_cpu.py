@@ -1,4 +1,4 @@
-"""``kernels.numba_optim.adam_update`` gives the bits of the NumPy reference ``nflow_np.optim.adam_update``.
+"""``kernels.adam.numba_cpu.adam_update`` gives the bits of the NumPy reference ``nflow_np.optim.adam_update``.
 
 Hypothesis draws shapes (scalars, odd sizes, sizes across the parallel threshold), dtypes, step
 counts, constants and value ranges including gradients of 1e±20 and exact zeros; the kernel must
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
-from kernels import numba_optim
+from kernels.adam import numba_cpu
 from nflow_np import backend
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam, adam_update
@@ -33,7 +33,7 @@ def _arrays(rng: np.random.Generator, shape: tuple[int, ...], dtype: type, magni
 
 @settings(max_examples=60, deadline=None)
 @given(
-    shape=st.sampled_from([(), (1,), (7,), (33, 5), (4, 3, 2), (1000,), (numba_optim.PARALLEL_MIN_ELEMENTS + 3,)]),
+    shape=st.sampled_from([(), (1,), (7,), (33, 5), (4, 3, 2), (1000,), (numba_cpu.PARALLEL_MIN_ELEMENTS + 3,)]),
     dtype=st.sampled_from([np.float32, np.float64]),
     step=st.integers(1, 10_000),
     lr=st.floats(1e-6, 1.0),
@@ -67,7 +67,7 @@ def test_fused_adam_equals_reference_bit_for_bit(
         reference = _arrays(np.random.default_rng(seed), shape, dtype, magnitude)
         fused = [array.copy() for array in reference]
         adam_update(*reference, **constants)
-        numba_optim.adam_update(*fused, **constants)
+        numba_cpu.adam_update(*fused, **constants)
     for name, want, got in zip(("param", "grad", "m", "v"), reference, fused, strict=True):
         assert got.dtype == want.dtype, name
         np.testing.assert_array_equal(got, want, err_msg=name, strict=True)
@@ -87,7 +87,7 @@ def test_bad_arguments_are_refused_before_writing(index: int, bad: np.ndarray, m
     before = [array.copy() for array in arrays]
     constants = {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "step_size": 1e-3, "bias2": 1e-3, "decay": 1.0}
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        numba_optim.adam_update(*arrays, **constants)
+        numba_cpu.adam_update(*arrays, **constants)
     for array, copy in zip(arrays, before, strict=True):
         np.testing.assert_array_equal(array, copy)
 
@@ -95,7 +95,7 @@ def test_bad_arguments_are_refused_before_writing(index: int, bad: np.ndarray, m
 def test_integer_parameters_are_refused() -> None:
     arrays = [np.ones(3, np.int64) for _ in range(4)]
     with pytest.raises(TypeError, match="float32 or float64"):
-        numba_optim.adam_update(*arrays, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bias2=1e-3, decay=1.0)
+        numba_cpu.adam_update(*arrays, beta1=0.9, beta2=0.999, eps=1e-8, step_size=1e-3, bias2=1e-3, decay=1.0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1,14 +1,14 @@
-"""Fused coupling-law kernels for NVIDIA GPUs with CuPy ``RawModule`` (CUDA C in ``kernels/cuda/``).
+"""Fused coupling-law kernels for NVIDIA GPUs with CuPy ``RawModule`` (CUDA C in ``cuda/``).
 
-The CUDA source ``kernels/cuda/coupling.cu`` holds the maths and the launch layout (one warp per
+The CUDA source ``kernels/coupling/cuda/coupling.cu`` holds the maths and the launch layout (one warp per
 row, log-det by warp shuffles, ``∂L/∂a`` by per-block partial sums added in a fixed order); this
 module compiles it once with NVRTC (CuPy caches the binary on disk), checks arguments and
-launches. In CI without a GPU, ``tests/kernels/test_ptx.py`` compiles the same file with
+launches. In CI without a GPU, ``tests/kernels/coupling/test_ptx.py`` compiles the same file with
 ``nvcc --ptx`` for sm_80 and sm_90.
 
 Arrays: CuPy arrays in, CuPy arrays out, no host copy (made C-contiguous on the device first: the
 kernels index rows as ``row · D₂``): what a model on the device (``to_device()``) passes. NumPy arrays
-are copied to the device and the results back (correct, not fast; see :mod:`kernels.gpu_laws`).
+are copied to the device and the results back (correct, not fast; see :mod:`kernels.coupling.gpu_laws`).
 """
 
 from __future__ import annotations

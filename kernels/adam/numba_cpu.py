@@ -1,7 +1,7 @@
 """Fused optimizer update for the CPU with Numba: Adam's whole update in one pass over memory.
 
 The NumPy reference is ``nflow_np.optim.adam_update`` (this package never imports it;
-``tests/kernels/test_numba_optim.py`` compares the two). Per element, with ``g`` the gradient,
+``tests/kernels/adam/test_numba_cpu.py`` compares the two). Per element, with ``g`` the gradient,
 ``c₁ = 1 − β₁``, ``c₂ = 1 − β₂``, ``b₂ = 1 − β₂ᵗ`` and ``η̂ = η / (1 − β₁ᵗ)``::
 
     θ ← θ · decay                      (decay = 1 − ηλ; skipped when λ = 0)

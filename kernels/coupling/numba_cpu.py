@@ -1,7 +1,7 @@
 """Fused coupling-law kernels for the CPU with Numba: one pass over memory, rows over threads.
 
 Same maths and signatures as the NumPy reference ``nflow_np.flows.coupling_law`` (this package
-never imports it; ``tests/kernels`` compares the two). For the affine law, with ``h = [ŝ, t]``,
+never imports it; ``tests/kernels/coupling`` compares the two). For the affine law, with ``h = [ŝ, t]``,
 ``g = tanh(ŝ)``, ``s = a ⊙ g``:
 
 forward   ``z₂ = x₂ ⊙ exp(s) + t``,      ``logdet = Σ_j s_j``
@@ -13,7 +13,7 @@ Design (``docs/kernels.md#numba-cpu``):
 
 - each ``*_rows`` function does rows ``start … stop−1``. Long rows run row by row, the column loop
   vectorised by LLVM (AVX2/AVX-512), which works because ``exp``/``tanh`` are the branch-free
-  :mod:`kernels.vecmath` versions, not libm calls, and because rows are taken as 1-d views
+  :mod:`kernels.common.vecmath` versions, not libm calls, and because rows are taken as 1-d views
   (indexing ``h[i, d2 + j]`` directly makes Numba emit a negative-index check that turns every
   load into a gather). Short rows (:func:`short_rows`), which would run mostly in the loop's
   one-vector-at-a-time remainder, run as flat blocks of many rows instead;
@@ -50,8 +50,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..common.vecmath import vexp, vtanh
 from .validation import check_law_inputs
-from .vecmath import vexp, vtanh
 
 _OPTIONS = {"fastmath": {"contract", "nsz"}, "error_model": "numpy", "cache": True}
 rows_kernel = njit(**_OPTIONS)

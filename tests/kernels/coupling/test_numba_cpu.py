@@ -1,4 +1,4 @@
-"""``kernels.numba_cpu`` equals the NumPy reference ``nflow_np.flows.coupling_law``.
+"""``kernels.coupling.numba_cpu`` equals the NumPy reference ``nflow_np.flows.coupling_law``.
 
 Hypothesis draws shapes (1 row, 1 column, odd sizes across the SIMD widths), dtypes, memory
 layouts (column views like the coupling layer's ``x[:, ::2]``, Fortran order) and value ranges
@@ -22,7 +22,7 @@ from law_check import FUNCTIONS, assert_matches_reference, bound, call, draw, ke
 
 numba = pytest.importorskip("numba", reason="the numba backend needs `pip install numba`")
 
-from kernels import numba_cpu  # noqa: E402 (after the skip)
+from kernels.coupling import numba_cpu  # noqa: E402 (after the skip)
 from nflow_np.flows.coupling_law import COUPLING_LAWS as REFERENCE  # noqa: E402
 
 KERNEL = kernel_laws(numba_cpu.FUSED)
