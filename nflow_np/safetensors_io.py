@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np.files.safe import atomic_write
+
 MAX_HEADER_BYTES = 100_000_000
 """The reference implementation's cap on the header (a larger ``N`` is refused before anything is read)."""
 DTYPES: dict[str, np.dtype] = {
@@ -160,8 +162,6 @@ def decode(data: bytes, where: str = "safetensors data") -> tuple[dict[str, np.n
 
 def save(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``tensors`` and ``metadata`` to ``path`` atomically (a temporary file renamed in); return ``path``."""
-    from nflow_np.io import atomic_write
-
     return atomic_write(path, encode(tensors, metadata))
 
 
