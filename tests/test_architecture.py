@@ -3,7 +3,7 @@
 The imports are read with ``ast`` (nothing is imported): module-level imports (what runs at import
 time, class bodies included) must stay on the importer's storey or below; a lazy import (inside a
 function) may go up only where the doc's table of lazy imports says why. ``kernels/`` never imports
-``nflow_np``.
+``nflow_np``, and each of its folders names the reference it replaces and its tests.
 """
 
 from __future__ import annotations
@@ -177,3 +177,25 @@ def test_an_import_up_a_storey_is_reported() -> None:
     at_import, _ = imports_of("from nflow_np.cli import main\n", "nflow_np.backend", set(MODULES))
     assert upward(STOREYS, {"nflow_np.backend": at_import}) == {("nflow_np.backend", "nflow_np.cli")}
     assert upward(STOREYS, {"nflow_np.cli": {"nflow_np.backend"}}) == set()
+
+
+KERNEL_FOLDERS = sorted(path.parent for path in (REPO / "kernels").glob("*/__init__.py"))
+
+
+@pytest.mark.parametrize("folder", KERNEL_FOLDERS, ids=lambda folder: folder.name)
+def test_each_kernel_folder_names_its_reference_its_modules_and_its_tests(folder: Path) -> None:
+    """``kernels/<operation>/__init__``'s docstring points at the NumPy reference (a file and a function of it
+    that exist), names every module of the folder, and the folder's tests in ``tests/kernels/<operation>/``."""
+    doc = ast.get_docstring(ast.parse((folder / "__init__.py").read_text(encoding="utf-8"))) or ""
+    modules = sorted(path.stem for path in folder.glob("*.py") if path.stem != "__init__")
+    assert modules and all(f"``{name}``" in doc for name in modules), (folder.name, modules)
+    tests = REPO / "tests" / "kernels" / folder.name
+    assert f"tests/kernels/{folder.name}/" in doc and any(tests.glob("test_*.py")), folder.name
+    if folder.name == "common":  # shared helpers: their reference is NumPy's own exp/tanh
+        return
+    references = re.findall(r"``(nflow_np/[\w/]+\.py)``, (?:class|classes|function|functions) ([^;]+?);", doc)
+    assert references, f"kernels/{folder.name}: name the reference as ``nflow_np/<file>.py``, function(s) ``...``;"
+    for reference, functions in references:
+        source = (REPO / reference).read_text(encoding="utf-8")
+        for function in re.findall(r"``(\w+)``", functions):
+            assert re.search(rf"^\s*(?:def|class) {function}\b", source, flags=re.M), (reference, function)
