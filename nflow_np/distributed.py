@@ -352,10 +352,12 @@ def reduce_gradients(
         if error is not None:
             raise error
         return loss
+    shared = _shared().ACTIVE.get(id(module))
+    if shared is not None and shared.comm is comm:  # inside training(): through the node's shared memory
+        return shared.reduce(loss, n_local, n_global, error)
     grads = [grad for _, _, grad in module.named_parameters()]
     dtype = grads[0].dtype if grads else np.dtype(np.float64)
     sizes = [grad.size for grad in grads]
-    k = rank(comm)
     blocks, received = _buffers(comm, sum(sizes) + 2, dtype)
     buffer = blocks.reshape(-1)[: sum(sizes) + 2]  # block j (padded) is what rank j sums
     weight = n_local / n_global
@@ -368,12 +370,7 @@ def reduce_gradients(
     else:
         buffer[:-1] = 0
     buffer[-1] = error is not None
-    comm.Alltoall(blocks, received)  # received[i] = rank i's block k
-    mine = blocks[k]
-    np.copyto(mine, received[0])
-    for row in received[1:]:  # i = 1, …, P − 1: the order is the ranks', not the arrivals'
-        mine += row
-    comm.Allgather(_mpi().IN_PLACE, blocks)  # every rank's summed block, to every rank
+    _sum_blocks(comm, blocks, received)
     total = buffer
     _raise_agreed(comm, int(total[-1]), error)
     offset = 0
@@ -382,6 +379,49 @@ def reduce_gradients(
         grad[...] = values if isinstance(grad, np.ndarray) else backend.array_module(grad).asarray(values)
         offset += count
     return float(total[-2])
+
+
+def _sum_blocks(comm: Any, blocks: np.ndarray, received: np.ndarray) -> None:
+    """Every rank's ``blocks`` replaced by their sum over the ranks, each block summed by one rank in rank order.
+
+    ``MPI_Alltoall`` (``received[i]`` = rank ``i``'s block ``k``), the ``P`` copies added in rank order
+    by rank ``k``, ``MPI_Allgather`` of the summed blocks: the same bits on every rank.
+    """
+    comm.Alltoall(blocks, received)
+    mine = blocks[rank(comm)]
+    np.copyto(mine, received[0])
+    for row in received[1:]:  # i = 1, …, P − 1: the order is the ranks', not the arrivals'
+        mine += row
+    comm.Allgather(_mpi().IN_PLACE, blocks)  # every rank's summed block, to every rank
+
+
+def reduce_flat(comm: Any, values: np.ndarray) -> None:
+    """``values`` (a flat host array, the same length and dtype on every rank) replaced in place by its sum
+    over the ranks in rank order, the bits of :func:`reduce_gradients`' sum (between node leaders)."""
+    blocks, received = _buffers(comm, values.size, values.dtype)
+    flat = blocks.reshape(-1)
+    flat[: values.size] = values
+    _sum_blocks(comm, blocks, received)
+    values[...] = flat[: values.size]
+
+
+def _shared() -> Any:
+    """:mod:`nflow_np.distributed_shared` (imported on first use: it imports this module)."""
+    from nflow_np import distributed_shared
+
+    return distributed_shared
+
+
+def training(comm: Any, module: Any, optimizer: Any = None) -> contextlib.AbstractContextManager:
+    """While the block runs, train ``module`` through the node's shared memory, the optimizer's step divided
+    between the node's ranks (:func:`nflow_np.distributed_shared.training`; nothing changes for one process)."""
+    return _shared().training(comm, module, optimizer)
+
+
+def barrier(comm: Any) -> None:
+    """Wait for every rank (nothing for one process): e.g. before every rank overwrites the shared parameters."""
+    if comm is not None:
+        comm.Barrier()
 
 
 _BUFFERS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
