@@ -134,7 +134,7 @@ def _sum_regions(regions, weights, start, stop):
 def sum_regions(regions: np.ndarray, weights: np.ndarray, start: int, stop: int) -> None:
     """``regions[k, start:stop] ← Σ_j w_j regions[j, start:stop]`` for every row ``k`` (the reference's signature).
 
-    The reference is ``nflow_np.distributed_shared.sum_regions``: the terms in row order, each
+    The reference is ``nflow_np.distributed_reduce.sum_regions``: the terms in row order, each
     ``w_j · x`` rounded once, a row of weight 0 adding ``+0`` (never ``0 · x``, which is NaN for an
     infinite ``x``), and no FMA: the same bits. One pass over memory instead of ``2P`` NumPy passes.
 

@@ -8,7 +8,7 @@ P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process o
 ``nice``, ``realnvp``: a small image NICE or RealNVP (batch norms) on the digits; dequantisation draws noise in the
 forward pass.
 ``fit-variants``: the same by SGD with parameter groups, weight decay, a frozen parameter and clipping.
-Each rank prints how many steps went through the node's shared memory (``nflow_np.distributed_shared``);
+Each rank prints how many steps went through the node's shared memory (``nflow_np.distributed_reduce``);
 under ``--every-rank`` rank 0 then changes its parameters and the others check that theirs did not change.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
 ``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation;
@@ -155,15 +155,15 @@ def main() -> int:
     args = parser.parse_args()
     comm = None if args.single else "auto"
     world = distributed.resolve(comm)
-    from nflow_np import distributed_shared
+    from nflow_np import distributed_reduce
 
-    shared_steps, plain_reduce = [0], distributed_shared.SharedStep.reduce
+    shared_steps, plain_reduce = [0], distributed_reduce.SharedStep.reduce
 
     def counted_reduce(*arguments: object) -> float:
         shared_steps[0] += 1
         return plain_reduce(*arguments)
 
-    distributed_shared.SharedStep.reduce = counted_reduce
+    distributed_reduce.SharedStep.reduce = counted_reduce
     if args.what == "vi":
         params = run_vi(comm)
     elif args.what in ("nice", "realnvp"):

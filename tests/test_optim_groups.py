@@ -214,7 +214,7 @@ class _Part:
     seed=st.integers(0, 2**16),
 )
 def test_an_update_divided_into_column_ranges_is_the_whole_update_bit_for_bit(kind, dtype, cuts, seed):
-    """The divided (ZeRO 1) step of ``nflow_np.distributed_shared``: each part updates its columns only, and
+    """The divided (ZeRO 1) step of ``nflow_np.distributed_reduce``: each part updates its columns only, and
     together the parts give the bits of the whole step, with groups, weight decay and a frozen parameter."""
     whole, divided = (build_model("realnvp", 3, layers=2, hidden=(5,), seed=1, dtype=dtype) for _ in range(2))
     groups = [{"params": "flow.1.*", "lr": 3e-2, "weight_decay": 0.1}]

@@ -134,7 +134,7 @@ def test_fused_sum_of_regions_equals_reference_bit_for_bit(
 ) -> None:
     """The ranks' weighted gradients summed in rank order into every row; rows of weight 0 hold NaN and ∞
     (a failed rank's half-written gradient) and must add +0, never be read into a product."""
-    from nflow_np.distributed_shared import sum_regions
+    from nflow_np.distributed_reduce import sum_regions
 
     rng = np.random.default_rng(seed)
     regions = (rng.standard_normal((ranks, width)) * 10.0 ** rng.integers(-20, 20, (ranks, width))).astype(dtype)

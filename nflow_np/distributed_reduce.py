@@ -1,24 +1,25 @@
-"""The data-parallel step through a node's shared memory, with the optimizer step divided between its ranks.
+"""The reduction of a data-parallel step, ``g = Σ_k (n_k/N) g_k`` in rank order (``docs/distributed.md``).
 
-``docs/distributed.md#shared-memory`` derives it. While :func:`training` is active, the ranks of one node
-(``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``) keep in one MPI-3 shared window
+Two ways, the same bits. **By messages** (:func:`reduce_gradients` outside :func:`training`, or for a GPU
+model): one flat buffer per rank, a reduce-scatter whose additions run in rank order and an all-gather.
 
-- the parameters ``θ`` (one copy, every rank's ``params`` are views of it) and the optimizer's state;
+**Through a node's shared memory** (``docs/distributed.md#shared-memory``): while :func:`training` is
+active, the ranks of one node (``MPI_Comm_split_type(MPI_COMM_TYPE_SHARED)``) keep in one MPI-3 window
+
+- the parameters ``θ`` (one copy: every rank's ``params`` are views of it) and the optimizer's state;
 - one **region** per rank, ``[g_k (every gradient, in named_parameters order), L_k, failed_k]``: rank ``k``'s
   ``grads`` are views of its region, so the backward pass writes its gradients straight into shared memory.
 
 A step (:meth:`SharedStep.reduce`, then the optimizer): barrier; local rank ``r`` of ``R`` sums columns
-``[c_r, c_{r+1})`` of the regions in rank order, ``t = w_0 g_0; t += w_1 g_1; …`` (``w_k = n_k / N``), and
-writes ``t`` into every region (one pass, :func:`sum_regions`); barrier: every region holds the global
-gradient. Every rank checks the norm, and the optimizer updates only columns ``[c_r, c_{r+1})`` of ``θ``
-and of its state (:attr:`nflow_np.optim.Optimizer.partition`); barrier: ``θ`` is updated for all. Each
-element is summed by one rank in the order of the ranks and updated by one rank from those bits, so the
-result is the bits of :func:`nflow_np.distributed.reduce_gradients` followed by the whole update on every
-rank. Across nodes the node leaders (local rank 0) reduce their nodes' sums in node order by the
-reduce-scatter + all-gather of :mod:`nflow_np.distributed`, then every node updates its own copy of ``θ``
-alike. ``NFLOW_MPI_RANKS_PER_NODE=k`` treats each ``k`` consecutive ranks as a node (to test the path across
-nodes on one machine); ``NFLOW_MPI_SHARED=0`` turns the whole path off (every rank then keeps its own
-parameters and repeats the whole update).
+``[c_r, c_{r+1})`` of the regions in rank order, ``t = w_0 g_0; t += w_1 g_1; …``, and writes ``t`` into
+every region (one pass, :func:`sum_regions`); barrier: every region holds the global gradient. Every
+rank checks the norm, and the optimizer updates only columns ``[c_r, c_{r+1})`` of ``θ`` and of its
+state (:attr:`nflow_np.optim.Optimizer.partition`, ZeRO stage 1); barrier: ``θ`` is updated for all.
+Each element is summed by one rank in rank order and updated by one rank from those bits, so the
+result is the bits of the message path followed by the whole update on every rank. Across nodes the
+node leaders (local rank 0) add their nodes' sums in node order by the message path, and every node
+updates its own copy of ``θ`` alike. ``NFLOW_MPI_RANKS_PER_NODE=k`` treats each ``k`` consecutive ranks as
+a node (to test the path across nodes on one machine); ``NFLOW_MPI_SHARED=0`` turns the shared path off.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from nflow_np import backend, distributed
+from nflow_np import backend
+from nflow_np.distributed import _mpi, _raise_agreed, rank, size
 
 RANKS_PER_NODE_VARIABLE = "NFLOW_MPI_RANKS_PER_NODE"
 SHARED_VARIABLE = "NFLOW_MPI_SHARED"
@@ -67,7 +69,7 @@ def sum_regions(regions: np.ndarray, weights: np.ndarray, start: int, stop: int)
 def _split(comm: Any) -> tuple[Any, Any]:
     """``(node, leaders)``: the ranks sharing this one's memory, and the communicator of each node's rank 0
     (``MPI.COMM_NULL`` on the others), both ordered as ``comm``."""
-    mpi = distributed._mpi()
+    mpi = _mpi()
     me = comm.Get_rank()
     forced = os.environ.get(RANKS_PER_NODE_VARIABLE, "")
     if forced:
@@ -105,7 +107,7 @@ class SharedStep:
     """
 
     def __init__(self, comm: Any, module: Any, optimizer: Any) -> None:
-        mpi = distributed._mpi()
+        mpi = _mpi()
         self.comm, self.module, self.optimizer = comm, module, optimizer
         self.node, self.leaders = _split(comm)
         self.local, ranks = self.node.Get_rank(), self.node.Get_size()
@@ -154,7 +156,7 @@ class SharedStep:
         """The reduction of :func:`nflow_np.distributed.reduce_gradients` through the window: same arguments,
         same result, the global gradient left in every rank's ``grads``."""
         own, m = self.regions[self.local], self.size
-        counts = [shard_size(k, distributed.size(self.comm), n_global) for k in self.ranks]
+        counts = [shard_size(k, size(self.comm), n_global) for k in self.ranks]
         own[m] = (n_local / n_global) * loss if error is None and n_local else 0
         own[m + 1] = error is not None
         self.node.Barrier()  # every shard's gradient is in its region
@@ -170,13 +172,13 @@ class SharedStep:
         if self.nodes > 1:  # the node leaders add the nodes' sums in node order; each node takes the result
             if self.local == 0:
                 own[m : m + 2] = summed
-                distributed.reduce_flat(self.leaders, own[: m + 2])
+                reduce_flat(self.leaders, own[: m + 2])
             self.node.Barrier()
             if self.local:
                 own[: m + 2] = self.regions[0, : m + 2]
             summed = own[m : m + 2].copy()
             self.node.Barrier()  # before the leader's next step writes region 0 again
-        distributed._raise_agreed(self.comm, int(summed[1]), error)
+        _raise_agreed(self.comm, int(summed[1]), error)
         return float(summed[0])
 
     def close(self, free: bool) -> None:
@@ -194,7 +196,7 @@ class SharedStep:
         if free:
             self.window.Free()
             for comm in (self.node, self.leaders):
-                if comm != distributed._mpi().COMM_NULL:
+                if comm != _mpi().COMM_NULL:
                     comm.Free()
 
 
@@ -207,7 +209,7 @@ def shard_size(k: int, p: int, n: int) -> int:
 def shareable(comm: Any, module: Any, optimizer: Any) -> bool:
     """Whether :func:`training` shares ``module``'s step over ``comm``: two or more ranks, not switched off,
     host NumPy parameters of one float dtype, C-contiguous, and an optimizer of this module (or none)."""
-    if comm is None or distributed.size(comm) == 1 or os.environ.get(SHARED_VARIABLE, "1") == "0":
+    if comm is None or size(comm) == 1 or os.environ.get(SHARED_VARIABLE, "1") == "0":
         return False
     arrays = [array for _, param, grad in module.named_parameters() for array in (param, grad)]
     if not arrays or id(module) in ACTIVE:
@@ -243,3 +245,107 @@ def training(comm: Any, module: Any, optimizer: Any = None) -> Iterator[SharedSt
     finally:
         del ACTIVE[id(module)]
         step.close(free=finished)
+
+
+def reduce_gradients(
+    comm: Any, module: Any, loss: float, n_local: int, n_global: int, error: BaseException | None = None
+) -> float:
+    """Replace this rank's shard-mean gradients by the global batch's mean: ``g = Σ_k (n_k/N) g_k`` in rank order.
+
+    One flat buffer ``[w·g_k (every parameter, in named_parameters order), w·L_k, failed]`` with
+    ``w = n_local / n_global``, cut into ``P`` blocks: rank ``j`` receives block ``j`` of every rank
+    (``MPI_Alltoall``), adds them in rank order, and every rank receives every summed block
+    (``MPI_Allgather``): a reduce-scatter and an all-gather, each element added by one rank in rank
+    order, so every rank holds the same bits. Each gradient array is then overwritten with its slice.
+    The buffers have the gradients' dtype and are kept between steps. With one rank nothing is sent:
+    the weight is 1 and the sum has one term.
+
+    Parameters
+    ----------
+    comm : mpi4py communicator or None
+    module : Module
+        Its ``grads`` hold the mean gradient of this rank's ``n_local`` rows.
+    loss : float
+        Mean loss of those rows (ignored if ``n_local`` is 0).
+    n_local, n_global : int
+        Rows of this rank's shard and of the global batch.
+    error : Exception, optional
+        What this rank raised while computing its shard: every rank then raises it.
+
+    Returns
+    -------
+    float
+        The global batch's mean loss, the same on every rank.
+    """
+    if comm is None or size(comm) == 1:  # w = 1 and a sum of one term: the gradients as they are
+        if error is not None:
+            raise error
+        return loss
+    shared = ACTIVE.get(id(module))
+    if shared is not None and shared.comm is comm:  # inside training(): through the node's shared memory
+        return shared.reduce(loss, n_local, n_global, error)
+    grads = [grad for _, _, grad in module.named_parameters()]
+    dtype = grads[0].dtype if grads else np.dtype(np.float64)
+    sizes = [grad.size for grad in grads]
+    blocks, received = _buffers(comm, sum(sizes) + 2, dtype)
+    buffer = blocks.reshape(-1)[: sum(sizes) + 2]  # block j (padded) is what rank j sums
+    weight = n_local / n_global
+    if error is None and n_local:
+        offset = 0
+        for grad, count in zip(grads, sizes, strict=True):
+            np.multiply(backend.to_host(grad).reshape(-1), dtype.type(weight), out=buffer[offset : offset + count])
+            offset += count
+        buffer[-2] = weight * loss
+    else:
+        buffer[:-1] = 0
+    buffer[-1] = error is not None
+    _sum_blocks(comm, blocks, received)
+    total = buffer
+    _raise_agreed(comm, int(total[-1]), error)
+    offset = 0
+    for grad, count in zip(grads, sizes, strict=True):
+        values = total[offset : offset + count].reshape(grad.shape)
+        grad[...] = values if isinstance(grad, np.ndarray) else backend.array_module(grad).asarray(values)
+        offset += count
+    return float(total[-2])
+
+
+def _sum_blocks(comm: Any, blocks: np.ndarray, received: np.ndarray) -> None:
+    """Every rank's ``blocks`` replaced by their sum over the ranks, each block summed by one rank in rank order.
+
+    ``MPI_Alltoall`` (``received[i]`` = rank ``i``'s block ``k``), the ``P`` copies added in rank order
+    by rank ``k``, ``MPI_Allgather`` of the summed blocks: the same bits on every rank.
+    """
+    comm.Alltoall(blocks, received)
+    mine = blocks[rank(comm)]
+    np.copyto(mine, received[0])
+    for row in received[1:]:  # i = 1, …, P − 1: the order is the ranks', not the arrivals'
+        mine += row
+    comm.Allgather(_mpi().IN_PLACE, blocks)  # every rank's summed block, to every rank
+
+
+def reduce_flat(comm: Any, values: np.ndarray) -> None:
+    """``values`` (a flat host array, the same length and dtype on every rank) replaced in place by its sum
+    over the ranks in rank order, the bits of :func:`reduce_gradients`' sum (between node leaders)."""
+    blocks, received = _buffers(comm, values.size, values.dtype)
+    flat = blocks.reshape(-1)
+    flat[: values.size] = values
+    _sum_blocks(comm, blocks, received)
+    values[...] = flat[: values.size]
+
+
+_BUFFERS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _buffers(comm: Any, count: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The reduction's two ``(P, ⌈count/P⌉)`` buffers (blocks sent, blocks received), kept between steps.
+
+    Fresh pages every step would cost a page fault each; every step overwrites them (the padding stays 0).
+    """
+    p = size(comm)
+    key = (id(comm), p, count, np.dtype(dtype).str)
+    if key not in _BUFFERS:
+        _BUFFERS.clear()  # one model trains at a time: keep only its buffers
+        block = -(-count // p)
+        _BUFFERS[key] = (np.zeros((p, block), dtype=dtype), np.zeros((p, block), dtype=dtype))
+    return _BUFFERS[key]
