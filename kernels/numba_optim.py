@@ -114,21 +114,26 @@ def _sum_regions(regions, weights, start, stop):
     total = np.empty(_CHUNK, dtype=regions.dtype)
     zero = regions.dtype.type(0)
     for low in range(start, stop, _CHUNK):
-        high = min(low + _CHUNK, stop)
-        count = high - low
-        for i in range(count):
-            total[i] = weights[0] * regions[0, low + i] if weights[0] != 0 else zero
+        count = min(low + _CHUNK, stop) - low
+        first, w = regions[0, low : low + count], weights[0]  # 1-d slices: the loops below vectorise
+        if w != 0:
+            for i in range(count):
+                total[i] = w * first[i]
+        else:
+            for i in range(count):
+                total[i] = zero
         for k in range(1, regions.shape[0]):
-            w = weights[k]
+            row, w = regions[k, low : low + count], weights[k]
             if w != 0:
                 for i in range(count):
-                    total[i] += w * regions[k, low + i]
+                    total[i] += w * row[i]
             else:
                 for i in range(count):
                     total[i] += zero
         for k in range(regions.shape[0]):
+            row = regions[k, low : low + count]
             for i in range(count):
-                regions[k, low + i] = total[i]
+                row[i] = total[i]
 
 
 def sum_regions(regions: np.ndarray, weights: np.ndarray, start: int, stop: int) -> None:
