@@ -87,14 +87,14 @@ def worker(model: str, steps: int, quick: bool) -> dict:
         distributed.reduce_gradients(comm, module, marks["loss"], mine.stop - mine.start, batch)
         marks["reduced"] = time.perf_counter()
 
-    with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"), distributed.training(comm, flow, optimizer) as shared:
         for i in range(warm_up + steps):
             x = rows[order[(i * batch) % (rows.shape[0] - batch) :][:batch]]
             mine = distributed.shard(comm, batch)
             comm.Barrier()  # every step starts together, so "reduce" measures this step's wait only
             t0 = time.perf_counter()
             train_step(flow, optimizer, x, loss_and_backward=compute, reduce_gradients=reduce)
-            t4 = time.perf_counter()  # "adam": the norm check and the update after the reduction
+            t4 = time.perf_counter()  # "adam": the norm check and (this rank's part of) the update
             t1, t2, t3 = marks["computed"], marks["waited"], marks["reduced"]
             if i >= warm_up:
                 for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0), strict=True):
@@ -105,7 +105,8 @@ def worker(model: str, steps: int, quick: bool) -> dict:
         return {}
     step = np.asarray(parts["step"])
     buffer_bytes = (sum(grad.size for _, _, grad in flow.named_parameters()) + 2) * 4
-    return {"model": model, "ranks": comm.Get_size(), "batch": batch, "parameters": flow.num_parameters(),
+    return {"model": model, "ranks": comm.Get_size(), "path": path(comm.Get_size(), shared is not None),
+            "batch": batch, "parameters": flow.num_parameters(),
             "buffer_bytes": buffer_bytes, "steps": steps,
             "step_ms": {"median": 1e3 * float(np.median(step)), "min": 1e3 * float(step.min()),
                         "max": 1e3 * float(step.max())},
@@ -113,11 +114,16 @@ def worker(model: str, steps: int, quick: bool) -> dict:
             "per_rank_ms": [{name: 1e3 * value for name, value in m.items()} for m in everyone]}
 
 
-def run(ranks: int, model: str, steps: int, quick: bool) -> dict:
-    """``mpiexec -n ranks`` of this module's worker; its JSON line."""
+def path(ranks: int, shared: bool) -> str:
+    """How the ranks combined their gradients: ``one process``, ``shared`` memory or MPI ``messages``."""
+    return "one process" if ranks == 1 else "shared" if shared else "messages"
+
+
+def run(ranks: int, model: str, steps: int, quick: bool, shared: bool = True) -> dict:
+    """``mpiexec -n ranks`` of this module's worker (``shared=False``: the message path); its JSON line."""
     package = __spec__.parent  # benchmarks, or nflow_np_benchmarks where installed
     threads = {name: "1" for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                      "NUMBA_NUM_THREADS")}
+                                      "NUMBA_NUM_THREADS")} | {"NFLOW_MPI_SHARED": "1" if shared else "0"}
     from nflow_np.distributed import launcher
 
     command = [launcher(), "-n", str(ranks), sys.executable, "-m", f"{package}.distributed", "--worker", model,
@@ -130,17 +136,18 @@ def run(ranks: int, model: str, steps: int, quick: bool) -> dict:
 
 def table(results: list[dict]) -> str:
     """One row per model and rank count: samples/s, speed-up over P = 1, ms per step split into its parts."""
-    lines = ["model     P  batch  samples/s  speed-up  step ms (min-max)      compute ms  wait ms  reduce ms  adam ms  "
-             "buffer MiB"]
+    lines = ["model     P  path         batch  samples/s  speed-up  step ms (min-max)      compute ms  wait ms  "
+             "reduce ms  update ms  buffer MiB"]
     single = {r["model"]: r["samples_per_s"] for r in results if r["ranks"] == 1}
     for r in results:
         slowest = max(r["per_rank_ms"], key=lambda m: m["compute"])
         speedup = r["samples_per_s"] / single[r["model"]] if r["model"] in single else float("nan")
         step = r["step_ms"]
         lines.append(
-            f"{r['model']:<8} {r['ranks']:>2} {r['batch']:>6} {r['samples_per_s']:>10.0f} {speedup:>9.2f}  "
+            f"{r['model']:<8} {r['ranks']:>2}  {r.get('path', ''):<11} {r['batch']:>6} {r['samples_per_s']:>10.0f} "
+            f"{speedup:>9.2f}  "
             f"{step['median']:>7.2f} ({step['min']:.2f}-{step['max']:.2f})  {slowest['compute']:>10.2f} "
-            f"{max(m['wait'] for m in r['per_rank_ms']):>8.2f} {slowest['reduce']:>10.2f} {slowest['adam']:>8.2f} "
+            f"{max(m['wait'] for m in r['per_rank_ms']):>8.2f} {slowest['reduce']:>10.2f} {slowest['adam']:>10.2f} "
             f"{r['buffer_bytes'] / 2**20:>11.2f}"
         )
     return "\n".join(lines)
@@ -152,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--steps", type=int, default=None, help="timed steps per run (default 60; --quick 5)")
     parser.add_argument("--quick", action="store_true", help="small models and few steps (the script's test)")
+    parser.add_argument("--path", choices=("shared", "messages", "both"), default="both",
+                        help="at P > 1: through the node's shared memory, by MPI messages, or both (default)")
     parser.add_argument("--out", default="runs/bench/distributed")
     parser.add_argument("--worker", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -161,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         if result:
             print(json.dumps(result))
         return 0
-    results = [run(p, model, steps, args.quick) for model in args.models for p in args.ranks]
+    paths = [True] if args.path == "shared" else [False] if args.path == "messages" else [True, False]
+    results = [run(p, model, steps, args.quick, shared) for model in args.models for p in args.ranks
+               for shared in (paths if p > 1 else [True])]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(results)

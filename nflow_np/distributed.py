@@ -10,7 +10,9 @@ which is the mean over the global batch, ``(1/N) Σ_n ∇ℓ_n``, as one process
 is one flat buffer per step (every gradient, the loss and a failure flag), reduced by a reduce-scatter
 whose additions run in rank order and an all-gather (:func:`reduce_gradients`): the order of the
 additions is fixed by the ranks, never by which message arrives first, and every rank receives the same
-bits, so all ranks take the same optimizer step and their parameters never drift apart. At ``P = 1``
+bits, so all ranks take the same optimizer step and their parameters never drift apart. Inside
+:func:`training` (as ``fit`` and ``fit_vi`` train) the ranks of a node do this through their shared
+memory and divide the optimizer step between them (:mod:`nflow_np.distributed_reduce`). At ``P = 1``
 the result is bit for bit the single-process one; at ``P > 1`` the sums are grouped differently (per
 shard, then across shards), so it agrees to rounding (``docs/distributed.md#floating-point``).
 
@@ -34,7 +36,6 @@ from typing import Any
 
 import numpy as np
 
-from nflow_np import backend
 from nflow_np.distributed_layers import batch_norms, drawing_layers, global_draws, skip_draws, synced_batch_norms
 
 MPI_EXTRA = "pip install 'nflow_np[mpi]'"
@@ -321,84 +322,30 @@ def _abort(comm: Any, error: BaseException) -> None:
 def reduce_gradients(
     comm: Any, module: Any, loss: float, n_local: int, n_global: int, error: BaseException | None = None
 ) -> float:
-    """Replace this rank's shard-mean gradients by the global batch's mean: ``g = Σ_k (n_k/N) g_k`` in rank order.
-
-    One flat buffer ``[w·g_k (every parameter, in named_parameters order), w·L_k, failed]`` with
-    ``w = n_local / n_global``, cut into ``P`` blocks: rank ``j`` receives block ``j`` of every rank
-    (``MPI_Alltoall``), adds them in rank order, and every rank receives every summed block
-    (``MPI_Allgather``): a reduce-scatter and an all-gather, each element added by one rank in rank
-    order, so every rank holds the same bits. Each gradient array is then overwritten with its slice.
-    The buffers have the gradients' dtype and are kept between steps. With one rank nothing is sent:
-    the weight is 1 and the sum has one term.
-
-    Parameters
-    ----------
-    comm : mpi4py communicator or None
-    module : Module
-        Its ``grads`` hold the mean gradient of this rank's ``n_local`` rows.
-    loss : float
-        Mean loss of those rows (ignored if ``n_local`` is 0).
-    n_local, n_global : int
-        Rows of this rank's shard and of the global batch.
-    error : Exception, optional
-        What this rank raised while computing its shard: every rank then raises it.
-
-    Returns
-    -------
-    float
-        The global batch's mean loss, the same on every rank.
-    """
-    if comm is None or size(comm) == 1:  # w = 1 and a sum of one term: the gradients as they are
-        if error is not None:
-            raise error
-        return loss
-    grads = [grad for _, _, grad in module.named_parameters()]
-    dtype = grads[0].dtype if grads else np.dtype(np.float64)
-    sizes = [grad.size for grad in grads]
-    k = rank(comm)
-    blocks, received = _buffers(comm, sum(sizes) + 2, dtype)
-    buffer = blocks.reshape(-1)[: sum(sizes) + 2]  # block j (padded) is what rank j sums
-    weight = n_local / n_global
-    if error is None and n_local:
-        offset = 0
-        for grad, count in zip(grads, sizes, strict=True):
-            np.multiply(backend.to_host(grad).reshape(-1), dtype.type(weight), out=buffer[offset : offset + count])
-            offset += count
-        buffer[-2] = weight * loss
-    else:
-        buffer[:-1] = 0
-    buffer[-1] = error is not None
-    comm.Alltoall(blocks, received)  # received[i] = rank i's block k
-    mine = blocks[k]
-    np.copyto(mine, received[0])
-    for row in received[1:]:  # i = 1, …, P − 1: the order is the ranks', not the arrivals'
-        mine += row
-    comm.Allgather(_mpi().IN_PLACE, blocks)  # every rank's summed block, to every rank
-    total = buffer
-    _raise_agreed(comm, int(total[-1]), error)
-    offset = 0
-    for grad, count in zip(grads, sizes, strict=True):
-        values = total[offset : offset + count].reshape(grad.shape)
-        grad[...] = values if isinstance(grad, np.ndarray) else backend.array_module(grad).asarray(values)
-        offset += count
-    return float(total[-2])
+    """Replace this rank's shard-mean gradients by the global batch's mean, ``g = Σ_k (n_k/N) g_k`` in rank order,
+    the same bits on every rank; return the global batch's mean loss. An error on any rank is raised on every
+    rank. By MPI messages, or through the node's shared memory inside :func:`training`
+    (:func:`nflow_np.distributed_reduce.reduce_gradients`, where the parameters are described)."""
+    return _reduce().reduce_gradients(comm, module, loss, n_local, n_global, error)
 
 
-_BUFFERS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+def _reduce() -> Any:
+    """:mod:`nflow_np.distributed_reduce` (imported on first use: it imports this module)."""
+    from nflow_np import distributed_reduce
+
+    return distributed_reduce
 
 
-def _buffers(comm: Any, count: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The reduction's two ``(P, ⌈count/P⌉)`` buffers (blocks sent, blocks received), kept between steps.
+def training(comm: Any, module: Any, optimizer: Any = None) -> contextlib.AbstractContextManager:
+    """While the block runs, train ``module`` through the node's shared memory, the optimizer's step divided
+    between the node's ranks (:func:`nflow_np.distributed_reduce.training`; nothing changes for one process)."""
+    return _reduce().training(comm, module, optimizer)
 
-    Fresh pages every step would cost a page fault each; every step overwrites them (the padding stays 0).
-    """
-    p = size(comm)
-    key = (id(comm), p, count, np.dtype(dtype).str)
-    if key not in _BUFFERS:
-        _BUFFERS.clear()  # one model trains at a time: keep only its buffers
-        block = -(-count // p)
-        _BUFFERS[key] = (np.zeros((p, block), dtype=dtype), np.zeros((p, block), dtype=dtype))
-    return _BUFFERS[key]
+
+def barrier(comm: Any) -> None:
+    """Wait for every rank (nothing for one process): e.g. before every rank overwrites the shared parameters."""
+    if comm is not None:
+        comm.Barrier()
 
 
 def evaluate_nll(comm: Any, model: Any, x: np.ndarray, batch_size: int = 8192) -> float:

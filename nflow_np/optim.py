@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
+from typing import Any
 
 import numpy as np
 
@@ -178,6 +179,10 @@ class Optimizer:
         self.groups[0]["names"] = [name for name in names if name not in owner]
         self.lr_scale = 1.0
         self.step_count = 0
+        self.partition: Any = None
+        """``None`` (every element), or, while :func:`nflow_np.distributed.training` shares the step between
+        processes, an object with ``slices`` (``{name: slice}`` of the flattened parameters this process
+        updates) and ``done()`` (run after the update)."""
         self.state: dict[str, dict[str, np.ndarray]] = {
             buffer: {name: np.zeros_like(value) for name, value, _ in module.named_parameters()}
             for buffer in self._buffers
@@ -198,17 +203,33 @@ class Optimizer:
         return self.groups[0]["weight_decay"]
 
     def step(self) -> None:
-        """Apply one update using the gradients currently in ``grads`` (frozen parameters skipped)."""
+        """Apply one update using the gradients currently in ``grads`` (frozen parameters skipped).
+
+        With a :attr:`partition` only the elements it names are updated (every update is elementwise,
+        so each element gets the bits the whole update gives it), then ``partition.done()`` runs.
+        """
         self.step_count += 1
         trainable = {name: (param, grad) for name, param, grad in self.module.trainable_parameters()}
+        part = self.partition
         with threads.compute("train"):  # thread plan and flush-to-zero (Adam's moments underflow)
             for group in self.groups:
                 lr = group["lr"] * self.lr_scale
                 for name in group["names"]:
-                    if name in trainable:
-                        self._update(name, *trainable[name], lr, group["weight_decay"])
+                    if name in trainable and (part is None or name in part.slices):
+                        param, grad = trainable[name]
+                        state = {buffer: arrays[name] for buffer, arrays in self.state.items()}
+                        if part is not None:  # this process's elements: flat views of contiguous arrays
+                            where = part.slices[name]
+                            param, grad = param.reshape(-1)[where], grad.reshape(-1)[where]
+                            state = {buffer: value.reshape(-1)[where] for buffer, value in state.items()}
+                        self._update(param, grad, state, lr, group["weight_decay"])
+        if part is not None:
+            part.done()
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+    def _update(
+        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], lr: float, weight_decay: float
+    ) -> None:
+        """Update ``param`` and its ``state`` arrays (``{buffer: array}``, shaped like it) in place."""
         raise NotImplementedError
 
     def group_config(self) -> list[dict]:
@@ -293,9 +314,11 @@ class SGD(Optimizer):
         self.momentum = float(momentum)
         super().__init__(module, lr, weight_decay, groups)
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+    def _update(
+        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], lr: float, weight_decay: float
+    ) -> None:
         g = grad + weight_decay * param if weight_decay else grad
-        velocity = self.state["velocity"][name]
+        velocity = state["velocity"]
         velocity *= self.momentum
         velocity += g
         param -= param.dtype.type(lr) * velocity
@@ -343,13 +366,15 @@ class Adam(Optimizer):
         self.eps = float(eps)
         super().__init__(module, lr, weight_decay, groups)
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+    def _update(
+        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], lr: float, weight_decay: float
+    ) -> None:
         t = self.step_count
         backend.fused("adam_update", adam_update)(
             param,
             grad,
-            self.state["m"][name],
-            self.state["v"][name],
+            state["m"],
+            state["v"],
             beta1=self.beta1,
             beta2=self.beta2,
             eps=self.eps,
@@ -406,12 +431,14 @@ class RMSprop(Optimizer):
         self.alpha, self.eps, self.momentum = float(alpha), float(eps), float(momentum)
         super().__init__(module, lr, weight_decay, groups)
 
-    def _update(self, name: str, param: np.ndarray, grad: np.ndarray, lr: float, weight_decay: float) -> None:
+    def _update(
+        self, param: np.ndarray, grad: np.ndarray, state: dict[str, np.ndarray], lr: float, weight_decay: float
+    ) -> None:
         rmsprop_update(
             param,
             grad,
-            self.state["mean_square"][name],
-            self.state["velocity"][name],
+            state["mean_square"],
+            state["velocity"],
             lr=lr,
             alpha=self.alpha,
             eps=self.eps,

@@ -343,6 +343,7 @@ def fit(
 
     def diverged(what: str) -> NonFiniteLossError:
         hint = divergence_hint(model, optimizer, result.checkpoint or result.resumed_from)  # from the bad parameters
+        distributed.barrier(comm)  # every rank has read them before the ranks of a node restore their shared copy
         model.load_state_dict(state.best_params)
         return NonFiniteLossError(f"{what}; {hint}")
 
@@ -356,44 +357,46 @@ def fit(
     shown = progress and distributed.is_root(comm)  # rank 0 speaks for the job
     bar = tqdm(total=total_steps, initial=state.steps, disable=not shown, desc="train", unit="step", leave=False)
     try:
-        while not state.finished:
-            state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
-            shuffler = rng if shuffle_seed is None else np.random.default_rng(shuffle_seed(state.epoch))
-            order = shuffler.permutation(train.shape[0])
-            for i in range(state.batch, steps_per_epoch):
-                if lr_schedule == "cosine":
-                    optimizer.lr_scale = cosine_lr(base_scale, state.steps, total_steps)
-                state.batch = i + 1
+        with distributed.training(comm, model, optimizer):  # a node's ranks share θ and divide the update
+            while not state.finished:
+                state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
+                shuffler = rng if shuffle_seed is None else np.random.default_rng(shuffle_seed(state.epoch))
+                order = shuffler.permutation(train.shape[0])
+                for i in range(state.batch, steps_per_epoch):
+                    if lr_schedule == "cosine":
+                        optimizer.lr_scale = cosine_lr(base_scale, state.steps, total_steps)
+                    state.batch = i + 1
+                    try:
+                        loss = train_step(model, optimizer, train[order[i * batch_size : (i + 1) * batch_size]],
+                                          clip=clip_norm, loss_and_backward=step_loss)
+                    except NonFiniteLossError as error:
+                        if not skip_nonfinite:
+                            where = f"at epoch {state.epoch}, batch {i + 1}, step {state.steps + 1}"
+                            raise diverged(f"{error} {where}") from None
+                        state.skipped += 1
+                        continue
+                    state.steps += 1
+                    state.epoch_loss += loss
+                    state.epoch_batches += 1
+                    bar.update(1)
+                    bar.set_postfix(nll=f"{loss:.4f}", refresh=False)
+                    if checkpoint_every and state.steps % checkpoint_every == 0:
+                        checkpoint()
+                if state.epoch_batches == 0:
+                    raise diverged(f"every batch of epoch {state.epoch} had a non-finite loss or gradient")
+                if before_validation is not None:
+                    before_validation(state.epoch)
                 try:
-                    loss = train_step(model, optimizer, train[order[i * batch_size : (i + 1) * batch_size]],
-                                      clip=clip_norm, loss_and_backward=step_loss)
-                except NonFiniteLossError as error:
-                    if not skip_nonfinite:
-                        where = f"at epoch {state.epoch}, batch {i + 1}, step {state.steps + 1}"
-                        raise diverged(f"{error} {where}") from None
-                    state.skipped += 1
-                    continue
-                state.steps += 1
-                state.epoch_loss += loss
-                state.epoch_batches += 1
-                bar.update(1)
-                bar.set_postfix(nll=f"{loss:.4f}", refresh=False)
-                if checkpoint_every and state.steps % checkpoint_every == 0:
-                    checkpoint()
-            if state.epoch_batches == 0:
-                raise diverged(f"every batch of epoch {state.epoch} had a non-finite loss or gradient")
-            if before_validation is not None:
-                before_validation(state.epoch)
-            try:
-                entry = _end_epoch(model, val, state, epochs, patience, start, comm)
-            except NonFiniteError as error:
-                raise diverged(f"the validation NLL after epoch {state.epoch} is not finite ({error})") from error
-            entry["seconds"] = distributed.broadcast(comm, entry["seconds"])  # rank 0's clock: every rank stops alike
-            _stop_if_asked(entry, state, time_limit, on_epoch_end)
-            shown = "-" if entry["val_nll"] is None else f"{entry['val_nll']:.4f}"
-            bar.set_description(f"epoch {entry['epoch']} val {shown}")
-        if checkpoint_dir is not None:
-            checkpoint()  # the finished run, so resuming it after a crash in what follows returns at once
+                    entry = _end_epoch(model, val, state, epochs, patience, start, comm)
+                except NonFiniteError as error:
+                    raise diverged(f"the validation NLL after epoch {state.epoch} is not finite ({error})") from error
+                # rank 0's clock: every rank stops alike
+                entry["seconds"] = distributed.broadcast(comm, entry["seconds"])
+                _stop_if_asked(entry, state, time_limit, on_epoch_end)
+                shown = "-" if entry["val_nll"] is None else f"{entry['val_nll']:.4f}"
+                bar.set_description(f"epoch {entry['epoch']} val {shown}")
+            if checkpoint_dir is not None:
+                checkpoint()  # the finished run, so resuming it after a crash in what follows returns at once
     finally:
         bar.close()
         optimizer.lr, optimizer.lr_scale = base_lr, base_scale

@@ -253,37 +253,39 @@ def fit_vi(
     start = time.perf_counter()
     bar = tqdm(total=steps, disable=not (progress and distributed.is_root(comm)), desc="vi", unit="step", leave=False)
     try:
-        for step in range(steps):
-            beta = annealing_beta(step, anneal_steps, beta0)
-            if lr_schedule == "cosine" and step >= decay_start:
-                optimizer.lr_scale = cosine_lr(base_scale, step - decay_start, steps - decay_start)
-            z0 = base.sample(batch_size, flow.dim, rng, dtype)
-            try:
-                free_energy_at_beta = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)
-                sharded = partial(distributed.backward, comm, flow, loss_and_backward=free_energy_at_beta)
-                loss = train_step(flow, optimizer, z0, clip=clip_norm, loss_and_backward=sharded)
-            except NonFiniteLossError as error:
-                if error.norm is None:
-                    raise  # the target's own complaint, raised inside the loss
-                raise NonFiniteLossError(
-                    f"non-finite free energy ({error.loss}) or gradient norm ({error.norm}) at step {step + 1}; the "
-                    "flow holds the parameters of the previous step. Try a lower learning rate or gradient clipping.",
-                    error.loss, error.norm,
-                ) from None
-            result.steps += 1
-            running, count = running + loss, count + 1
-            if result.steps % log_every == 0 or result.steps == steps:
-                result.history.append(
-                    {
-                        "step": result.steps,
-                        "beta": beta,
-                        "free_energy": running / count,
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
-                running, count = 0.0, 0
-                bar.set_postfix(F=f"{result.history[-1]['free_energy']:.4f}", beta=f"{beta:.3f}", refresh=False)
-            bar.update(1)
+        with distributed.training(comm, flow, optimizer):  # a node's ranks share θ and divide the update
+            for step in range(steps):
+                beta = annealing_beta(step, anneal_steps, beta0)
+                if lr_schedule == "cosine" and step >= decay_start:
+                    optimizer.lr_scale = cosine_lr(base_scale, step - decay_start, steps - decay_start)
+                z0 = base.sample(batch_size, flow.dim, rng, dtype)
+                try:
+                    free_energy_at_beta = partial(free_energy_and_backward, flow, energy, beta=beta, base=base)
+                    sharded = partial(distributed.backward, comm, flow, loss_and_backward=free_energy_at_beta)
+                    loss = train_step(flow, optimizer, z0, clip=clip_norm, loss_and_backward=sharded)
+                except NonFiniteLossError as error:
+                    if error.norm is None:
+                        raise  # the target's own complaint, raised inside the loss
+                    raise NonFiniteLossError(
+                        f"non-finite free energy ({error.loss}) or gradient norm ({error.norm}) at step {step + 1}; "
+                        "the flow holds the parameters of the previous step. Try a lower learning rate or gradient "
+                        "clipping.",
+                        error.loss, error.norm,
+                    ) from None
+                result.steps += 1
+                running, count = running + loss, count + 1
+                if result.steps % log_every == 0 or result.steps == steps:
+                    result.history.append(
+                        {
+                            "step": result.steps,
+                            "beta": beta,
+                            "free_energy": running / count,
+                            "seconds": time.perf_counter() - start,
+                        }
+                    )
+                    running, count = 0.0, 0
+                    bar.set_postfix(F=f"{result.history[-1]['free_energy']:.4f}", beta=f"{beta:.3f}", refresh=False)
+                bar.update(1)
     finally:
         bar.close()
         optimizer.lr_scale = base_scale

@@ -7,6 +7,9 @@
 P = 2 48, 48; the validation set of 101 rows gives uneven shards), one process or data-parallel.
 ``nice``, ``realnvp``: a small image NICE or RealNVP (batch norms) on the digits; dequantisation draws noise in the
 forward pass.
+``fit-variants``: the same by SGD with parameter groups, weight decay, a frozen parameter and clipping.
+Each rank prints how many steps went through the node's shared memory (``nflow_np.distributed_reduce``);
+under ``--every-rank`` rank 0 then changes its parameters and the others check that theirs did not change.
 ``vi``: 100 steps of :func:`~nflow_np.vi.fit_vi` on a 2-D target with 50 draws per step (17, 17, 16 at P = 3).
 ``fail``: rank 1 raises in its third step; ``fail-eval``: rank ``P − 1`` raises in the validation;
 ``fail-realnvp``: rank 1 raises in the third step of the image RealNVP, whose batch norms hold collective calls.
@@ -39,17 +42,32 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return splits.train, splits.val
 
 
+LAST: dict[str, object] = {}
+"""The model the last :func:`run_fit` trained (to check that its arrays are its own after the fit)."""
+
+
 def run_fit(
-    comm: object, resume: str | None, checkpoint: str | None, epochs: int = EPOCHS, batch: int = BATCH
+    comm: object, resume: str | None, checkpoint: str | None, epochs: int = EPOCHS, batch: int = BATCH,
+    variants: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The fit the test compares across rank counts; the final parameters."""
+    """The fit the test compares across rank counts; the final parameters.
+
+    ``variants``: SGD with momentum instead, two parameter groups (one with weight decay), a frozen
+    parameter and gradient clipping: what the divided optimizer step must treat as the whole step does.
+    """
     train, val = data()
     model = build_model("realnvp", 2, layers=4, hidden=(32, 32), seed=1)
+    optimizer = Adam(model, lr=3e-3)
+    if variants:
+        model.freeze("flow.0.net.0.b")
+        optimizer = SGD(model, lr=3e-3, momentum=0.9, groups=[{"params": "flow.1.*", "lr": 1e-2,
+                                                               "weight_decay": 1e-2}])
     fit(
-        model, train, val, optimizer=Adam(model, lr=3e-3), epochs=epochs, batch_size=batch, seed=5, patience=None,
+        model, train, val, optimizer=optimizer, epochs=epochs, batch_size=batch, seed=5, patience=None,
         progress=False, comm=comm, checkpoint_dir=checkpoint or resume, checkpoint_every=30 if checkpoint else 0,
-        resume=resume is not None,
+        resume=resume is not None, clip_norm=1.0 if variants else None,
     )
+    LAST["model"] = model
     return model.state_dict()
 
 
@@ -125,7 +143,8 @@ def main() -> int:
     if sys.argv[1].startswith("cli-"):
         return command_line(sys.argv[1], sys.argv[3:])
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("fit", "vi", "nice", "realnvp", "fail", "fail-eval", "fail-realnvp"))
+    parser.add_argument("what", choices=("fit", "fit-variants", "vi", "nice", "realnvp", "fail", "fail-eval",
+                                         "fail-realnvp"))
     parser.add_argument("out")
     parser.add_argument("--resume")
     parser.add_argument("--checkpoint")
@@ -136,6 +155,15 @@ def main() -> int:
     args = parser.parse_args()
     comm = None if args.single else "auto"
     world = distributed.resolve(comm)
+    from nflow_np import distributed_reduce
+
+    shared_steps, plain_reduce = [0], distributed_reduce.SharedStep.reduce
+
+    def counted_reduce(*arguments: object) -> float:
+        shared_steps[0] += 1
+        return plain_reduce(*arguments)
+
+    distributed_reduce.SharedStep.reduce = counted_reduce
     if args.what == "vi":
         params = run_vi(comm)
     elif args.what in ("nice", "realnvp"):
@@ -166,7 +194,8 @@ def main() -> int:
             if args.what == "fail-realnvp":
                 params = run_image(comm, "realnvp")
             else:
-                params = run_fit(comm, args.resume, args.checkpoint, args.epochs, args.batch)
+                params = run_fit(comm, args.resume, args.checkpoint, args.epochs, args.batch,
+                                 variants=args.what == "fit-variants")
         except Exception as error:
             print(f"rank {distributed.rank(world)}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             return 3
@@ -174,6 +203,17 @@ def main() -> int:
         np.savez(args.out, **params)
     if args.every_rank:  # each rank's own parameters, to show they are the same bits
         np.savez(f"{args.out}.rank{distributed.rank(world)}.npz", **params)
+    print(f"rank {distributed.rank(world)}: {shared_steps[0]} steps through shared memory", flush=True)
+    if world is not None and "model" in LAST:  # after the fit every rank's arrays are its own again
+        model = LAST["model"]
+        if distributed.is_root(world):
+            for _, value, _ in model.named_parameters():
+                value += 1
+        distributed.barrier(world)
+        mine = model.state_dict()
+        assert distributed.is_root(world) or all(np.array_equal(mine[k], v) for k, v in params.items()), \
+            "rank 0's change after the fit reached another rank"
+        distributed.barrier(world)
     return 0
 
 

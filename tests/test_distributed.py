@@ -39,10 +39,10 @@ def environment() -> dict[str, str]:
                          "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def mpiexec(ranks: int, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
-    """``mpiexec -n ranks python arguments...`` in the repository."""
+def mpiexec(ranks: int, *arguments: str, check: bool = True, **variables: str) -> subprocess.CompletedProcess:
+    """``mpiexec -n ranks python arguments...`` in the repository (``variables``: more environment)."""
     done = subprocess.run([distributed.launcher(), "-n", str(ranks), sys.executable, *arguments], cwd=REPO,
-                          env=environment(), capture_output=True, text=True, timeout=HANG_GUARD)
+                          env=environment() | variables, capture_output=True, text=True, timeout=HANG_GUARD)
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -151,12 +151,37 @@ def test_batch_norms_need_a_row_on_every_rank() -> None:
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_fit_on_ranks_matches_one_process(ranks: int, tmp_path: Path) -> None:
     """Batch 96 (shards 48 or 32), validation 101 rows (shards 51/50, 34/34/33), 100 steps; every rank the same bits."""
-    mpiexec(ranks, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--every-rank")
+    done = mpiexec(ranks, str(SCRIPT), "fit", str(tmp_path / "params.npz"), "--every-rank")
     assert_close(load(tmp_path / "params.npz"), distributed_script.run_fit(None, None, None))
     for k in range(ranks):
         theirs = load(tmp_path / f"params.npz.rank{k}.npz")
         for name, value in load(tmp_path / "params.npz").items():
             np.testing.assert_array_equal(theirs[name], value, err_msg=f"rank {k}: {name}")
+        assert f"rank {k}: 100 steps through shared memory" in done.stdout  # the node's shared window, each step
+
+
+@pytest.mark.parametrize(("ranks", "per_node"), [(2, ""), (3, ""), (3, "2"), (3, "1")])
+def test_shared_memory_gives_the_bits_of_the_messages(ranks: int, per_node: str, tmp_path: Path) -> None:
+    """Through a node's shared memory, with the optimizer step divided (SGD, groups, weight decay, a frozen
+    parameter, clipping), the run is bit for bit the run by MPI messages where every rank updates everything.
+
+    ``per_node`` "2" makes ranks {0, 1} and {2} two nodes (their leaders reduce the nodes' sums by messages),
+    "1" every rank a node of its own; the additions stay in rank order, so the bits stay the same.
+    """
+    runs = {}
+    for label, variables in (("messages", {"NFLOW_MPI_SHARED": "0"}),
+                             ("shared", {"NFLOW_MPI_RANKS_PER_NODE": per_node} if per_node else {})):
+        out = tmp_path / f"{label}.npz"
+        done = mpiexec(ranks, str(SCRIPT), "fit-variants", str(out), "--every-rank", **variables)
+        counted = 0 if label == "messages" else 100
+        assert all(f"rank {k}: {counted} steps through shared memory" in done.stdout for k in range(ranks))
+        runs[label] = [load(Path(f"{out}.rank{k}.npz")) for k in range(ranks)]
+    reference = runs["messages"][0]
+    for label, per_rank in runs.items():
+        for k, params in enumerate(per_rank):
+            for name, value in reference.items():
+                np.testing.assert_array_equal(params[name], value, err_msg=f"{label}, rank {k}: {name}")
+    assert_close(reference, distributed_script.run_fit(None, None, None, variants=True))
 
 
 def test_fit_vi_on_three_ranks_matches_one_process(tmp_path: Path) -> None:
@@ -290,7 +315,9 @@ def test_distributed_benchmark_runs_quick(tmp_path: Path) -> None:
                           timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr
     results = json.loads((tmp_path / "distributed.json").read_text())["results"]
-    assert [(r["model"], r["ranks"]) for r in results] == [("realnvp", 1), ("realnvp", 2), ("nice", 1), ("nice", 2)]
+    assert [(r["model"], r["ranks"], r["path"]) for r in results] == [
+        (model, ranks, path) for model in ("realnvp", "nice")
+        for ranks, path in ((1, "one process"), (2, "shared"), (2, "messages"))]
     for r in results:
         assert len(r["per_rank_ms"]) == r["ranks"] and r["samples_per_s"] > 0 and r["steps"] == 2
         assert all(m["reduce"] >= 0 and m["wait"] >= 0 and m["compute"] > 0 for m in r["per_rank_ms"])

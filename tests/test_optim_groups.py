@@ -189,3 +189,57 @@ def test_a_resume_with_other_groups_is_refused(tmp_path: Path):
     assert run(1e-4, resume=True, epochs=3).steps == 3 * 4
     with pytest.raises(ValueError, match="cannot resume .* its optimizer is"):
         run(2e-4, resume=True, epochs=4)
+
+
+class _Part:
+    """A :attr:`~nflow_np.optim.Optimizer.partition`: the columns ``[start, stop)`` of the flattened parameters."""
+
+    def __init__(self, module: Module, start: int, stop: int) -> None:
+        self.slices, self.calls, offset = {}, 0, 0
+        for name, value, _ in module.named_parameters():
+            low, high = max(start, offset), min(stop, offset + value.size)
+            if low < high:
+                self.slices[name] = slice(low - offset, high - offset)
+            offset += value.size
+
+    def done(self) -> None:
+        self.calls += 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kind=st.sampled_from(["sgd", "adam", "rmsprop"]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    cuts=st.lists(st.floats(0, 1), min_size=0, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_an_update_divided_into_column_ranges_is_the_whole_update_bit_for_bit(kind, dtype, cuts, seed):
+    """The divided (ZeRO 1) step of ``nflow_np.distributed_reduce``: each part updates its columns only, and
+    together the parts give the bits of the whole step, with groups, weight decay and a frozen parameter."""
+    whole, divided = (build_model("realnvp", 3, layers=2, hidden=(5,), seed=1, dtype=dtype) for _ in range(2))
+    groups = [{"params": "flow.1.*", "lr": 3e-2, "weight_decay": 0.1}]
+    make = {"sgd": lambda m: SGD(m, lr=1e-2, momentum=0.5, weight_decay=1e-3, groups=groups),
+            "adam": lambda m: Adam(m, lr=1e-2, weight_decay=1e-3, groups=groups),
+            "rmsprop": lambda m: RMSprop(m, lr=1e-2, momentum=0.5, groups=groups)}[kind]
+    for model in (whole, divided):
+        model.freeze("flow.0.net.0.W")
+    optimizers = [make(whole), make(divided)]
+    total = whole.num_parameters()
+    bounds = [0, *sorted(int(c * total) for c in cuts), total]
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        for _, _, grad in whole.named_parameters():
+            grad[...] = rng.standard_normal(grad.shape)
+        for (_, _, mine), (_, _, theirs) in zip(divided.named_parameters(), whole.named_parameters(), strict=True):
+            mine[...] = theirs
+        optimizers[0].step()
+        steps = optimizers[1].step_count
+        for start, stop in zip(bounds, bounds[1:], strict=False):  # one rank after the other, each at the same step
+            optimizers[1].step_count, optimizers[1].partition = steps, _Part(divided, start, stop)
+            optimizers[1].step()
+            assert optimizers[1].partition.calls == 1
+        optimizers[1].partition = None
+    for (name, want, _), (_, got, _) in zip(whole.named_parameters(), divided.named_parameters(), strict=True):
+        np.testing.assert_array_equal(got, want, err_msg=name, strict=True)
+    for key, value in optimizers[0].state_dict().items():
+        np.testing.assert_array_equal(optimizers[1].state_dict()[key], value, err_msg=key, strict=True)

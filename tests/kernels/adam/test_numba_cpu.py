@@ -119,3 +119,49 @@ def test_adam_on_the_numba_backend_gives_the_numpy_run(dtype: type) -> None:
             runs[name] = (model.state_dict(), optimizer.state_dict())
     for key, value in runs["numpy"][0].items():
         np.testing.assert_allclose(runs["numba"][0][key], value, rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ranks=st.integers(1, 5),
+    width=st.sampled_from([1, 17, 2048, 2049, 5000]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    zero_rows=st.sets(st.integers(0, 4)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_fused_sum_of_regions_equals_reference_bit_for_bit(
+    ranks: int, width: int, dtype: type, zero_rows: set[int], seed: int
+) -> None:
+    """The ranks' weighted gradients summed in rank order into every row; rows of weight 0 hold NaN and ∞
+    (a failed rank's half-written gradient) and must add +0, never be read into a product."""
+    from nflow_np.distributed_reduce import sum_regions
+
+    rng = np.random.default_rng(seed)
+    regions = (rng.standard_normal((ranks, width)) * 10.0 ** rng.integers(-20, 20, (ranks, width))).astype(dtype)
+    regions[:, : min(width, 3)] = -0.0  # a sum of negative zeros stays -0.0 unless a row of weight 0 adds +0
+    weights = rng.random(ranks).astype(dtype)
+    for row in zero_rows & set(range(ranks)):
+        weights[row] = 0
+        regions[row, ::2] = np.nan
+        regions[row, 1::2] = np.inf
+    start, stop = sorted(rng.integers(0, width + 1, 2).tolist())
+    reference, fused = regions.copy(), regions.copy()
+    with np.errstate(over="ignore"):
+        sum_regions(reference, weights, start, stop)
+        numba_optim.sum_regions(fused, weights, start, stop)
+    np.testing.assert_array_equal(fused.view(np.uint8), reference.view(np.uint8))  # bits, the sign of 0 included
+    if stop > start:
+        np.testing.assert_array_equal(reference[:, start:stop], np.broadcast_to(reference[0, start:stop],
+                                                                                (ranks, stop - start)))
+    np.testing.assert_array_equal(reference[:, :start].view(np.uint8), regions[:, :start].view(np.uint8))
+    np.testing.assert_array_equal(reference[:, stop:].view(np.uint8), regions[:, stop:].view(np.uint8))
+
+
+def test_sum_of_regions_refuses_mismatched_weights() -> None:
+    regions = np.zeros((2, 4), np.float32)
+    with pytest.raises(TypeError, match="weights of their dtype"):
+        numba_optim.sum_regions(regions, np.ones(2), 0, 4)
+    with pytest.raises(ValueError, match="P weights"):
+        numba_optim.sum_regions(regions, np.ones(3, np.float32), 0, 4)
+    with pytest.raises(ValueError, match="outside"):
+        numba_optim.sum_regions(regions, np.ones(2, np.float32), 0, 5)
