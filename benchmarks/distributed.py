@@ -1,13 +1,18 @@
 """Data-parallel training throughput at P = 1 and P = 2 ranks, communication beside compute (docs/distributed.md).
 
-    python -m benchmarks.distributed [--ranks 1 2] [--steps 60] [--quick] [--out runs/bench/distributed]
+    python -m benchmarks.distributed [--ranks 1 2] [--steps 60] [--path both] [--quick] [--out runs/bench/distributed]
 
 For each model, ``mpiexec -n P`` runs the data-parallel step of :mod:`nflow_np.distributed` with one
-BLAS (and Numba) thread per rank, and times its parts on every rank: the shard's forward and backward
-pass (``compute``), a barrier (``wait``: for the slowest rank's compute, i.e. load imbalance),
-:func:`~nflow_np.distributed.reduce_gradients` (``reduce``: the gather, the sum in rank order and the
-broadcast of one flat buffer) and the Adam step. The table shows the slowest rank's compute, the longest
-wait, and that rank's reduce and Adam. Throughput is the global batch over the median step time. Models:
+BLAS (and Numba) thread per rank, inside :func:`~nflow_np.distributed.training` as ``fit`` runs it, and
+times its parts on every rank: the shard's forward and backward pass (``compute``), a barrier (``wait``:
+for the slowest rank's compute, i.e. load imbalance), :func:`~nflow_np.distributed.reduce_gradients`
+(``reduce``) and the norm check with the optimizer step (``update``). At P > 1 each model runs both
+ways (``--path``): ``shared``, through the node's shared memory with the Adam step divided between the
+ranks (``reduce``: two barriers and this rank's columns of the sum; ``update``: its columns of Adam and
+a barrier), and ``messages`` (``NFLOW_MPI_SHARED=0``: ``reduce`` is the packing, the all-to-all, the sum
+in rank order and the all-gather of one flat buffer; ``update`` the whole Adam step on every rank). The
+table shows the slowest rank's compute, the longest wait, and that rank's reduce and update.
+Throughput is the global batch over the median step time. Models:
 
 - ``realnvp``: the benchmark suite's RealNVP (``benchmarks/sections.py``: 64 dimensions, 8 affine
   couplings of 256-256 nets, batch 512, float32) on Gaussian rows;
