@@ -47,7 +47,7 @@ ACTIVE: dict[int, SharedStep] = {}
 def sum_regions(regions: np.ndarray, weights: np.ndarray, start: int, stop: int) -> None:
     """``regions[k, start:stop] ← Σ_j w_j regions[j, start:stop]`` for every row ``k``, terms in row order.
 
-    The reference of the fused kernel (``kernels.numba_optim.sum_regions``). Each term ``w_j · x`` is
+    The reference of the fused kernel (``kernels.adam.numba_cpu.sum_regions``). Each term ``w_j · x`` is
     rounded once to the regions' dtype and added in the order ``j = 0, 1, …``; a row of weight ``0``
     (an empty shard, a failed rank) adds ``+0`` and is never read into a product. These are the
     additions :func:`nflow_np.distributed.reduce_gradients` makes, so the bits are its bits.

@@ -148,7 +148,7 @@ def test_fused_sum_of_regions_equals_reference_bit_for_bit(
     reference, fused = regions.copy(), regions.copy()
     with np.errstate(over="ignore"):
         sum_regions(reference, weights, start, stop)
-        numba_optim.sum_regions(fused, weights, start, stop)
+        numba_cpu.sum_regions(fused, weights, start, stop)
     np.testing.assert_array_equal(fused.view(np.uint8), reference.view(np.uint8))  # bits, the sign of 0 included
     if stop > start:
         np.testing.assert_array_equal(reference[:, start:stop], np.broadcast_to(reference[0, start:stop],
@@ -160,8 +160,8 @@ def test_fused_sum_of_regions_equals_reference_bit_for_bit(
 def test_sum_of_regions_refuses_mismatched_weights() -> None:
     regions = np.zeros((2, 4), np.float32)
     with pytest.raises(TypeError, match="weights of their dtype"):
-        numba_optim.sum_regions(regions, np.ones(2), 0, 4)
+        numba_cpu.sum_regions(regions, np.ones(2), 0, 4)
     with pytest.raises(ValueError, match="P weights"):
-        numba_optim.sum_regions(regions, np.ones(3, np.float32), 0, 4)
+        numba_cpu.sum_regions(regions, np.ones(3, np.float32), 0, 4)
     with pytest.raises(ValueError, match="outside"):
-        numba_optim.sum_regions(regions, np.ones(2, np.float32), 0, 5)
+        numba_cpu.sum_regions(regions, np.ones(2, np.float32), 0, 5)
