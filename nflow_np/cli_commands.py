@@ -12,14 +12,24 @@ import argparse
 import io
 import json
 import math
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from nflow_np import distributed
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
-from nflow_np.cli_options import NET_OPTIONS, TRAIN_DEFAULTS, flag, image_model_name, resolve_train
+from nflow_np.cli_options import (
+    NET_OPTIONS,
+    TRAIN_DEFAULTS,
+    defaults_for,
+    flag,
+    image_model_name,
+    refuse_unknown,
+    resolve_train,
+)
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
 from nflow_np.io import CONFIG_FILE, ModelFileError, atomic_write, load_model, read_config
 from nflow_np.preflight import (
@@ -36,6 +46,8 @@ RESUME_MAY_CHANGE = ("out", "progress", "plots", "checkpoint_every", "resume", "
 """What ``nflow train --resume`` may change without changing the numbers of a run that never diverges."""
 RESUME_LENGTH = ("epochs", "patience", "time_limit")
 """Training-length options: given with ``--resume``, they lengthen or shorten the run."""
+RECORDED = (*TRAIN_DEFAULTS, "weight_decay", "alpha", "net", "channels", "blocks")
+"""The options a checkpoint's arguments may hold (a toy run's, or an image run's recipe settings)."""
 IMAGE_DIMS = {"digits": 64, "mnist": 784}
 """Pixels per image, for the preflight estimate before the data set is loaded."""
 
@@ -66,7 +78,7 @@ def resumed_options(given: dict[str, object]) -> dict[str, object]:
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{checkpoint.path}: records no nflow train arguments")
     argv = ["train"]
-    for key in TRAIN_DEFAULTS:
+    for key in RECORDED:
         value = recorded.get(key)
         if key in (*RESUME_MAY_CHANGE, "force") or value is None:
             continue
@@ -76,6 +88,7 @@ def resumed_options(given: dict[str, object]) -> dict[str, object]:
         options = resolve_train(parsed)
     except (UsageError, SystemExit, ValueError) as error:
         raise CheckpointError(f"{checkpoint.path}: its recorded arguments do not parse: {error}") from None
+    refuse_unknown(given, options, options["kind"], str(options["data"]))  # what a fresh run of its kind refuses
     for key, value in given.items():
         if key in RESUME_MAY_CHANGE or key in RESUME_LENGTH:
             continue
@@ -199,7 +212,7 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
                leave=False)
 
     def on_epoch(entry: dict) -> None:
-        bar.update(1)
+        bar.update(entry["epoch"] - bar.n)  # a resumed run's bar starts where it was
         bar.set_postfix(val_nll=f"{entry['val_nll']:.2f}", refresh=True)
 
     if options.get("force"):
@@ -208,14 +221,22 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
     # the progress bar starts, so that its ETA measures training
     probe = build_model("realnvp", 2, layers=1, hidden=(4,), dtype=options["dtype"])
     compile_kernels(probe, np.zeros((8, 2), dtype=options["dtype"]), say=options["progress"])
+    honoured = defaults_for(str(options["data"]), str(options["model"]), options.get("net"))
+    arguments = {key: options[key] for key in honoured if key not in ("out", "progress", "resume", "force")}
+    checkpoints = {"checkpoint_every": options["checkpoint_every"], "resume": options["resume"] is not None,
+                   "metadata": {"arguments": json_ready(arguments | {"given": options["given"]})}}
     try:
-        summary = train_image_model(
-            options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
-            on_epoch=on_epoch, comm=comm, **memory, **settings,
-            record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
-        )
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a damaged checkpoint passed over
+            warnings.simplefilter("always")
+            summary = train_image_model(
+                options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
+                on_epoch=on_epoch, comm=comm, **memory, **settings, **checkpoints,
+                record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
+            )
     finally:
         bar.close()
+    for warning in caught:
+        print(f"nflow train: warning: {warning.message}", file=sys.stderr)
     remove_replaced(out)
     print(
         f"{options['data']} / {model_name}: test NLL {summary['test_nll']:.2f} nats per image, "

@@ -56,7 +56,8 @@ GMM_DEFAULTS: dict[str, object] = {
 no bar and draws nothing, so hiding them is honoured as it stands)."""
 
 _IMAGE_COMMON = {"seed": 0, "dtype": "float32", "lr_schedule": "cosine", "out": None, "progress": True,
-                 "memory": "store", "anchor_every": None, "force": False}
+                 "memory": "store", "anchor_every": None, "force": False, "checkpoint_every": 0, "resume": None}
+"""The options every image run takes (``checkpoint_every``: in epochs; 0: none, or a resumed run's final one)."""
 
 
 NETS = ("mlp", "resnet")
@@ -107,15 +108,15 @@ def defaults_for(data: str, model: str, net: str | None = None) -> dict[str, obj
 _WHY_NOT = {
     "gmm": "EM fits a mixture in closed-form steps: it has no layers, epochs, learning rate, dtype or checkpoints",
     "image": "image runs use the fixed splits of the data set, the architectures of nflow_np/image_models.py, "
-    "a cosine learning rate, and always draw their pictures; checkpoints are for toy runs",
+    "a cosine learning rate, and always draw their pictures",
     "toy": "they are settings of the image recipes (digits, mnist) or of --model gmm",
 }
 _FOR = {"gmm": "--model gmm", "image": "image data ({data})", "toy": "toy data ({data}) with a flow model"}
 
 
 def flag(name: str) -> str:
-    """``"batch_size"`` → ``"--batch-size"`` (``"n"`` → ``"-n"``)."""
-    return "-n" if name == "n" else "--" + name.replace("_", "-")
+    """``"batch_size"`` → ``"--batch-size"`` (``"n"`` → ``"-n"``, ``"plots"`` → ``"--no-plots"``: as typed)."""
+    return {"n": "-n", "plots": "--no-plots", "progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
 
 
 def refuse_unknown(given: dict[str, object], honoured: dict[str, object], kind: str, data: str) -> None:
