@@ -23,10 +23,11 @@ from nflow_np import distributed
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
 from nflow_np.cli_options import (
     NET_OPTIONS,
+    RECORDED,
     TRAIN_DEFAULTS,
-    defaults_for,
     flag,
     image_model_name,
+    image_record,
     refuse_unknown,
     resolve_train,
 )
@@ -39,6 +40,7 @@ from nflow_np.preflight import (
     coupling_parameters,
     save_bytes,
     training_bytes,
+    writer_lock,
 )
 from nflow_np.provenance import describe, provenance
 
@@ -46,8 +48,6 @@ RESUME_MAY_CHANGE = ("out", "progress", "plots", "checkpoint_every", "resume", "
 """What ``nflow train --resume`` may change without changing the numbers of a run that never diverges."""
 RESUME_LENGTH = ("epochs", "patience", "time_limit")
 """Training-length options: given with ``--resume``, they lengthen or shorten the run."""
-RECORDED = (*TRAIN_DEFAULTS, "weight_decay", "alpha", "net", "channels", "blocks")
-"""The options a checkpoint's arguments may hold (a toy run's, or an image run's recipe settings)."""
 IMAGE_DIMS = {"digits": 64, "mnist": 784}
 """Pixels per image, for the preflight estimate before the data set is loaded."""
 
@@ -167,7 +167,13 @@ def train(args: argparse.Namespace) -> int:
     out = Path(options["out"] or Path("runs") / f"{options['data']}-{name}")
     options["out"] = out
     preflight(options, out)
-    record = provenance(options.get("dtype", "float64"), args.threads)
+    with writer_lock(out):  # a second nflow train into this folder meanwhile is refused, naming this process
+        return _run(options, out, args.threads)
+
+
+def _run(options: dict[str, object], out: Path, threads: int | None) -> int:
+    """The toy, image or mixture run of :func:`train`, once its options and folder are checked."""
+    record = provenance(options.get("dtype", "float64"), threads)
     print(f"nflow: {describe(record)}", flush=True)
     if options["kind"] == "gmm":
         from nflow_np.vi_cli import run_gmm_command
@@ -182,9 +188,9 @@ def train(args: argparse.Namespace) -> int:
     from nflow_np.density import describe as describe_run
     from nflow_np.density import train_density
 
-    arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": args.threads}
+    arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": threads}
     options["arguments"] = json_ready(arguments | {"given": options["given"]})
-    options["threads"] = args.threads
+    options["threads"] = threads
     summary = train_density(options, out, comm)
     print(describe_run(summary))
     print(f"wrote {', '.join(summary['files'])} to {out}")
@@ -221,10 +227,8 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
     # the progress bar starts, so that its ETA measures training
     probe = build_model("realnvp", 2, layers=1, hidden=(4,), dtype=options["dtype"])
     compile_kernels(probe, np.zeros((8, 2), dtype=options["dtype"]), say=options["progress"])
-    honoured = defaults_for(str(options["data"]), str(options["model"]), options.get("net"))
-    arguments = {key: options[key] for key in honoured if key not in ("out", "progress", "resume", "force")}
     checkpoints = {"checkpoint_every": options["checkpoint_every"], "resume": options["resume"] is not None,
-                   "metadata": {"arguments": json_ready(arguments | {"given": options["given"]})}}
+                   "metadata": {"arguments": json_ready(image_record(options))}}
     try:
         with warnings.catch_warnings(record=True) as caught:  # e.g. a damaged checkpoint passed over
             warnings.simplefilter("always")

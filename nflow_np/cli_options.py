@@ -173,6 +173,18 @@ def resolve_train(given: dict[str, object]) -> dict[str, object]:
     return options | {"kind": kind, "given": sorted(given)}
 
 
+RECORDED = (*TRAIN_DEFAULTS, "weight_decay", "alpha", "net", "channels", "blocks")
+"""The options a checkpoint's arguments may hold (a toy run's, or an image run's recipe settings)."""
+
+
+def image_record(options: dict[str, object]) -> dict[str, object]:
+    """What an image run records in its checkpoints for ``nflow train --resume`` to re-parse: every option it
+    honours but where it writes and whether it shows progress, and which options were typed (``given``)."""
+    honoured = defaults_for(str(options["data"]), str(options["model"]), options.get("net"))
+    skip = ("out", "progress", "resume", "force")
+    return {key: options[key] for key in honoured if key not in skip} | {"given": options["given"]}
+
+
 def help_defaults(data: str | None, model: str | None, net: str | None = None) -> tuple[dict[str, object], str]:
     """The defaults ``nflow train --help`` shows for the data, model and net on the command line, and whose they
     are (``"digits / realnvp --net resnet"``)."""
