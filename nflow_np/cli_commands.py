@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from nflow_np.cli_options import (
     resolve_train,
 )
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
-from nflow_np.io import CONFIG_FILE, ModelFileError, atomic_write, load_model, read_config
+from nflow_np.io import CONFIG_FILE, atomic_write, load_model, read_config
 from nflow_np.preflight import (
     check_memory,
     check_output_folder,
@@ -277,18 +276,11 @@ def _is_mixture(folder: Path) -> bool:
 
 
 def _load_mixture(folder: Path) -> tuple[object, dict]:
-    """The mixture and ``summary.json`` of a folder written by ``nflow train --model gmm``."""
+    """The mixture and ``summary.json`` of a folder written by ``nflow train --model gmm``, with every check
+    model files get (:func:`~nflow_np.files.gmm_files.load_gmm`: no FIFO, link, zip bomb or hostile JSON)."""
     from nflow_np.gmm import GaussianMixture
 
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        if not isinstance(summary, dict):
-            raise ValueError("summary.json is not a JSON object")
-        with np.load(folder / "gmm.npz", allow_pickle=False) as saved:
-            gmm = GaussianMixture.from_parameters(saved["weights"], saved["means"], saved["covariances"])
-    except (OSError, ValueError, KeyError, RecursionError) as error:  # unreadable, not JSON, bad parameters
-        raise ModelFileError(f"{folder}: not a readable Gaussian-mixture folder ({error})") from error
-    return gmm, summary
+    return GaussianMixture.load(folder)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -269,3 +269,22 @@ def test_resume_detects_a_typed_value_equal_to_the_default(tmp_path: Path, capsy
     assert main(["train", "--resume", str(out), "--epochs", "100", "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_run"] == 100 and summary["steps"] == 100 * (512 // 128)
+
+
+def test_eval_and_sample_of_a_hostile_mixture_folder_are_one_line_errors(tmp_path: Path) -> None:
+    """Issue 14: a FIFO in place of summary.json hung ``nflow eval``; a link was followed; bad JSON a traceback."""
+    out = tmp_path / "gmm"
+    assert main(["train", "--model", "gmm", "--components", "1,2", "--n-train", "300", "--n-val", "100",
+                 "--n-test", "100", "--out", str(out)]) == 0
+    summary = (out / "summary.json").read_text()
+    (out / "summary.json").unlink()
+    os.mkfifo(out / "summary.json")  # reading it naively blocks forever
+    assert_one_line_error(nflow("eval", str(out)), "summary.json", "not a regular file")
+    assert_one_line_error(nflow("sample", str(out), "-n", "3"), "not a regular file")
+    (out / "summary.json").unlink()
+    (tmp_path / "elsewhere.json").write_text(summary)
+    (out / "summary.json").symlink_to(tmp_path / "elsewhere.json")
+    assert_one_line_error(nflow("eval", str(out)), "is a symbolic link")
+    (out / "summary.json").unlink()
+    (out / "summary.json").write_text("[" * 100 + "]" * 100)
+    assert_one_line_error(nflow("eval", str(out)), "summary.json")
