@@ -19,13 +19,17 @@ One file, an ``.npz`` archive read with ``allow_pickle=False``, holds
      "run": {"epochs", "batch_size", "seed", "patience", "clip_norm", "lr_schedule",
              "train": {"shape", "dtype", "sha256"}, "val": {...} or null},   # + "time_limit" if set
      "state": {"epoch", "batch", "steps", "skipped", "epoch_loss", "epoch_batches", "rng",
-               "best_val", "best_epoch", "history", "seconds", "finished", "stopped_early"},
+               "best_val", "best_epoch", "history", "seconds", "finished", "stopped_early",
+               "noise"},                                  # "noise": absent in files written before it
      "arrays_sha256": "…", "metadata": {...}}
 
 ``state`` is the position of the run: ``batch`` batches of epoch ``epoch`` are done, and ``rng`` is
 the shuffling generator's state at the start of that epoch, so resuming redraws the same
-permutation and continues with batch ``batch``. ``arrays_sha256`` covers every array, so a damaged
-file is refused rather than half-trusted; :func:`latest_checkpoint` then falls back to the one before.
+permutation and continues with batch ``batch``. ``noise`` holds the generator states of the
+model's layers that draw noise in their forward pass (an image model's dequantisation), in module
+order, so that the resumed run draws the noise the uninterrupted one draws. ``arrays_sha256``
+covers every array, so a damaged file is refused rather than half-trusted; :func:`latest_checkpoint`
+then falls back to the one before.
 Every problem with a file raises :class:`CheckpointError`, a :class:`~nflow_np.io.ModelFileError`.
 
 Length: over 400 lines because the checkpoint format (what is saved, every check on reading it back,
@@ -44,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nflow_np.distributed_layers import drawing_layers
 from nflow_np.files import safe
 from nflow_np.files.model_files import check_description, describe_model, model_from_description
 from nflow_np.files.safe import (
@@ -109,6 +114,10 @@ class TrainState:
         Training time so far.
     finished, stopped_early : bool
         Whether the run is over, and whether patience ended it.
+    noise : list of dict or None
+        ``bit_generator.state`` of every layer of the model that draws noise of its own
+        (:func:`~nflow_np.distributed_layers.drawing_layers`), as saved; ``None`` in files written
+        before it was recorded.
     """
 
     epoch: int = 1
@@ -125,6 +134,7 @@ class TrainState:
     seconds: float = 0.0
     finished: bool = False
     stopped_early: bool = False
+    noise: list[dict] | None = None
 
     def to_json(self) -> dict:
         """Every field but ``best_params`` (stored as arrays), JSON-ready (``best_val`` inf as null)."""
@@ -135,9 +145,10 @@ class TrainState:
     @classmethod
     def from_json(cls, fields: object, best_params: dict[str, np.ndarray], where: str) -> TrainState:
         """Check ``fields`` (from :meth:`to_json`) and build the state; raise :class:`CheckpointError`."""
-        if not isinstance(fields, dict) or set(fields) != set(_STATE_TYPES):
+        if not isinstance(fields, dict) or not set(_STATE_TYPES) - _OPTIONAL <= set(fields) <= set(_STATE_TYPES):
             keys = sorted(fields) if isinstance(fields, dict) else type(fields).__name__
             raise CheckpointError(f"{where}: state must have the keys {sorted(_STATE_TYPES)}, got {keys}")
+        fields = {"noise": None} | fields
         for name, kinds in _STATE_TYPES.items():
             value = fields[name]
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
@@ -149,11 +160,12 @@ class TrainState:
                 raise CheckpointError(f"{where}: state.{name} must not be negative, got {value}")
         if fields["epoch"] < 1:
             raise CheckpointError(f"{where}: state.epoch must be at least 1, got {fields['epoch']}")
-        if fields["rng"] is not None:
+        for name, state in [("rng", fields["rng"]), *(("noise", s) for s in fields["noise"] or [])]:
             try:
-                np.random.PCG64().state = fields["rng"]
+                if state is not None:
+                    np.random.PCG64().state = state
             except (ValueError, TypeError, KeyError, OverflowError) as error:
-                raise CheckpointError(f"{where}: state.rng is not a PCG64 state: {error}") from error
+                raise CheckpointError(f"{where}: state.{name} is not a PCG64 state: {error}") from error
         if not all(isinstance(entry, dict) for entry in fields["history"]):
             raise CheckpointError(f"{where}: state.history must be a list of objects")
         best_val = math.inf if fields["best_val"] is None else float(fields["best_val"])
@@ -174,7 +186,10 @@ _STATE_TYPES: dict[str, tuple[type, ...]] = {
     "seconds": (float, int),
     "finished": (bool,),
     "stopped_early": (bool,),
+    "noise": (list, type(None)),
 }
+_OPTIONAL = {"noise"}
+"""State keys that files written before them lack."""
 
 
 @dataclass
@@ -218,16 +233,23 @@ class Checkpoint:
         Raises
         ------
         ValueError
-            ``model`` has another architecture, or ``optimizer`` another kind or hyperparameters;
-            nothing is written then.
+            ``model`` has another architecture, or ``optimizer`` another kind or hyperparameters,
+            or the file records no noise state for a model that draws noise; nothing is written then.
         """
         if describe_model(model) != self.description:
             raise ValueError(f"cannot resume from {self.path}: it holds a model of another architecture or dtype")
         config = optimizer_config(optimizer, optimizer.lr)
         if config != self.optimizer:
             raise ValueError(f"cannot resume from {self.path}: its optimizer is {self.optimizer}, not {config}")
+        layers, noise = drawing_layers(model), self.state.noise
+        if layers and (noise is None or len(noise) != len(layers)):
+            found = "none" if noise is None else len(noise)
+            raise ValueError(f"cannot resume from {self.path}: the model has {len(layers)} layers drawing noise, the "
+                             f"file records the state of {found}, so the run could not continue bit for bit")
         model.load_state_dict(self.model.state_dict())
         optimizer.load_state_dict(self.optimizer_state)
+        for layer, state in zip(layers, noise or [], strict=True):
+            layer.rng.bit_generator.state = state
 
 
 def optimizer_config(optimizer: Optimizer, lr: float) -> dict:
@@ -333,7 +355,7 @@ def save_checkpoint(
         "model": describe_model(model),
         "optimizer": optimizer_config(optimizer, lr),
         "run": run,
-        "state": state.to_json(),
+        "state": state.to_json() | {"noise": noise_states(model)},
         "arrays_sha256": _digest(arrays),
         "metadata": {} if metadata is None else metadata,
     }
@@ -346,6 +368,11 @@ def save_checkpoint(
     for old in list_checkpoints(directory)[KEEP:]:
         old.unlink(missing_ok=True)
     return path
+
+
+def noise_states(model: FlowModel) -> list[dict]:
+    """``bit_generator.state`` of every layer of ``model`` that draws noise of its own, in module order."""
+    return [layer.rng.bit_generator.state for layer in drawing_layers(model)]
 
 
 def _refuse_non_finite(arrays: dict[str, np.ndarray], directory: Path, steps: int) -> None:

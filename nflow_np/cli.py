@@ -2,7 +2,7 @@
 
     nflow train --data two_moons --model realnvp --out runs/moons --checkpoint-every 500
     nflow train --resume runs/moons          # after a crash: continues, bit for bit
-    nflow train --resume runs/moons --epochs 200   # or longer (--epochs, --patience may change)
+    nflow train --resume runs/moons --epochs 200   # or longer (--epochs, --patience, --time-limit may change)
     nflow eval runs/moons
     nflow sample runs/moons -n 5000 --out samples.csv
     nflow train --data digits --model realnvp      # image flows: nflow_np.image_training, docs/images.md
@@ -115,10 +115,12 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
     add("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     add("--no-plots", dest="plots", action="store_false", help="skip the density and sample plots" + default("plots"))
     add("--checkpoint-every", type=non_negative, metavar="N",
-        help="write OUT/checkpoints/checkpoint-<step>.npz every N steps and at the end, 0: only at the end"
+        help="write OUT/checkpoints/checkpoint-<step>.npz every N steps (image runs: every N epochs) and at the "
+        "end, 0: only at the end"
         + default("checkpoint_every"))
     add("--resume", type=Path, metavar="DIR",
-        help="continue the run whose output folder is DIR; --epochs and --patience may change its length"
+        help="continue the run whose output folder is DIR; --epochs, --patience and --time-limit may change its "
+        "length"
         + default("resume"))
     add("--skip-nonfinite", action="store_true",
         help="skip (and count) batches with a NaN/Inf loss instead of stopping" + default("skip_nonfinite"))

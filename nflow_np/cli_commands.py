@@ -10,18 +10,28 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from nflow_np import distributed
 from nflow_np.checkpoint import CheckpointError, latest_checkpoint
-from nflow_np.cli_options import NET_OPTIONS, TRAIN_DEFAULTS, flag, image_model_name, resolve_train
+from nflow_np.cli_options import (
+    NET_OPTIONS,
+    RECORDED,
+    TRAIN_DEFAULTS,
+    flag,
+    image_model_name,
+    image_record,
+    refuse_unknown,
+    resolve_train,
+)
 from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
-from nflow_np.io import CONFIG_FILE, ModelFileError, atomic_write, load_model, read_config
+from nflow_np.io import CONFIG_FILE, atomic_write, load_model, read_config
 from nflow_np.preflight import (
     check_memory,
     check_output_folder,
@@ -29,6 +39,7 @@ from nflow_np.preflight import (
     coupling_parameters,
     save_bytes,
     training_bytes,
+    writer_lock,
 )
 from nflow_np.provenance import describe, provenance
 
@@ -66,7 +77,7 @@ def resumed_options(given: dict[str, object]) -> dict[str, object]:
     if not isinstance(recorded, dict):
         raise CheckpointError(f"{checkpoint.path}: records no nflow train arguments")
     argv = ["train"]
-    for key in TRAIN_DEFAULTS:
+    for key in RECORDED:
         value = recorded.get(key)
         if key in (*RESUME_MAY_CHANGE, "force") or value is None:
             continue
@@ -76,6 +87,7 @@ def resumed_options(given: dict[str, object]) -> dict[str, object]:
         options = resolve_train(parsed)
     except (UsageError, SystemExit, ValueError) as error:
         raise CheckpointError(f"{checkpoint.path}: its recorded arguments do not parse: {error}") from None
+    refuse_unknown(given, options, options["kind"], str(options["data"]))  # what a fresh run of its kind refuses
     for key, value in given.items():
         if key in RESUME_MAY_CHANGE or key in RESUME_LENGTH:
             continue
@@ -154,7 +166,13 @@ def train(args: argparse.Namespace) -> int:
     out = Path(options["out"] or Path("runs") / f"{options['data']}-{name}")
     options["out"] = out
     preflight(options, out)
-    record = provenance(options.get("dtype", "float64"), args.threads)
+    with writer_lock(out):  # a second nflow train into this folder meanwhile is refused, naming this process
+        return _run(options, out, args.threads)
+
+
+def _run(options: dict[str, object], out: Path, threads: int | None) -> int:
+    """The toy, image or mixture run of :func:`train`, once its options and folder are checked."""
+    record = provenance(options.get("dtype", "float64"), threads)
     print(f"nflow: {describe(record)}", flush=True)
     if options["kind"] == "gmm":
         from nflow_np.vi_cli import run_gmm_command
@@ -169,9 +187,9 @@ def train(args: argparse.Namespace) -> int:
     from nflow_np.density import describe as describe_run
     from nflow_np.density import train_density
 
-    arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": args.threads}
+    arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": threads}
     options["arguments"] = json_ready(arguments | {"given": options["given"]})
-    options["threads"] = args.threads
+    options["threads"] = threads
     summary = train_density(options, out, comm)
     print(describe_run(summary))
     print(f"wrote {', '.join(summary['files'])} to {out}")
@@ -199,7 +217,7 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
                leave=False)
 
     def on_epoch(entry: dict) -> None:
-        bar.update(1)
+        bar.update(entry["epoch"] - bar.n)  # a resumed run's bar starts where it was
         bar.set_postfix(val_nll=f"{entry['val_nll']:.2f}", refresh=True)
 
     if options.get("force"):
@@ -208,14 +226,20 @@ def _train_images(options: dict[str, object], out: Path, record: dict, comm: obj
     # the progress bar starts, so that its ETA measures training
     probe = build_model("realnvp", 2, layers=1, hidden=(4,), dtype=options["dtype"])
     compile_kernels(probe, np.zeros((8, 2), dtype=options["dtype"]), say=options["progress"])
+    checkpoints = {"checkpoint_every": options["checkpoint_every"], "resume": options["resume"] is not None,
+                   "metadata": {"arguments": json_ready(image_record(options))}}
     try:
-        summary = train_image_model(
-            options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
-            on_epoch=on_epoch, comm=comm, **memory, **settings,
-            record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
-        )
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a damaged checkpoint passed over
+            warnings.simplefilter("always")
+            summary = train_image_model(
+                options["data"], model_name, out, seed=options["seed"], dtype=options["dtype"], progress=False,
+                on_epoch=on_epoch, comm=comm, **memory, **settings, **checkpoints,
+                record={"provenance": record, "backend": record["backend"], "ranks": distributed.size(comm)},
+            )
     finally:
         bar.close()
+    for warning in caught:
+        print(f"nflow train: warning: {warning.message}", file=sys.stderr)
     remove_replaced(out)
     print(
         f"{options['data']} / {model_name}: test NLL {summary['test_nll']:.2f} nats per image, "
@@ -252,18 +276,11 @@ def _is_mixture(folder: Path) -> bool:
 
 
 def _load_mixture(folder: Path) -> tuple[object, dict]:
-    """The mixture and ``summary.json`` of a folder written by ``nflow train --model gmm``."""
+    """The mixture and ``summary.json`` of a folder written by ``nflow train --model gmm``, with every check
+    model files get (:func:`~nflow_np.files.gmm_files.load_gmm`: no FIFO, link, zip bomb or hostile JSON)."""
     from nflow_np.gmm import GaussianMixture
 
-    try:
-        summary = json.loads((folder / "summary.json").read_text())
-        if not isinstance(summary, dict):
-            raise ValueError("summary.json is not a JSON object")
-        with np.load(folder / "gmm.npz", allow_pickle=False) as saved:
-            gmm = GaussianMixture.from_parameters(saved["weights"], saved["means"], saved["covariances"])
-    except (OSError, ValueError, KeyError, RecursionError) as error:  # unreadable, not JSON, bad parameters
-        raise ModelFileError(f"{folder}: not a readable Gaussian-mixture folder ({error})") from error
-    return gmm, summary
+    return GaussianMixture.load(folder)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -56,7 +56,8 @@ GMM_DEFAULTS: dict[str, object] = {
 no bar and draws nothing, so hiding them is honoured as it stands)."""
 
 _IMAGE_COMMON = {"seed": 0, "dtype": "float32", "lr_schedule": "cosine", "out": None, "progress": True,
-                 "memory": "store", "anchor_every": None, "force": False}
+                 "memory": "store", "anchor_every": None, "force": False, "checkpoint_every": 0, "resume": None}
+"""The options every image run takes (``checkpoint_every``: in epochs; 0: none, or a resumed run's final one)."""
 
 
 NETS = ("mlp", "resnet")
@@ -107,15 +108,15 @@ def defaults_for(data: str, model: str, net: str | None = None) -> dict[str, obj
 _WHY_NOT = {
     "gmm": "EM fits a mixture in closed-form steps: it has no layers, epochs, learning rate, dtype or checkpoints",
     "image": "image runs use the fixed splits of the data set, the architectures of nflow_np/image_models.py, "
-    "a cosine learning rate, and always draw their pictures; checkpoints are for toy runs",
+    "a cosine learning rate, and always draw their pictures",
     "toy": "they are settings of the image recipes (digits, mnist) or of --model gmm",
 }
 _FOR = {"gmm": "--model gmm", "image": "image data ({data})", "toy": "toy data ({data}) with a flow model"}
 
 
 def flag(name: str) -> str:
-    """``"batch_size"`` → ``"--batch-size"`` (``"n"`` → ``"-n"``)."""
-    return "-n" if name == "n" else "--" + name.replace("_", "-")
+    """``"batch_size"`` → ``"--batch-size"`` (``"n"`` → ``"-n"``, ``"plots"`` → ``"--no-plots"``: as typed)."""
+    return {"n": "-n", "plots": "--no-plots", "progress": "--no-progress"}.get(name, "--" + name.replace("_", "-"))
 
 
 def refuse_unknown(given: dict[str, object], honoured: dict[str, object], kind: str, data: str) -> None:
@@ -170,6 +171,18 @@ def resolve_train(given: dict[str, object]) -> dict[str, object]:
     if options.get("anchor_every") is not None and options.get("memory") != "invert":
         raise ValueError("--anchor-every applies to --memory invert only")
     return options | {"kind": kind, "given": sorted(given)}
+
+
+RECORDED = (*TRAIN_DEFAULTS, "weight_decay", "alpha", "net", "channels", "blocks")
+"""The options a checkpoint's arguments may hold (a toy run's, or an image run's recipe settings)."""
+
+
+def image_record(options: dict[str, object]) -> dict[str, object]:
+    """What an image run records in its checkpoints for ``nflow train --resume`` to re-parse: every option it
+    honours but where it writes and whether it shows progress, and which options were typed (``given``)."""
+    honoured = defaults_for(str(options["data"]), str(options["model"]), options.get("net"))
+    skip = ("out", "progress", "resume", "force")
+    return {key: options[key] for key in honoured if key not in skip} | {"given": options["given"]}
 
 
 def help_defaults(data: str | None, model: str | None, net: str | None = None) -> tuple[dict[str, object], str]:

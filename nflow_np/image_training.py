@@ -2,17 +2,18 @@
 
 What ``nflow train --data digits|mnist --model nice|realnvp`` runs. :data:`IMAGE_RECIPES` holds the
 settings measured on a 2-core machine for each pair (``README.md#image-flows``); every one of them
-can be overridden. Training is one call of :func:`nflow_np.train.fit` whose end-of-epoch hook
-ends it between epochs when the next one would not fit the wall-clock budget (``time_limit``) and
-sets the learning rate of the next epoch, a cosine from ``lr`` to 0 over the epochs, or over the
-time budget when there is one; ``fit`` keeps the parameters with the best validation NLL. NICE's
-final rescaling starts from a data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`).
+can be overridden. Training is one call of :func:`nflow_np.train.fit` whose start-of-epoch hook
+sets the epoch's learning rate, a cosine from ``lr`` to 0 over the epochs, or over the time budget
+when there is one, and ends the run between epochs when the next one would not fit the wall-clock
+budget (``time_limit``); ``fit`` keeps the parameters with the best validation NLL, and writes the
+checkpoints a run can be resumed from bit for bit (every ``checkpoint_every`` epochs; the time
+spent is in them, so a resumed run gets what is left of the budget). NICE's final rescaling starts
+from a data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from nflow_np import distributed
 from nflow_np.data.images import load_images
+from nflow_np.density import CHECKPOINT_DIR
 from nflow_np.flows.normalization import batch_norms, recalibrate
 from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, build_realnvp_resnet, initialize_rescale
 from nflow_np.optim import Adam
@@ -147,15 +149,21 @@ def fit_for(
     calibration_rows: int = 1000,
     on_epoch: Callable[[dict], None] | None = None,
     comm: object = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    metadata: dict | None = None,
 ) -> dict:
     """Fit ``model`` for at most ``epochs`` epochs and ``time_limit`` seconds; keep the best validation NLL.
 
-    One :func:`~nflow_np.train.fit` call with an Adam optimizer and an end-of-epoch hook. Each
-    epoch runs at the learning rate ``cosine_lr(lr, progress)`` where progress is the fraction of
-    epochs (or of the time budget) used before it. The hook ends the run when the last epoch's
-    duration no longer fits in the budget, so the budget is never overrun by more than the
-    evaluation at the end (``fit``'s own ``time_limit``, which stops only after the epoch that
-    crosses it, is not used).
+    One :func:`~nflow_np.train.fit` call with an Adam optimizer and two epoch hooks. Before each
+    epoch, the learning rate is set to ``cosine_lr(lr, progress)`` where progress is the fraction of
+    epochs (or of the time budget) used before it, and the run ends if the last epoch's duration no
+    longer fits in what is left of the budget, so the budget is never overrun by more than the
+    evaluation at the end (``fit``'s own ``time_limit``, which would stop only after the epoch that
+    crosses it, never acts first; it is passed so that a resume sees a changed budget). Both are
+    derived from the run's history (``seconds``: training time across resumes, rank 0's clock), so a
+    resumed run continues the schedule and spends only the remainder of the budget.
 
     After every epoch the batch norms' running averages are recalibrated on (up to
     ``calibration_rows``) training rows (:func:`~nflow_np.flows.normalization.recalibrate`) before
@@ -165,49 +173,66 @@ def fit_for(
     With ``comm`` (:mod:`nflow_np.distributed`) every epoch and the validation run data-parallel, and
     rank 0's clock decides the learning rate and when the budget is spent, so every rank agrees.
 
+    With ``checkpoint_dir``, a checkpoint (:mod:`nflow_np.checkpoint`: parameters and batch-norm
+    averages, Adam's state, the position and history, the dequantisation noise stream, the time
+    spent; ``metadata`` too) is written after the last step of every ``checkpoint_every``-th epoch
+    (0: only when the run ends) and ``resume`` continues from the newest one that loads, bit for bit
+    the uninterrupted run when ``epochs``, ``patience`` and ``time_limit`` are the same (another
+    ``epochs`` or ``time_limit`` reshapes the rest of the schedule; ``fit`` refuses other changes).
+
     Returns
     -------
     dict
-        ``history`` (per epoch: ``epoch``, ``train_nll``, ``val_nll``, ``lr``, ``seconds``, ...),
-        ``best_epoch``, ``best_val_nll``, ``epochs_run``, ``steps``, ``train_seconds``, ``stopped_by``
-        (``"epochs"``, ``"patience"`` or ``"time_limit"``).
+        ``history`` (per epoch: ``epoch``, ``train_nll``, ``val_nll``, ``lr``, ``seconds``,
+        ``epoch_seconds``, ...), ``best_epoch``, ``best_val_nll``, ``epochs_run``, ``steps``,
+        ``train_seconds`` (across resumes), ``stopped_by`` (``"epochs"``, ``"patience"`` or
+        ``"time_limit"``), ``resumed_from`` and ``checkpoint`` (paths as text, or ``None``).
     """
     optimizer = Adam(model, lr=lr, weight_decay=weight_decay)
     rows_train, rows_val = train.reshape(train.shape[0], -1), val.reshape(val.shape[0], -1)
     has_batch_norm = any(True for _ in batch_norms(model))
     calibration = rows_train[np.random.default_rng(seed).permutation(len(rows_train))[:calibration_rows]]
-    start = time.perf_counter()
-    epoch_started = [0.0]  # seconds into the run (rank 0's clock) when the epoch began
+    epoch_started = [0.0]  # seconds into the run (rank 0's clock, across resumes) when the epoch began
 
     def recalibrate_batch_norms(epoch: int) -> None:
         if has_batch_norm:
             recalibrate(model.flow, model.log_prob, calibration)
 
-    def end_of_epoch(epoch: int, record: dict) -> bool:
-        elapsed = distributed.broadcast(comm, time.perf_counter() - start)  # one clock, so every rank stops alike
-        record["lr"], record["epoch_seconds"] = lr * optimizer.lr_scale, elapsed - epoch_started[0]
+    def start_of_epoch(epoch: int, history: list[dict]) -> bool:
+        elapsed = history[-1]["seconds"] if history else 0.0
         epoch_started[0] = elapsed
-        if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
-            on_epoch(record)
-        if time_limit is not None and elapsed + record["epoch_seconds"] > time_limit:
+        if time_limit is not None and history and elapsed + history[-1]["epoch_seconds"] > time_limit:
             return True  # the next epoch would not end within the budget
-        fraction = elapsed / time_limit if time_limit is not None else epoch / epochs
+        fraction = elapsed / time_limit if time_limit is not None else (epoch - 1) / epochs
         optimizer.lr_scale = cosine_lr(1.0, int(1000 * fraction), 1000)
         return False
 
+    def end_of_epoch(epoch: int, record: dict) -> None:
+        record["lr"], record["epoch_seconds"] = lr * optimizer.lr_scale, record["seconds"] - epoch_started[0]
+        if on_epoch is not None:  # e.g. the command line's one progress bar over the whole run
+            on_epoch(record)
+
+    checkpoints = {}
+    if checkpoint_dir is not None:  # checkpoint_every epochs, as the steps that end them
+        every = checkpoint_every * (rows_train.shape[0] // batch_size)
+        checkpoints = {"checkpoint_dir": checkpoint_dir, "checkpoint_every": every, "resume": resume,
+                       "metadata": metadata}
     result = fit(model, rows_train, rows_val, optimizer=optimizer, epochs=epochs, batch_size=batch_size, seed=seed,
-                 lr_schedule="constant", patience=patience, progress=progress, on_epoch_end=end_of_epoch,
-                 before_validation=recalibrate_batch_norms, comm=comm,
-                 shuffle_seed=lambda epoch: seed + epoch)  # the orders of the README's runs
-    stopped_by = "time_limit" if result.stopped_by == "on_epoch_end" else result.stopped_by
+                 lr_schedule="constant", patience=patience, progress=progress, on_epoch_start=start_of_epoch,
+                 on_epoch_end=end_of_epoch, before_validation=recalibrate_batch_norms, comm=comm,
+                 time_limit=time_limit, shuffle_seed=lambda epoch: seed + epoch,  # the orders of the README's runs
+                 **checkpoints)
+    stopped_by = "time_limit" if result.stopped_by == "on_epoch_start" else result.stopped_by
     return {
         "history": result.history,
         "best_epoch": result.best_epoch,
         "best_val_nll": result.best_val_nll,
         "epochs_run": len(result.history),
         "steps": result.steps,
-        "train_seconds": time.perf_counter() - start,
+        "train_seconds": result.seconds,
         "stopped_by": stopped_by,
+        "resumed_from": None if result.resumed_from is None else str(result.resumed_from),
+        "checkpoint": None if result.checkpoint is None else str(result.checkpoint),
     }
 
 
@@ -225,6 +250,9 @@ def train_image_model(
     on_epoch: Callable[[dict], None] | None = None,
     record: dict | None = None,
     comm: object = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    metadata: dict | None = None,
     **overrides: object,
 ) -> dict:
     """Train ``model_name`` on ``data`` with :data:`IMAGE_RECIPES` (and ``overrides``); write ``out``.
@@ -237,6 +265,10 @@ def train_image_model(
     shape and levels), ``summary.json``, ``samples.png`` (temperatures 1.0 and 0.7),
     ``reconstructions.png`` and ``interpolations.png``. With ``comm`` the training runs data-parallel
     (:mod:`nflow_np.distributed`; batch norms use the whole batch's moments) and rank 0 writes the files.
+
+    ``checkpoint_every`` (epochs; 0: none) writes checkpoints to ``out/checkpoints`` and ``resume``
+    continues the run from there (:func:`fit_for`; ``nflow train --resume``); ``metadata`` (JSON-ready,
+    the command line's arguments) is stored in them. With neither, no checkpoint is written.
 
     Returns
     -------
@@ -281,6 +313,10 @@ def train_image_model(
         progress=progress,
         on_epoch=on_epoch,
         comm=comm,
+        checkpoint_dir=Path(out) / CHECKPOINT_DIR if checkpoint_every or resume else None,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        metadata=metadata,
     )
     metrics = {name: model.evaluate(getattr(splits, name), seed=seed, comm=comm) for name in ("train", "val", "test")}
     out = Path(out)

@@ -8,6 +8,7 @@ against sizes that are off by orders of magnitude, not against the last few perc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -122,3 +123,15 @@ def check_writable(out: Path, needed: int) -> None:
     if needed > free:
         raise ValueError(f"--out {out}: the model and its checkpoints need about {gigabytes(needed)}, but only "
                          f"{gigabytes(free)} is free there")
+
+
+def writer_lock(out: Path) -> contextlib.AbstractContextManager:
+    """The lock ``nflow train`` holds on its folder while it runs (:func:`~nflow_np.files.folders.acquire_lock`).
+
+    A second writer is refused naming this process; a dead one's lock is reclaimed. Under ``mpiexec`` rank 0,
+    the one rank that writes, takes it.
+    """
+    from nflow_np import distributed
+    from nflow_np.files.folders import acquire_lock
+
+    return acquire_lock(out) if distributed.launched_rank() == 0 else contextlib.nullcontext()

@@ -149,7 +149,8 @@ class TrainResult:
     stopped_early : bool
         Whether patience ran out before ``epochs``.
     stopped_by : str
-        What ended the run: ``"epochs"``, ``"patience"``, ``"time_limit"`` or ``"on_epoch_end"``.
+        What ended the run: ``"epochs"``, ``"patience"``, ``"time_limit"``, ``"on_epoch_end"`` or
+        ``"on_epoch_start"``.
     skipped_batches : int
         Batches skipped because their loss or gradient was not finite (``skip_nonfinite``).
     resumed_from : pathlib.Path or None
@@ -208,6 +209,7 @@ def fit(
     comm: object = None,
     time_limit: float | None = None,
     on_epoch_end: Callable[[int, dict], bool | None] | None = None,
+    on_epoch_start: Callable[[int, list[dict]], bool | None] | None = None,
     before_validation: Callable[[int], None] | None = None,
     shuffle_seed: Callable[[int], int] | None = None,
 ) -> TrainResult:
@@ -277,6 +279,13 @@ def fit(
         entry (which it may extend, e.g. with the learning rate it used, or change the optimizer's
         ``lr_scale`` for the next epoch); returning ``True`` ends the run (``stopped_by ==
         "on_epoch_end"``).
+    on_epoch_start : callable, optional
+        ``on_epoch_start(epoch, history) -> bool | None``, called before every epoch, and before the
+        rest of one a resume continues in its middle, with the history of the epochs done (a resumed
+        run's included): what the caller's schedule derives from the run so far (the image trainer
+        sets the epoch's learning rate from the time spent) it can derive again after a resume.
+        Returning ``True`` between two epochs ends the run after the last one (``stopped_by ==
+        "on_epoch_start"``); in the middle of an epoch, or before the first, it is ignored.
     before_validation : callable, optional
         ``before_validation(epoch)``, called at the end of every epoch before the validation NLL is
         measured (the image trainer recalibrates its batch norms there).
@@ -359,6 +368,10 @@ def fit(
     try:
         with distributed.training(comm, model, optimizer):  # a node's ranks share θ and divide the update
             while not state.finished:
+                if on_epoch_start is not None and on_epoch_start(state.epoch, state.history) is True:
+                    if state.batch == 0 and state.history:
+                        state.finished, state.history[-1]["stopped_by"] = True, "on_epoch_start"
+                        break
                 state.rng = rng.bit_generator.state  # where this epoch's shuffle starts (a resume redraws it)
                 shuffler = rng if shuffle_seed is None else np.random.default_rng(shuffle_seed(state.epoch))
                 order = shuffler.permutation(train.shape[0])

@@ -100,7 +100,14 @@ def resume_run(
         completed, patience = state.epoch - 1, run["patience"]
         with_val = run.get("val") is not None
         state.stopped_early = patience is not None and with_val and completed - state.best_epoch >= patience
-        state.finished = state.stopped_early or completed >= run["epochs"]
+        last = state.history[-1] if state.history else {}
+        limit = run.get("time_limit")
+        spent = limit is not None and state.batch == 0 and last.get("seconds", 0) >= limit  # fit's own budget
+        state.finished = state.stopped_early or completed >= run["epochs"] or spent
+        last.pop("stopped_by", None)  # what ends the run now is decided again
+        if state.finished and last:
+            last["stopped_by"] = "patience" if state.stopped_early else "epochs" if completed >= run["epochs"] else (
+                "time_limit")
     checkpoint.restore(model, optimizer)
     if checkpoint.backend != backend.get_backend():
         warnings.warn(

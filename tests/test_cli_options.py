@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nflow_np.cli import main
@@ -190,3 +191,100 @@ def test_a_memory_error_anywhere_is_one_line(monkeypatch: pytest.MonkeyPatch, ca
     assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("nflow train: error: out of memory (Unable to allocate 8 TiB)") and error.count("\n") == 1
+
+
+def test_a_second_writer_into_a_runs_folder_is_refused_naming_the_first(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # a live writer
+    try:
+        (out / ".nflow.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        assert main(["train", *TINY, "--no-plots", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by process {holder.pid}" in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".nflow.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died: its lock is reclaimed, the run goes ahead and releases the lock at the end
+    assert main(["train", *TINY, "--no-plots", "--out", str(out)]) == 0
+    assert load_model(out) is not None and not (out / ".nflow.lock").exists()
+
+
+class Interrupted(Exception):
+    """Stands in for the process dying."""
+
+
+def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, at: int) -> None:
+    from nflow_np.optim import Optimizer
+
+    real = Optimizer.step
+
+    def step(self: Optimizer) -> None:
+        if self.step_count + 1 == at:
+            raise Interrupted
+        real(self)
+
+    monkeypatch.setattr(Optimizer, "step", step)
+
+
+def test_a_half_finished_runs_folder_refuses_a_fresh_run_without_checkpoints(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    """Issue 14: a fresh run without --checkpoint-every wrote its model beside a half-finished run's checkpoints."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 6)
+        with pytest.raises(Interrupted):
+            main(["train", *TINY, "--no-plots", "--checkpoint-every", "2", "--out", str(out)])
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    capsys.readouterr()
+    assert main(["train", *TINY, "--no-plots", "--out", str(out)]) == 2
+    assert "already holds checkpoints of a run (checkpoints/); pass --force" in capsys.readouterr().err
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert main(["train", "--resume", str(out), "--no-plots", "--no-progress"]) == 0  # still resumable
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("checkpoint-000000004.npz")
+    # --force: until the new model is published the old one stays, loadable and unchanged
+    old = load_model(out).state_dict()
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 3)
+        with pytest.raises(Interrupted):
+            main(["train", *TINY, "--no-plots", "--seed", "4", "--force", "--out", str(out)])
+    for name, value in load_model(out).state_dict().items():
+        np.testing.assert_array_equal(value, old[name])
+
+
+def test_resume_detects_a_typed_value_equal_to_the_default(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 14: --lr 0.002 (the default) on a run started with --lr 0.01 was accepted and ignored; so was
+    --epochs 100 (the default) on a shorter run."""
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--epochs", "1", "--lr", "0.01", "--patience", "0", "--no-plots",
+                 "--checkpoint-every", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--lr", "0.002"]) == 2
+    assert "--lr 0.002 differs from the resumed run's 0.01; leave it out" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--epochs", "100", "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_run"] == 100 and summary["steps"] == 100 * (512 // 128)
+
+
+def test_eval_and_sample_of_a_hostile_mixture_folder_are_one_line_errors(tmp_path: Path) -> None:
+    """Issue 14: a FIFO in place of summary.json hung ``nflow eval``; a link was followed; bad JSON a traceback."""
+    out = tmp_path / "gmm"
+    assert main(["train", "--model", "gmm", "--components", "1,2", "--n-train", "300", "--n-val", "100",
+                 "--n-test", "100", "--out", str(out)]) == 0
+    summary = (out / "summary.json").read_text()
+    (out / "summary.json").unlink()
+    os.mkfifo(out / "summary.json")  # reading it naively blocks forever
+    assert_one_line_error(nflow("eval", str(out)), "summary.json", "not a regular file")
+    assert_one_line_error(nflow("sample", str(out), "-n", "3"), "not a regular file")
+    (out / "summary.json").unlink()
+    (tmp_path / "elsewhere.json").write_text(summary)
+    (out / "summary.json").symlink_to(tmp_path / "elsewhere.json")
+    assert_one_line_error(nflow("eval", str(out)), "is a symbolic link")
+    (out / "summary.json").unlink()
+    (out / "summary.json").write_text("[" * 100 + "]" * 100)
+    assert_one_line_error(nflow("eval", str(out)), "summary.json")

@@ -288,6 +288,23 @@ def test_a_rank_killed_by_a_signal_ends_the_job_and_the_checkpoint_resumes(tmp_p
     assert_close(load(tmp_path / "run" / "model.safetensors"), load(tmp_path / "uninterrupted" / "model.safetensors"))
 
 
+def test_an_image_run_killed_on_two_ranks_resumes_on_two(tmp_path: Path) -> None:
+    """NICE on the digits at P = 2 (10 steps an epoch), a checkpoint every 2 epochs, rank 1 killed in step 45: rank 0
+    wrote the checkpoints, every rank reads the one of step 40, and the run ends as the one-process run does."""
+    images = ["--data", "digits", "--model", "nice", "--epochs", "5", "--hidden", "16,16", "--dtype", "float64",
+              "--batch-size", "128", "--no-progress", "--checkpoint-every", "2"]
+    done = mpiexec(2, str(SCRIPT), "cli-kill", "--", "train", *images, "--out", str(tmp_path / "run"), check=False)
+    assert done.returncode != 0
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["checkpoint-000000020.npz", "checkpoint-000000040.npz"]
+    nflow(2, "train", "--resume", str(tmp_path / "run"), "--no-progress")
+    nflow(1, "train", *images, "--out", str(tmp_path / "one"))
+    assert_close(load(tmp_path / "run" / "model.safetensors"), load(tmp_path / "one" / "model.safetensors"))
+    resumed, one = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("run", "one"))
+    assert resumed["ranks"] == 2 and resumed["resumed_from"].endswith("checkpoint-000000040.npz")
+    assert resumed["epochs_run"] == one["epochs_run"] == 5 and resumed["steps"] == one["steps"] == 50
+
+
 def test_one_process_imports_no_mpi(tmp_path: Path) -> None:
     """fit, nflow train and "auto" outside mpiexec never import mpi4py (it is an optional extra)."""
     code = ("import sys, numpy as np; from nflow_np.cli import main; from nflow_np.train import fit; "

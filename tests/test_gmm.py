@@ -168,7 +168,7 @@ def test_train_command(tmp_path, capsys) -> None:
     saved = dict(np.load(tmp_path / "gmm.npz"))
     np.savez(tmp_path / "gmm.npz", **(saved | {"weights": saved["weights"] * 2}))
     assert main(["eval", str(tmp_path)]) == 2
-    assert "not a readable Gaussian-mixture folder" in capsys.readouterr().err
+    assert "gmm.npz: mixture weights must be non-negative and sum to 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["--components", "0,2"])
 

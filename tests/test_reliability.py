@@ -176,6 +176,26 @@ def test_repeated_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, r
     assert_final_parameters(out, reference)
 
 
+# 1347 // 128 = 10 steps per epoch, a checkpoint after each: checkpoint-000000010.npz ... -000000040.npz
+IMAGE_RUN = ["train", "--data", "digits", "--model", "realnvp", "--hidden", "16", "--epochs", "4",
+             "--batch-size", "128", "--no-progress"]
+
+
+def test_sigkill_during_an_image_run_leaves_a_checkpoint_that_resumes_bit_for_bit(tmp_path):
+    reference = tmp_path / "reference"
+    assert main([*IMAGE_RUN, "--out", str(reference)]) == 0
+    out = tmp_path / "run"
+    process = launch(tmp_path, [*IMAGE_RUN, "--out", str(out), "--checkpoint-every", "1"], STEP_DELAY="0.05")
+    wait_for(lambda: (out / "checkpoints" / "checkpoint-000000010.npz").exists(), process, timeout=120)
+    kill(process)  # in epoch 2, 3 or 4: each of its 30 steps takes 50 ms or more
+    assert not (out / "model.json").exists(), "the run finished before it was killed"
+    newest = load_checkpoint(list_checkpoints(out / "checkpoints")[0])
+    assert 10 <= newest.state.steps < 40 and not newest.state.finished and newest.state.noise
+
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 0
+    assert_final_parameters(out, load_model(reference).state_dict())
+
+
 def test_separate_processes_write_identical_files(tmp_path):
     runs = [tmp_path / "a", tmp_path / "b"]
     processes = [
