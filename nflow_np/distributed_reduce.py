@@ -233,8 +233,8 @@ def training(comm: Any, module: Any, optimizer: Any = None) -> Iterator[SharedSt
     values on every rank, such as restoring saved parameters) may change them. At the end the module and
     the optimizer hold private copies again, with the values they had.
     """
-    if not shareable(comm, module, optimizer):
-        yield None
+    if comm is None or size(comm) == 1 or not comm.allreduce(int(shareable(comm, module, optimizer)), op=_mpi().MIN):
+        yield None  # (every rank takes the same way, even were one rank's model on another device)
         return
     step = SharedStep(comm, module, optimizer)
     ACTIVE[id(module)] = step

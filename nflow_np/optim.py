@@ -12,8 +12,9 @@ constructor's ``lr`` and ``weight_decay``. A schedule sets :attr:`Optimizer.lr_s
 multiplies every group's rate, so a cosine decay keeps the ratios between groups. Derivations:
 ``docs/training.md``.
 
-Length: just over 400 lines: four optimizers (SGD, Adam, AdamW, RMSprop), their parameter groups and
-gradient clipping, each update with its derivation beside it.
+Length: about 450 lines: four optimizers (SGD, Adam, AdamW, RMSprop), their parameter groups,
+gradient clipping and the step divided between processes (:attr:`Optimizer.partition`), each update
+with its derivation beside it.
 """
 
 from __future__ import annotations
