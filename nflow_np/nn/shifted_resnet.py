@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np import backend, grad_mode
+from nflow_np.allocator import keep_freed_memory
 from nflow_np.nn import shifted
 from nflow_np.nn.shifted import Frame, conv_backward, conv_forward, stack_weights
 
@@ -71,6 +72,7 @@ def _norm_relu_backward(kernels: dict, norm: object, d_u: np.ndarray, t: np.ndar
 def forward(net: object, x: np.ndarray) -> tuple[np.ndarray, dict | None]:
     """``net(x)`` for ``x: (N, C_in, H, W)`` on frames; returns ``(y, cache)`` (``cache`` is ``None`` under no_grad)."""
     kernels = _kernels()
+    keep_freed_memory()  # a step allocates ~30 frames: without it each page-faults fresh memory (allocator.py)
     frame = shifted.frame_of(x.shape, net.kernel_size)
     conv_in, *blocks, final_norm, _, conv_out = net.layers
     keep = grad_mode.is_grad_enabled()
