@@ -28,6 +28,8 @@ results are the same for every thread count.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -39,22 +41,19 @@ def _geometry(frame: object) -> tuple[int, int, int, int, int, int, int]:
     return frame.n, frame.h, frame.w, frame.p, frame.row, frame.image, frame.lead
 
 
+# Every pass runs over a channel's whole range with the pixel mask (1 at pixels, 0 on the ring), one loop from 0
+# with a select per entry: the loops vectorise (no short rows, no negative-index checks) and garbage on the ring of
+# a raw convolution output (NaN or inf included) is never read into a pixel's value or into a sum.
 @njit(**_OPTIONS)
 def _to_frame(x, out, n, h, w, p, row, image, lead):
     zero = out.dtype.type(0.0)
     for c in prange(x.shape[1]):
         dest = out[c]
-        dest[:lead] = zero
+        dest[:] = zero
         for m in range(n):
             for y in range(h):
                 base = lead + m * image + y * row
-                source = x[m, c, y]
-                for col in range(w):
-                    dest[base + col] = source[col]
-                for col in range(w, row):
-                    dest[base + col] = zero
-            start = lead + m * image + h * row
-            dest[start : start + p * row] = zero
+                dest[base : base + w] = x[m, c, y]
 
 
 @njit(**_OPTIONS)
@@ -65,123 +64,139 @@ def _from_frame(y, bias, has_bias, out, n, h, w, p, row, image, lead):
         for m in range(n):
             for r in range(h):
                 base = lead + m * image + r * row
-                dest = out[m, c, r]
+                pixels, dest = source[base : base + w], out[m, c, r]
                 if has_bias:
                     for col in range(w):
-                        dest[col] = source[base + col] + b
+                        dest[col] = pixels[col] + b
                 else:
-                    for col in range(w):
-                        dest[col] = source[base + col]
+                    dest[:] = pixels
 
 
 @njit(**_OPTIONS)
-def _finish(y, bias, has_bias, skip, has_skip, n, h, w, p, row, image, lead):
+def _finish(y, mask, bias, has_bias, skip, has_skip):
     zero = y.dtype.type(0.0)
     for c in prange(y.shape[0]):
         dest = y[c]
         b = bias[c]
-        dest[:lead] = zero
-        for m in range(n):
-            for r in range(h):
-                base = lead + m * image + r * row
-                for col in range(w):
-                    v = dest[base + col]
-                    if has_bias:
-                        v = v + b
-                    if has_skip:
-                        v = v + skip[c, base + col]
-                    dest[base + col] = v
-                for col in range(w, row):
-                    dest[base + col] = zero
-            start = lead + m * image + h * row
-            dest[start : start + p * row] = zero
+        if has_skip:
+            extra = skip[c]
+            for q in range(dest.shape[0]):
+                v = (dest[q] + b) + extra[q] if has_bias else dest[q] + extra[q]
+                dest[q] = v if mask[q] else zero
+        else:
+            for q in range(dest.shape[0]):
+                v = dest[q] + b if has_bias else dest[q]
+                dest[q] = v if mask[q] else zero
+
+
+# The batch sums, in float64 over a channel's pixels. Only the additions may be reassociated ("reassoc", in
+# these functions alone), so that LLVM vectorises them: a chain of dependent float64 additions would cost four
+# cycles per pixel. The values summed are computed as everywhere else.
+_SUMS = {"error_model": "numpy", "cache": True, "fastmath": {"reassoc"}}
+
+
+@njit(**_SUMS)
+def _sum(source, mask, b):
+    total = 0.0
+    for q in range(source.shape[0]):
+        value = float(source[q] + b)
+        total += value if mask[q] else 0.0
+    return total
+
+
+@njit(**_SUMS)
+def _sum_squares(source, mask, b, mu):
+    total = 0.0
+    for q in range(source.shape[0]):
+        d = float((source[q] + b) - mu)
+        square = d * d
+        total += square if mask[q] else 0.0
+    return total
+
+
+@njit(**_SUMS)
+def _backward_sums(grad, source, mask, b, mu, inv, g, bt):
+    zero = source.dtype.type(0.0)
+    sum_d_z, sum_d_z_x_hat = 0.0, 0.0
+    for q in range(source.shape[0]):
+        x_hat = ((source[q] + b) - mu) * inv
+        z = x_hat * g + bt
+        upstream = grad[q]
+        pixel = mask[q] != 0
+        d_z = upstream if pixel & (z > zero) else zero
+        x_hat = x_hat if pixel else zero
+        sum_d_z += d_z
+        sum_d_z_x_hat += d_z * x_hat
+    return sum_d_z, sum_d_z_x_hat
+
+
+@njit(**_SUMS)
+def _plain_sum(values):
+    total = 0.0
+    for q in range(values.shape[0]):
+        total += values[q]
+    return total
 
 
 @njit(**_OPTIONS)
-def _batch_norm_relu(t, bias, gamma, beta, eps, mean, var, training, u, n, h, w, p, row, image, lead):
+def _batch_norm_relu(t, mask, bias, gamma, beta, eps, mean, var, training, u, count):
     zero, one = t.dtype.type(0.0), t.dtype.type(1.0)
-    count = n * h * w
     for c in prange(t.shape[0]):
         source, dest = t[c], u[c]
         b = bias[c]
         if training:
-            total = 0.0
-            for m in range(n):
-                for r in range(h):
-                    base = lead + m * image + r * row
-                    for col in range(w):
-                        total += source[base + col] + b
-            mean[c] = total / count
-            mu = mean[c]
-            squares = 0.0
-            for m in range(n):
-                for r in range(h):
-                    base = lead + m * image + r * row
-                    for col in range(w):
-                        d = (source[base + col] + b) - mu
-                        squares += float(d) * float(d)
-            var[c] = squares / count
+            mean[c] = _sum(source, mask, b) / count
+            var[c] = _sum_squares(source, mask, b, mean[c]) / count
         mu = mean[c]
         inv_std = one / np.sqrt(var[c] + eps)
         g, bt = gamma[c], beta[c]
-        dest[:lead] = zero
-        for m in range(n):
-            for r in range(h):
-                base = lead + m * image + r * row
-                for col in range(w):
-                    z = ((source[base + col] + b) - mu) * inv_std * g + bt
-                    dest[base + col] = z * (one if z > zero else zero)
-                for col in range(w, row):
-                    dest[base + col] = zero
-            start = lead + m * image + h * row
-            dest[start : start + p * row] = zero
+        for q in range(dest.shape[0]):
+            z = ((source[q] + b) - mu) * inv_std * g + bt
+            value = z * (one if z > zero else zero)
+            dest[q] = value if mask[q] else zero
 
 
 @njit(**_OPTIONS)
-def _batch_norm_relu_backward(d_u, t, bias, gamma, beta, mean, inv_std, training, d_t, sums,
-                              n, h, w, p, row, image, lead):  # fmt: skip
+def _batch_norm_relu_backward(d_u, t, mask, bias, gamma, beta, mean, inv_std, training, d_t, sums, count):
     zero, one = t.dtype.type(0.0), t.dtype.type(1.0)
-    count = n * h * w
     for c in prange(t.shape[0]):
         source, grad, dest = t[c], d_u[c], d_t[c]
         b, mu, inv, g, bt = bias[c], mean[c], inv_std[c], gamma[c], beta[c]
-        sum_d_z, sum_d_z_x_hat, sum_d_x_hat, sum_d_x_hat_x_hat = 0.0, 0.0, 0.0, 0.0
-        for m in range(n):
-            for r in range(h):
-                base = lead + m * image + r * row
-                for col in range(w):
-                    x_hat = ((source[base + col] + b) - mu) * inv
-                    z = x_hat * g + bt
-                    d_z = grad[base + col] * (one if z > zero else zero)
-                    d_x_hat = d_z * g
-                    sum_d_z += d_z
-                    sum_d_z_x_hat += d_z * x_hat
-                    sum_d_x_hat += d_x_hat
-                    sum_d_x_hat_x_hat += d_x_hat * x_hat
-        mean_d = t.dtype.type(sum_d_x_hat / count)
-        mean_d_x_hat = t.dtype.type(sum_d_x_hat_x_hat / count)
-        total = 0.0
-        dest[:lead] = zero
-        for m in range(n):
-            for r in range(h):
-                base = lead + m * image + r * row
-                for col in range(w):
-                    x_hat = ((source[base + col] + b) - mu) * inv
-                    z = x_hat * g + bt
-                    d_x_hat = grad[base + col] * (one if z > zero else zero) * g
-                    if training:
-                        d = (d_x_hat - mean_d - x_hat * mean_d_x_hat) * inv
-                    else:
-                        d = d_x_hat * inv
-                    dest[base + col] = d
-                    total += d
-                for col in range(w, row):
-                    dest[base + col] = zero
-            start = lead + m * image + h * row
-            dest[start : start + p * row] = zero
+        sum_d_z, sum_d_z_x_hat = _backward_sums(grad, source, mask, b, mu, inv, g, bt)
+        # mean(γ d_z) and mean(γ d_z ⊙ x̂): the reference's means of d_x̂ = γ d_z, to rounding
+        mean_d = t.dtype.type(float(g) * sum_d_z / count)
+        mean_d_x_hat = t.dtype.type(float(g) * sum_d_z_x_hat / count)
+        if training:
+            for q in range(dest.shape[0]):
+                x_hat = ((source[q] + b) - mu) * inv
+                z = x_hat * g + bt
+                d_x_hat = grad[q] * (one if z > zero else zero) * g
+                d = (d_x_hat - mean_d - x_hat * mean_d_x_hat) * inv
+                dest[q] = d if mask[q] else zero
+        else:
+            for q in range(dest.shape[0]):
+                x_hat = ((source[q] + b) - mu) * inv
+                z = x_hat * g + bt
+                d = grad[q] * (one if z > zero else zero) * g * inv
+                dest[q] = d if mask[q] else zero
         sums[0, c] = sum_d_z
         sums[1, c] = sum_d_z_x_hat
-        sums[2, c] = total
+        sums[2, c] = _plain_sum(dest)  # the ring is zero now
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_mask(n: int, h: int, w: int, k: int) -> np.ndarray:
+    """``mask[q] = 1`` where position ``q`` of a frame holds a pixel (uint8, ``lead + n·image`` long)."""
+    p = k // 2
+    row, lead = w + p, p * (w + p) + p
+    mask = np.zeros(lead + n * (h + p) * row, dtype=np.uint8)
+    mask[lead:].reshape(n, h + p, row)[:, :h, :w] = 1
+    mask.flags.writeable = False
+    return mask
+
+
+def _mask(frame: object) -> np.ndarray:
+    return _pixel_mask(frame.n, frame.h, frame.w, frame.k)
 
 
 def _vector(v: np.ndarray | None, like: np.ndarray, channels: int) -> np.ndarray:
@@ -212,7 +227,7 @@ def finish(y: np.ndarray, frame: object, bias: np.ndarray | None = None, skip: n
     if not y.flags.c_contiguous:
         return NotImplemented
     skip_array = y[:, :0] if skip is None else np.ascontiguousarray(skip)
-    _finish(y, _vector(bias, y, y.shape[0]), bias is not None, skip_array, skip is not None, *_geometry(frame))
+    _finish(y, _mask(frame), _vector(bias, y, y.shape[0]), bias is not None, skip_array, skip is not None)
     return y
 
 
@@ -229,8 +244,8 @@ def batch_norm_relu(t: np.ndarray, frame: object, bias: np.ndarray, gamma: np.nd
     mean = np.empty(channels, dtype=dtype) if training else _vector(mean, t, channels).copy()
     var = np.empty(channels, dtype=dtype) if training else _vector(var, t, channels).copy()
     u = np.empty_like(t)
-    _batch_norm_relu(t, _vector(bias, t, channels), _vector(gamma, t, channels), _vector(beta, t, channels),
-                     dtype.type(eps), mean, var, training, u, *_geometry(frame))  # fmt: skip
+    vectors = [_vector(v, t, channels) for v in (bias, gamma, beta)]
+    _batch_norm_relu(t, _mask(frame), *vectors, dtype.type(eps), mean, var, training, u, frame.pixel_count)
     return u, mean, var
 
 
@@ -243,7 +258,7 @@ def batch_norm_relu_backward(d_u: np.ndarray, t: np.ndarray, frame: object, bias
     d_t = np.empty_like(t)
     sums = np.empty((3, channels), dtype=t.dtype)
     vectors = [_vector(v, t, channels) for v in (bias, gamma, beta, mean, inv_std)]
-    _batch_norm_relu_backward(d_u, t, *vectors, bool(training), d_t, sums, *_geometry(frame))
+    _batch_norm_relu_backward(d_u, t, _mask(frame), *vectors, bool(training), d_t, sums, frame.pixel_count)
     return d_t, sums[0], sums[1], sums[2]
 
 

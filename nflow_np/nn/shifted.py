@@ -224,10 +224,11 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
         d_x = np.empty_like(x, shape=(c_in, frame.length))
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
     offsets = frame.offsets()
+    x_pixels = np.ascontiguousarray(x.T)  # (length, C_in): the weight gradient's operand, pixel-major (faster)
     for number, (a, b) in enumerate(_chunks(frame, chunk)):
         rows = d_y[:, a:b]
         for i, j, d in offsets:
-            gemm(rows, x[:, a + d : b + d].T, d_wk[i, j], 0.0 if number == 0 else 1.0)
+            gemm(rows, x_pixels[a + d : b + d], d_wk[i, j], 0.0 if number == 0 else 1.0)
         if input_grad:
             for index, (i, j, d) in enumerate(offsets):
                 gemm(wk[i, j].T, d_y[:, a - d : b - d], d_x[:, a:b], beta if index == 0 else 1.0)
