@@ -31,7 +31,7 @@ import dataclasses
 
 import numpy as np
 
-from nflow_np.gemm import gemm
+from nflow_np.gemm import Blocks
 
 CHUNK_BYTES = 1 << 20
 """Bytes of one chunk's output and input columns together: about half of a core's L2 cache."""
@@ -110,7 +110,11 @@ def chunk_columns(frame: Frame, channels: int, itemsize: int) -> int:
 
 
 def _chunks(frame: Frame, chunk: int) -> list[tuple[int, int]]:
-    return [(a, min(a + chunk, frame.stop)) for a in range(frame.start, frame.stop, chunk)]
+    """``[start, stop)`` in column ranges of at most ``chunk``, as equal as can be (no short last one)."""
+    total = frame.stop - frame.start
+    count = -(-total // chunk)
+    bounds = [frame.start + total * i // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 # -- layout: NCHW ↔ frame (references of the kernels "frame.to", "frame.from", "frame.finish") --------------------
@@ -151,6 +155,11 @@ def finish(y: np.ndarray, frame: Frame, bias: np.ndarray | None = None, skip: np
 
 
 # -- the convolution ------------------------------------------------------------------------------------------------
+def pixel_major(x: np.ndarray) -> np.ndarray:
+    """A frame ``x: (C, length)`` as the C-contiguous ``(length, C)``: each position's channels side by side."""
+    return np.ascontiguousarray(x.T)
+
+
 def stack_weights(w: np.ndarray) -> np.ndarray:
     """``w: (C_out, C_in, k, k)`` as ``(k, k, C_out, C_in)``, C-contiguous: ``W_ij`` is one contiguous matrix."""
     return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
@@ -183,10 +192,11 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
     if out is None:
         out = np.empty_like(x, shape=(c_out, frame.length))
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
-    offsets = frame.offsets()
+    product = Blocks(wk, x, out)  # W_ij @ x[:, a + d : b + d] into out[:, a:b], by flat indices
+    weights = [(i * wk.shape[1] + j) * c_out * c_in for i, j, _ in frame.offsets()]
     for a, b in _chunks(frame, chunk):
-        for index, (i, j, d) in enumerate(offsets):
-            gemm(wk[i, j], x[:, a + d : b + d], out[:, a:b], beta if index == 0 else 1.0)
+        for index, (w_at, (_, _, d)) in enumerate(zip(weights, frame.offsets(), strict=True)):
+            product(c_out, b - a, c_in, w_at, a + d, a, beta if index == 0 else 1.0)
     return out
 
 
@@ -223,15 +233,16 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
     if input_grad and d_x is None:
         d_x = np.empty_like(x, shape=(c_in, frame.length))
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
-    offsets = frame.offsets()
-    x_pixels = np.ascontiguousarray(x.T)  # (length, C_in): the weight gradient's operand, pixel-major (faster)
+    x_pixels = pixel_major(x)  # (length, C_in): the weight gradient's operand (measured faster, docs/conv.md)
+    weight_grad = Blocks(d_y, x_pixels, d_wk)  # d_y[:, a:b] @ x_pixels[a + d : b + d] into d_wk[i, j]
+    input_grad_product = Blocks(wk, d_y, d_x, trans_a=True) if input_grad else None  # W_ijᵀ @ d_y[:, a − d : b − d]
+    offsets = [((i * k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]
     for number, (a, b) in enumerate(_chunks(frame, chunk)):
-        rows = d_y[:, a:b]
-        for i, j, d in offsets:
-            gemm(rows, x_pixels[a + d : b + d], d_wk[i, j], 0.0 if number == 0 else 1.0)
+        for w_at, d in offsets:
+            weight_grad(c_out, c_in, b - a, a, (a + d) * c_in, w_at, 0.0 if number == 0 else 1.0)
         if input_grad:
-            for index, (i, j, d) in enumerate(offsets):
-                gemm(wk[i, j].T, d_y[:, a - d : b - d], d_x[:, a:b], beta if index == 0 else 1.0)
+            for index, (w_at, d) in enumerate(offsets):
+                input_grad_product(c_in, b - a, c_out, w_at, a - d, a, beta if index == 0 else 1.0)
     return d_wk, (d_x if input_grad else None)
 
 
