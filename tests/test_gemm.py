@@ -70,3 +70,34 @@ def test_errors() -> None:
         gemm.set_engine("mkl")
     with pytest.raises(ValueError, match=r"gemm shapes do not match: \(2, 3\) @ \(4, 2\) into \(2, 2\)"):
         gemm.gemm(np.ones((2, 3)), np.ones((4, 2)), np.ones((2, 2)))
+
+
+@SETTINGS
+@given(m=st.integers(1, 6), k=st.integers(1, 6), n=st.integers(1, 6), dtype=st.sampled_from([np.float32, np.float64]),
+       trans=st.tuples(st.booleans(), st.booleans()), beta=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_blocks_compute_the_products_of_sub_blocks(m: int, k: int, n: int, dtype: type, trans: tuple, beta: float,
+                                                   seed: int) -> None:  # fmt: skip
+    """``Blocks`` addresses sub-blocks by flat index and leading dimension, on every engine."""
+    rng = np.random.default_rng(seed)
+    a_full, b_full = rng.standard_normal((3, 8, 9)).astype(dtype), rng.standard_normal((7, 11)).astype(dtype)
+    c_start = rng.standard_normal((8, 10)).astype(dtype)
+    a_block = a_full[1, 1 : 1 + (k if trans[0] else m), 2 : 2 + (m if trans[0] else k)]
+    b_block = b_full[1 : 1 + (n if trans[1] else k), 3 : 3 + (k if trans[1] else n)]
+    op_a, op_b = (a_block.T if trans[0] else a_block), (b_block.T if trans[1] else b_block)
+    want = c_start.astype(np.float64).copy()
+    want[2 : 2 + m, 1 : 1 + n] = op_a.astype(np.float64) @ op_b.astype(np.float64) + beta * want[2 : 2 + m, 1 : 1 + n]
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for engine in ENGINES:
+        c = c_start.copy()
+        if not beta:
+            c[2 : 2 + m, 1 : 1 + n] = np.nan
+        with gemm.using_engine(engine):
+            product = gemm.Blocks(a_full, b_full, c, *trans)
+            product(m, n, k, 1 * 72 + 1 * 9 + 2, 1 * 11 + 3, 2 * 10 + 1, beta)
+        np.testing.assert_allclose(c, want, err_msg=engine, **tolerance)  # the rest of c untouched
+
+
+def test_blocks_refuse_arrays_they_cannot_address() -> None:
+    with pytest.raises(ValueError, match="C-contiguous arrays of one dtype; a is float64, contiguous: False"):
+        gemm.Blocks(np.ones((4, 4)).T, np.ones((4, 4)), np.ones((4, 4)))

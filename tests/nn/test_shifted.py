@@ -21,7 +21,7 @@ from helpers import BACKENDS, check_layer_gradients, randomise
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nflow_np import backend, no_grad
+from nflow_np import backend, gemm, no_grad
 from nflow_np.nn import shifted
 from nflow_np.nn.conv import Conv2d
 from nflow_np.nn.resnet import ResNet, set_formulation
@@ -266,3 +266,21 @@ def test_formulation_is_checked_and_set_on_every_net() -> None:
     net = ResNet(1, 2, (3, 3), features=2, blocks=1)
     assert net.formulation == "shifted"
     assert set_formulation(net, "im2col") == [net] and net.formulation == "im2col"
+
+
+@pytest.mark.parametrize("engine", gemm.available_engines())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_gemm_engine_gives_the_same_convolution(engine: str, dtype: type) -> None:
+    """Forward, weight and input gradients of the shifted conv on each engine equal the im2col layer's."""
+    rng = np.random.default_rng(3)
+    layers = [Conv2d(3, 4, 3, np.random.default_rng(1), dtype, formulation=f) for f in ("im2col", "shifted")]
+    for layer in layers:
+        randomise(layer, np.random.default_rng(2))
+    x = rng.standard_normal((2, 3, 5, 6)).astype(dtype)
+    d_y = rng.standard_normal((2, 4, 5, 6)).astype(dtype)
+    results = []
+    for layer in layers:
+        with gemm.using_engine(engine):
+            results.append([layer.forward(x), layer.backward(d_y), *(g for _, _, g in layer.named_parameters())])
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
