@@ -187,6 +187,11 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
     -------
     array, shape (C_out, length)
         Correct at the pixels; garbage on the ring inside ``[start, stop)``, untouched outside it.
+
+    Notes
+    -----
+    Every array is C-contiguous: the products address their blocks by pointer arithmetic
+    (:class:`~nflow_np.gemm.Blocks`).
     """
     c_out, c_in = wk.shape[2:]
     if out is None:
@@ -227,6 +232,11 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
     d_wk : array, shape (k, k, C_out, C_in)
     d_x : array, shape (C_in, length) or None
         Correct at the pixels; garbage on the ring inside ``[start, stop)``.
+
+    Notes
+    -----
+    Every array is C-contiguous, as for :func:`conv_forward`. The weight gradient reads ``x`` pixel-major
+    (:func:`pixel_major`, one transposed copy): OpenBLAS is faster on that layout for its 64×64-output products.
     """
     k, _, c_out, c_in = wk.shape
     d_wk = np.empty_like(wk, shape=wk.shape)
