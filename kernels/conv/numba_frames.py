@@ -12,18 +12,23 @@ What the fusion saves (the references make a temporary per step and pass over th
 - ``batch_norm_relu``: per channel (a channel of the 28×28 nets at batch 64 is 215 KB, so it stays in the
   core's L2 cache between the passes) the mean, the variance about it, then ``ReLU(γ x̂ + β)`` written
   with the ring zeroed: the raw convolution output is read from memory once and ``u`` written once;
-- ``batch_norm_relu_backward``: ``x̂``, the ReLU's mask and the two batch sums in one pass, ``∂L/∂t`` and its
-  sum (the bias gradient) in a second, again per channel from the cache;
+- ``batch_norm_relu_backward``: the two batch sums in one pass (``x̂`` and the ReLU's mask recomputed), ``∂L/∂t``
+  in a second and its sum (the bias gradient) from the cache;
 - ``finish``: bias, residual skip and the ring in one pass instead of four; ``to_frame``/``from_frame``:
   the transposition between ``(N, C, H, W)`` and frames without a zeroed temporary.
 
-Arithmetic: the elementwise steps are the reference's, each rounded once in the data's dtype, no
-``fastmath`` (no FMA): where the statistics are given (evaluation mode) and in ``finish``, ``to_frame`` and
-``from_frame`` the results are the reference's bits. The batch sums (mean, variance, the backward's means
-and the parameter-gradient sums) are accumulated in float64 over the channel in pixel order, where NumPy
-sums pairwise in the data's dtype: they agree to rounding, and so does everything computed from them.
-Channels run in parallel (``prange``); each channel's sums are one thread's, in a fixed order, so the
-results are the same for every thread count.
+Measured at 28×28, batch 64, float32, one thread (``docs/conv.md#speed``): batch norm + ReLU 2.7 ms (reference
+29 ms), its backward 5.2 ms (37 ms), ``finish`` 1.9 ms (7.9 ms).
+
+Arithmetic: the elementwise steps are the reference's, each rounded once in the data's dtype, no FMA (the only
+``fastmath`` flag anywhere is ``reassoc``, on the additions of the batch sums): where the statistics are given
+(evaluation mode) and in ``finish``, ``to_frame`` and ``from_frame`` the results are the reference's bits. The
+batch sums (mean, variance, the backward's two sums and the bias gradient's) are accumulated in float64 over
+the channel, in the order the vectorised loop takes (fixed by the compiled code), where NumPy sums pairwise in
+the data's dtype: they agree to rounding, and so does everything computed from them (inside the sums ``reassoc``
+may also regroup the per-pixel terms, ``(t + b) − μ`` as ``t + (b − μ)``: a rounding of a sum, never of an output
+entry, whose values the second pass computes without it). Channels run in parallel
+(``prange``); each channel's sums are one thread's, so the results are the same for every thread count.
 """
 
 from __future__ import annotations
