@@ -249,7 +249,7 @@ class Conv2d(Layer):
             self.grads["W"] += d_w
 
     def _shifted(self, x: np.ndarray) -> bool:
-        return self.formulation == "shifted" and isinstance(x, np.ndarray)
+        return self.formulation == "shifted" and isinstance(x, np.ndarray) and x.shape[0] > 0
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -176,7 +176,7 @@ class ResNet(Layer):
 
     def _shifted(self, x: np.ndarray) -> bool:
         """Whether this call runs on frames (see the class docstring for when it cannot)."""
-        if self.formulation != "shifted" or not isinstance(x, np.ndarray):
+        if self.formulation != "shifted" or not isinstance(x, np.ndarray) or x.shape[0] == 0:
             return False
         return all(getattr(m, "moments", None) is None for m in self.modules())
 

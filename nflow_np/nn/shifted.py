@@ -112,6 +112,8 @@ def chunk_columns(frame: Frame, channels: int, itemsize: int) -> int:
 def _chunks(frame: Frame, chunk: int) -> list[tuple[int, int]]:
     """``[start, stop)`` in column ranges of at most ``chunk``, as equal as can be (no short last one)."""
     total = frame.stop - frame.start
+    if total <= 0:
+        return []
     count = -(-total // chunk)
     bounds = [frame.start + total * i // count for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:], strict=True))
