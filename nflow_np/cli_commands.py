@@ -86,6 +86,9 @@ def preflight(options: dict[str, object], out: Path) -> None:
     else:
         prepared, (_, rows) = options.get("prepared"), cli_data.row_counts(options)
         dim, layers = (2 if prepared is None else prepared.splits.train.shape[1]), int(options["layers"])
+        if dim < 2:
+            raise ValueError(f"{options['data']} has one column: a coupling flow needs at least 2 (its layers "
+                             "transform one part of the coordinates given the other); --model gmm fits one column")
         check_memory(3 * 8 * dim * rows, f"the data ({rows} rows)", "--n-train/--n-val/--n-test")
         if options["plots"] and dim == 2:
             _require_matplotlib("drawing density.png and samples.png", ", or pass --no-plots")
@@ -327,14 +330,15 @@ def sample(args: argparse.Namespace) -> int:
             raise ValueError("--temperature applies to flow models; a mixture's samples are drawn as fitted")
         if out.suffix == ".png":
             raise ValueError(f"--out {out.name}: a PNG grid is for image models; {args.model_dir} holds rows")
-        gmm, _ = _load_mixture(args.model_dir)
+        gmm, record = _load_mixture(args.model_dir)
         _check_sample_size(args.n, gmm.means.shape[1], 8, gmm.means.shape[1], out)
         x = gmm.sample(args.n, np.random.default_rng(args.seed))
     else:
         from nflow_np.image_models import load_image_model
 
         config = read_config(args.model_dir)
-        images = "image_shape" in config["metadata"]  # written by nflow train --data digits|mnist
+        record = config["metadata"]
+        images = "image_shape" in record  # written by nflow train --data digits|mnist
         if out.suffix == ".png" and not images:
             raise ValueError(f"--out {out.name}: a PNG grid is for image models; {args.model_dir} holds rows "
                              "(.npy, .csv)")
@@ -355,6 +359,6 @@ def sample(args: argparse.Namespace) -> int:
                 atomic_write(out, drawn.read_bytes())
             print(f"wrote a grid of {args.n} samples to {out}")
             return 0
-    cli_data.write_rows(out, x)
+    cli_data.write_rows(out, x, cli_data.column_header(record, x.shape[-1]))  # a data file's own column names
     print(f"wrote {args.n} samples to {out}")
     return 0

@@ -84,7 +84,8 @@ def describe_data(prepared: PreparedData, seed: int) -> str:
     """The line ``nflow train`` prints about a data file's splits."""
     counts = [0 if x is None else x.shape[0] for x in (prepared.raw.train, prepared.raw.val, prepared.raw.test)]
     path = Path(prepared.source["path"])
-    return (f"nflow: {path.name}: {prepared.source['rows']} rows of {prepared.splits.train.shape[1]} columns; "
+    columns = prepared.splits.train.shape[1]
+    return (f"nflow: {path.name}: {prepared.source['rows']} rows of {columns} column{'s' * (columns != 1)}; "
             f"{counts[0]} train, {counts[1]} validation, {counts[2]} test (seed {seed}); each column standardised "
             "with the training split's mean and standard deviation (recorded in the model)")
 
@@ -128,8 +129,8 @@ def file_rows(data: str, dim: int, folder: Path) -> tuple[np.ndarray, str]:
 def check_dimension(x: np.ndarray, dim: int, path: Path, folder: Path) -> None:
     """Refuse data with another number of columns than the model's dimension, naming both."""
     if x.shape[1] != dim:
-        raise ValueError(f"{path.name} has {x.shape[1]} columns but the model in {folder} has dimension {dim}; "
-                         "score data with the columns it was trained on")
+        raise ValueError(f"{path.name} has {x.shape[1]} column{'s' * (x.shape[1] != 1)} but the model in {folder} "
+                         f"has dimension {dim}; score data with the columns it was trained on")
 
 
 def recorded_test_split(record: dict, seed: int, folder: Path) -> tuple[np.ndarray, str]:
@@ -174,6 +175,12 @@ def log_density(model: object, standardization: Standardization | None, u: np.nd
             for start in range(0, u.shape[0], batch_size)]
     log_p = np.concatenate(rows)
     return log_p if standardization is None else log_p + standardization.log_abs_det
+
+
+def column_header(record: dict, dim: int) -> str | None:
+    """The ``.csv`` header of samples: the names of the data file's columns, where it had a header."""
+    columns = record.get("data_file", {}).get("columns")
+    return ",".join(columns) if columns and len(columns) == dim else None
 
 
 def write_rows(out: Path, x: np.ndarray, header: str | None = None) -> None:

@@ -258,8 +258,9 @@ def describe(summary: dict) -> str:
         stopped += ", stopped by the time limit"
     if summary["skipped_batches"]:
         stopped += f", skipped {summary['skipped_batches']} non-finite batches"
+    data = Path(summary["data_file"]["path"]).name if "data_file" in summary else summary["data"]
     return (
-        f"{summary['data']} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
+        f"{data} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
         f"{summary['train_nll']:.4f}, val {summary['val_nll']:.4f}); best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}{stopped}; {summary['steps']} steps in {summary['train_seconds']:.1f} s"
     )

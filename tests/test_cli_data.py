@@ -92,6 +92,8 @@ def test_train_on_a_csv_then_eval_and_sample_in_its_units(tmp_path: Path, capsys
     u = model.sample(4000, np.random.default_rng(4))
     np.testing.assert_array_equal(samples, prepared.standardization.mean + prepared.standardization.std * u)
     assert (np.abs(samples.mean(axis=0) - prepared.raw.train.mean(axis=0)) < prepared.standardization.std).all()
+    assert main(["sample", str(out), "-n", "3", "--out", str(tmp_path / "s.csv")]) == 0
+    assert (tmp_path / "s.csv").read_text().splitlines()[0] == "height,temp,rate"  # the file's own names
 
 
 def test_npy_and_npz_files_and_the_array_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -183,6 +185,9 @@ def test_bad_data_files_and_split_options_are_one_line_errors(tmp_path: Path, mo
     for argv, fragments in cases:
         assert_one_line_error(nflow("train", *argv, *out), *fragments)
         assert not (tmp_path / "run" / "model.json").exists()
+    np.savetxt(tmp_path / "one.csv", table(30)[:, :1])
+    assert_one_line_error(nflow("train", "--data", str(tmp_path / "one.csv"), *out),
+                          "has one column: a coupling flow needs at least 2", "--model gmm")
     assert_one_line_error(nflow("eval", str(moons), "--data", str(good)),
                           "good.csv has 3 columns but the model in", "has dimension 2")
     assert_one_line_error(nflow("eval", str(moons), "--data", str(good), "--seed", "1"), "--seed: not for a data file")
