@@ -219,7 +219,7 @@ def test_a_data_file_run_resumes_from_anywhere_and_notices_a_changed_file(tmp_pa
     assert "my.csv changed since the model in" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress"]) == 2
     error = capsys.readouterr().err
-    assert error.startswith("nflow train: error:") and error.count("\n") == 1
+    assert error.startswith("nflow train: error:") and error.count("\n") == 1 and "train: the data differ" in error
     (work / "my.csv").unlink()
     assert main(["eval", str(tmp_path / "run")]) == 2
     assert "cannot be read now" in capsys.readouterr().err
