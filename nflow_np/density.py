@@ -1,9 +1,12 @@
-"""Density estimation on toy data, end to end: the run behind ``nflow train`` for a flow on 2-D data.
+"""Density estimation on toy data or a data file, end to end: the run behind ``nflow train`` for a flow.
 
-Data (:func:`~nflow_np.data.load_toy`), model (:func:`~nflow_np.architectures.build_model`), fitting
-(:func:`~nflow_np.train.fit`), metrics, the model folder (:func:`~nflow_np.io.save_model`),
-``summary.json`` (with the provenance of :mod:`nflow_np.provenance`) and the density plots. The
-command line only parses and checks options; :func:`train_density` takes them as one dict.
+Data (:func:`~nflow_np.data.load_toy`, or a user's file made ready by
+:func:`~nflow_np.data.prepare.prepare_data`), model (:func:`~nflow_np.architectures.build_model`), fitting
+(:func:`~nflow_np.train.fit`), metrics, and the folder: ``model.safetensors`` + ``model.json``,
+``summary.json`` (with the provenance of :mod:`nflow_np.provenance` and the weights' SHA-256) and the
+density plots, all published in one atomic step (:func:`~nflow_np.io.publish_model_files`), so a kill at
+any instant leaves the previous run's files together or the new run's, never a mixture. The command line
+only parses and checks options; :func:`train_density` takes them as one dict.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +26,7 @@ import numpy as np
 from nflow_np import backend, distributed
 from nflow_np.architectures import build_model
 from nflow_np.data import load_toy
-from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write, save_model
+from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, model_file_bytes, publish_model_files, weights_sha256
 from nflow_np.model import FlowModel
 from nflow_np.optim import Adam
 from nflow_np.provenance import provenance
@@ -32,6 +36,8 @@ from nflow_np.validation import NonFiniteError
 INVERT_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
 """``--memory invert`` without ``--anchor-every``: anchors chosen for this reconstruction error (docs/memory.md)."""
 CHECKPOINT_DIR = "checkpoints"  # under the run's output folder
+PLOTS = ("density.png", "samples.png")
+"""The pictures of a 2-D run; a run that draws none drops an earlier run's (they showed another model)."""
 REPLACED_CHECKPOINTS = ".replaced-checkpoints"
 """Where ``--force`` moves an earlier run's checkpoints until the new model is published (then they go)."""
 
@@ -135,7 +141,10 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
     ----------
     options : dict
         The keys of :data:`nflow_np.cli_options.TRAIN_DEFAULTS`, plus ``arguments`` (the JSON-ready
-        record of the run kept in checkpoints and ``summary.json``).
+        record of the run kept in checkpoints and ``summary.json``). With ``prepared`` (a
+        :class:`~nflow_np.data.prepare.PreparedData`) the model trains on its standardised splits instead of
+        a toy data set (``n_train``/``n_val``/``n_test`` unused); the folder records the standardisation and
+        the file, and the NLLs in ``summary.json`` are in the file's units (``docs/data.md``).
     out : pathlib.Path
         The run's folder: ``model.safetensors`` + ``model.json``, ``summary.json``, ``density.png`` and
         ``samples.png`` (2-D data, unless ``plots`` is off), ``checkpoints/`` if asked for.
@@ -155,10 +164,14 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         Training diverged (the message names the last good checkpoint).
     """
     dtype = options["dtype"]
-    splits = load_toy(
-        options["data"], n_train=options["n_train"], n_val=options["n_val"], n_test=options["n_test"],
-        seed=options["seed"], dtype=dtype,
-    )
+    prepared = options.get("prepared")
+    if prepared is None:
+        splits = load_toy(
+            options["data"], n_train=options["n_train"], n_val=options["n_val"], n_test=options["n_test"],
+            seed=options["seed"], dtype=dtype,
+        )
+    else:
+        splits = prepared.splits
     model = build_model(
         options["model"], splits.train.shape[1], layers=options["layers"], hidden=options["hidden"],
         activation=options["activation"], dtype=dtype, seed=options["seed"],
@@ -173,10 +186,16 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         result = _fit(options, out, model, splits.train, splits.val, comm)
     for warning in caught:
         print(f"nflow train: warning: {warning.message}", file=sys.stderr)
+    # in the data's units: NLL_x = NLL_u + Σ_j log σ_j for a standardised data file (docs/data.md), else NLL_u
+    shift = 0.0 if prepared is None else -prepared.standardization.log_abs_det
     nll = {"train": _nll(model, splits.train, comm), "val": result.best_val_nll, "test": _nll(model, splits.test, comm)}
+    nll = {name: None if value is None else value + shift for name, value in nll.items()}
     arguments = options["arguments"]
     metadata = {"data": options["data"], "model": options["model"], "seed": options["seed"],
-                "n_test": options["n_test"]}
+                "n_test": int(splits.test.shape[0])}
+    if prepared is not None:
+        metadata |= {"standardization": prepared.standardization.to_json(), "data_file": prepared.source}
+    model_files = model_file_bytes(model, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
     summary = {
         "data": options["data"],
         "model": options["model"],
@@ -200,24 +219,36 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         "resumed_from": result.resumed_from,
         "checkpoint": result.checkpoint,
         "history": result.history,
+        "model_sha256": weights_sha256(model_files),  # the model.safetensors this summary belongs to
     }
+    if prepared is not None:
+        summary |= {"nll_unit": "nats, in the data file's units (the NLL of the standardised rows + Σ_j log std_j; "
+                    "history: on the standardised rows)", "data_file": prepared.source,
+                    "standardization": prepared.standardization.to_json() | {"sum_log_std": shift}}
     files = [WEIGHTS_FILE, CONFIG_FILE, "summary.json"]
     plot = model.dim == 2 and options["plots"]
     if plot:
-        files += ["density.png", "samples.png"]
+        files += list(PLOTS)
 
-    def publish() -> None:
-        save_model(model, out, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
+    def publish() -> None:  # model, summary and plots: one folder, one atomic step
+        extra = {"summary.json": (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8")}
+        if plot:  # a data file's 2-D plots are drawn in its standardised units, as the model sees them
+            extra |= _draw_plots(model, splits.test, options["seed"])
+        publish_model_files(out, model_files, extra, drop=() if plot else PLOTS)
         remove_replaced(out)
-        atomic_write(out / "summary.json", (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8"))
-        if plot:
-            from nflow_np import plots  # matplotlib is only imported when there is something to draw
-
-            plots.plot_density(model, splits.test, out / "density.png")
-            plots.plot_samples(model, splits.test, out / "samples.png", seed=options["seed"])
 
     distributed.on_root(comm, publish)  # rank 0 writes; an error there is raised on every rank
     return summary | {"files": files}
+
+
+def _draw_plots(model: FlowModel, data: np.ndarray, seed: int) -> dict[str, bytes]:
+    """``density.png`` and ``samples.png`` as bytes, drawn in a scratch folder (published with the model)."""
+    from nflow_np import plots  # matplotlib is only imported when there is something to draw
+
+    with tempfile.TemporaryDirectory(prefix="nflow-plots-") as scratch:
+        plots.plot_density(model, data, Path(scratch) / "density.png")
+        plots.plot_samples(model, data, Path(scratch) / "samples.png", seed=seed)
+        return {name: (Path(scratch) / name).read_bytes() for name in PLOTS}
 
 
 def describe(summary: dict) -> str:
@@ -227,8 +258,9 @@ def describe(summary: dict) -> str:
         stopped += ", stopped by the time limit"
     if summary["skipped_batches"]:
         stopped += f", skipped {summary['skipped_batches']} non-finite batches"
+    data = Path(summary["data_file"]["path"]).name if "data_file" in summary else summary["data"]
     return (
-        f"{summary['data']} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
+        f"{data} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
         f"{summary['train_nll']:.4f}, val {summary['val_nll']:.4f}); best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}{stopped}; {summary['steps']} steps in {summary['train_seconds']:.1f} s"
     )

@@ -156,6 +156,7 @@ def save_model(
     metadata: dict | None = None,
     *,
     extra_files: dict[str, bytes] | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Path:
     """Save ``model`` as ``directory/model.safetensors`` and ``directory/model.json``, replacing the folder whole.
 
@@ -174,6 +175,9 @@ def save_model(
         by :func:`read_config`.
     extra_files : dict of str to bytes, optional
         More files (``{"summary.json": …}``) published in the same atomic step.
+    drop : tuple of str
+        Files of the old folder not to carry over (e.g. plots of the previous model that this save does not
+        replace).
 
     Returns
     -------
@@ -187,9 +191,31 @@ def save_model(
     OSError
         The write failed; the previous folder is unchanged.
     """
-    files = {**(extra_files or {}), **model_file_bytes(model, metadata)}  # model.json last (in-place mode)
-    publish_folder(directory, files, drop=(*GMM_FILES, NPZ_WEIGHTS_FILE))
+    return publish_model_files(directory, model_file_bytes(model, metadata), extra_files, drop)
+
+
+def publish_model_files(
+    directory: str | os.PathLike,
+    model_files: dict[str, bytes],
+    extra_files: dict[str, bytes] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """:func:`save_model` of files made by :func:`model_file_bytes` (so that ``extra_files`` can name the weights'
+    SHA-256, :func:`weights_sha256`): all of them published in one atomic step.
+
+    Raises
+    ------
+    OSError
+        The write failed; the previous folder is unchanged.
+    """
+    files = {**(extra_files or {}), **model_files}  # model.json last (in-place mode)
+    publish_folder(directory, files, drop=(*GMM_FILES, NPZ_WEIGHTS_FILE, *drop))
     return Path(directory)
+
+
+def weights_sha256(model_files: dict[str, bytes]) -> str:
+    """The SHA-256 of the weights in :func:`model_file_bytes`' files, as ``model.json`` records it."""
+    return hashlib.sha256(model_files[WEIGHTS_FILE]).hexdigest()
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -237,7 +263,8 @@ def check_metadata(metadata: dict, where: str, dim: int) -> None:
 
     ``data``, ``model``: strings; ``seed``: integer >= 0; ``n_test``: integer >= 1; ``image_shape``:
     three positive integers whose product is ``dim``; ``levels``: integer >= 2; ``standardization``:
-    a record of :class:`~nflow_np.data.files.Standardization` for ``dim`` columns.
+    a record of :class:`~nflow_np.data.files.Standardization` for ``dim`` columns; ``data_file``: the record
+    of a data file (:func:`~nflow_np.data.prepare.check_source_record`).
 
     Raises
     ------
@@ -263,6 +290,10 @@ def check_metadata(metadata: dict, where: str, dim: int) -> None:
         from nflow_np.data.files import Standardization
 
         Standardization.from_json(metadata["standardization"], f"{where}.standardization", dim)
+    if "data_file" in metadata:
+        from nflow_np.data.prepare import check_source_record
+
+        check_source_record(metadata["data_file"], f"{where}.data_file")
 
 
 def load_model(directory: str | os.PathLike) -> FlowModel:
