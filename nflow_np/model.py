@@ -36,7 +36,6 @@ from nflow_np.flows.base import Flow, Sequential
 from nflow_np.module import Module
 from nflow_np.validation import check_batch, check_result
 
-
 INFERENCE_ROWS = 2048
 """Rows per block of an inference pass on the host (:attr:`FlowModel.inference_rows`'s default).
 
