@@ -69,4 +69,5 @@ def test_a_data_file_folder_with_its_standardisation_in_the_metadata_only_loads_
     np.testing.assert_array_equal(model.flow[0].buffers["std"], record["std"])
     points = np.loadtxt(directory / "points.csv", delimiter=",", skiprows=1)
     np.testing.assert_allclose(model.log_prob(points), np.load(directory / "expected_log_prob.npy"), rtol=1e-13)
-    np.testing.assert_array_equal(model.sample(50, np.random.default_rng(3)), np.load(directory / "expected_samples.npy"))
+    samples = model.sample(50, np.random.default_rng(3))
+    np.testing.assert_array_equal(samples, np.load(directory / "expected_samples.npy"))
