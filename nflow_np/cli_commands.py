@@ -28,7 +28,7 @@ from nflow_np.cli_options import (
     resolve_train,
     resumed_options,
 )
-from nflow_np.data.files import is_data_file, read_standardization
+from nflow_np.data.files import is_data_file
 from nflow_np.density import INVERT_TOLERANCE, json_ready
 from nflow_np.io import CONFIG_FILE, atomic_write, load_model, read_config
 from nflow_np.preflight import (
@@ -129,6 +129,8 @@ def _run(options: dict[str, object], out: Path, threads: int | None) -> int:
     if options.get("prepared") is not None:
         print(cli_data.describe_data(options["prepared"], int(options["seed"])), flush=True)
         cli_data.warn_constant(options["prepared"])
+        if options["kind"] != "gmm":  # a mixture is fitted and saved in float64
+            cli_data.warn_resolution(options["prepared"], str(options["dtype"]))
     if options["kind"] == "gmm":
         from nflow_np.vi_cli import run_gmm_command
 
@@ -249,14 +251,14 @@ def evaluate(args: argparse.Namespace) -> int:
     _require_model(args.model_dir)
     if _is_mixture(args.model_dir):
         mixture, record = _load_mixture(args.model_dir)
-        dim, standardization = mixture.means.shape[1], None  # a mixture is saved in the data's own units
+        dim = mixture.means.shape[1]  # a mixture is saved in the data's own units
     else:
         config = read_config(args.model_dir)
         record, mixture = config["metadata"], None
         if "image_shape" in record:
             return _evaluate_images(args, record)
-        dim, standardization = config["dim"], read_standardization(config)
-        model = load_model(args.model_dir).to_device()
+        dim = config["dim"]
+        model = load_model(args.model_dir).to_device()  # a model trained on a file: of its rows, in its units
     data_file = args.data is not None and is_data_file(args.data)
     cli_data.refuse_split_options(args, data_file or (args.data is None and "data_file" in record))
     if data_file:
@@ -278,10 +280,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if mixture is not None:
         nll, log_p = mixture.nll(x), (mixture.log_prob(x) if args.out else None)
     else:
-        u = cli_data.model_rows(x, standardization, model.dtype or np.float64)
-        shift = 0.0 if standardization is None else -standardization.log_abs_det  # Σ_j log σ_j (docs/data.md)
-        nll = evaluate_nll(model, u) + shift
-        log_p = cli_data.log_density(model, standardization, u) if args.out else None
+        x = cli_data.model_rows(x, model.dtype or np.float64, label)
+        nll = evaluate_nll(model, x)
+        log_p = cli_data.log_density(model, x) if args.out else None
     print(f"{'NLL' if data_file else 'test NLL'} {nll:.4f} nats on {label}")
     if args.out is not None:
         cli_data.write_rows(args.out, log_p, header="log_p")
@@ -346,10 +347,7 @@ def sample(args: argparse.Namespace) -> int:
         widest = max((value.shape[-1] for value in model.state_dict().values() if value.ndim), default=1)
         _check_sample_size(args.n, model.dim, np.dtype(model.dtype).itemsize, widest, out)
         # an image model's samples are (N, C, H, W) integer levels; a toy model's (N, D) rows
-        x = model.sample(args.n, np.random.default_rng(args.seed), temperature=temperature)
-        standardization = None if images else read_standardization(config)
-        if standardization is not None:  # trained on a data file: x = μ + σ ⊙ u, in the file's units
-            x = standardization.invert(x)
+        x = model.sample(args.n, np.random.default_rng(args.seed), temperature=temperature)  # a file's units
         if out.suffix == ".png":
             _require_matplotlib("a PNG grid")
             from nflow_np.image_plots import save_grid

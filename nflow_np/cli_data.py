@@ -3,10 +3,12 @@
 ``nflow train --data my.csv`` (or ``.npy``, ``.npz``, ``.npz:NAME``) reads the file through
 :func:`~nflow_np.data.prepare.prepare_data`: every problem is one line naming the file, the column and
 the row; seeded splits by ``--val-fraction``/``--test-fraction``; a standardisation fitted on the training
-split, recorded in the model folder (``metadata.standardization``; for a mixture the fitted parameters are
-mapped back to the file's units). ``nflow eval DIR --data new.csv`` then scores every row of a file, and
-``nflow eval DIR`` the run's own test split, rebuilt from the recorded file (refused if the file changed);
-``nflow sample DIR`` draws in the file's units. Derivation of the log-det: ``docs/data.md``.
+split, which the flow trains behind and the saved model begins with (a ``Standardize`` layer, recorded too in
+``metadata.standardization``; for a mixture the fitted parameters are mapped back to the file's units). So
+the model in the folder is a model of the file's rows, and ``load_model`` gives it so: ``nflow eval DIR
+--data new.csv`` scores every row of a file with it, ``nflow eval DIR`` the run's own test split, rebuilt
+from the recorded file (refused if the file changed), and ``nflow sample DIR`` draws from it, all in the
+file's units and with nothing added by hand. Derivation of the log-det: ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from nflow_np.data import TOY_DATASETS
-from nflow_np.data.files import DataFileError, Standardization, is_data_file, parse_source, read_table, split_rows
+from nflow_np.data.files import DataFileError, is_data_file, parse_source, read_table, split_rows
 from nflow_np.data.images import IMAGE_DATASETS
 from nflow_np.data.prepare import PreparedData, prepare_data
 from nflow_np.io import atomic_write
@@ -99,6 +101,31 @@ def warn_constant(prepared: PreparedData) -> None:
               "is degenerate, so consider dropping it", file=sys.stderr)
 
 
+RESOLUTION = 1e-3
+"""Coarsest spacing of a column's values in the model's dtype, in standard deviations, before a warning."""
+
+
+def warn_resolution(prepared: PreparedData, dtype: object) -> None:
+    """Say which columns ``dtype`` resolves coarsely: values far from 0 beside their spread (a timestamp).
+
+    The flow trains on rows standardised in float64, but the model saved takes the file's rows in ``dtype``
+    (``Standardize ∘ flow``): a float32 value ``x`` is exact only to ``spacing(x)``, which is
+    ``spacing(x)/σ`` standard deviations once standardised. Warned above :data:`RESOLUTION`.
+    """
+    x, std = prepared.raw.train, prepared.standardization.std
+    largest = np.abs(x).max(axis=0).astype(dtype)
+    steps = np.spacing(largest).astype(np.float64) / std
+    coarse = [int(j) for j in np.flatnonzero(steps > RESOLUTION)]
+    if coarse:
+        table = Path(prepared.source["path"]).name
+        names = prepared.source["columns"]
+        listed = ", ".join(f"{j}{'' if names is None else f' ({names[j]!r})'}: {steps[j]:.2g}" for j in coarse)
+        print(f"nflow train: warning: {table}: {np.dtype(dtype)} resolves the values of column(s) {listed} "
+              "standard deviations only (values far from 0 beside their spread), and the model saved takes the "
+              "file's rows in that dtype; train in float64, or subtract an offset from those columns",
+              file=sys.stderr)
+
+
 def row_counts(options: dict[str, object]) -> tuple[int, int]:
     """``(training rows, all rows)`` of a run: of its data file, or the built-in data set's ``--n-*``."""
     prepared = options.get("prepared")
@@ -154,27 +181,37 @@ def recorded_test_split(record: dict, seed: int, folder: Path) -> tuple[np.ndarr
     return table.x[test], f"{path.name} (its {len(test)} test rows, seed {seed})"
 
 
-def model_rows(x: np.ndarray, standardization: Standardization | None, dtype: object) -> np.ndarray:
-    """The rows a flow scores, in ``dtype``: ``u = (x − μ)/σ`` for a model trained on a data file, else ``x``.
+def model_rows(x: np.ndarray, dtype: object, label: str) -> np.ndarray:
+    """The rows ``x`` (float64, in the file's units) in the model's ``dtype``, refusing a value that overflows it.
 
-    Done exactly as the training run did it (:func:`~nflow_np.data.prepare.prepare_data`), so the test split
-    rebuilt here gives the NLL in ``summary.json`` to the last bit.
+    A model trained on a file is a model of its rows (``Standardize ∘ flow``, ``docs/data.md``): they go in
+    as they are, and the training run scored its test split exactly so, which is why ``nflow eval DIR`` prints
+    ``summary.json``'s test NLL to the last bit.
+
+    Raises
+    ------
+    ValueError
+        A value beyond the largest ``dtype`` number (float32: about 3.4e38), named by row and column.
     """
-    if standardization is not None:
-        with np.errstate(over="ignore"):  # a row that overflows is refused by name when it is scored
-            x = standardization.apply(x.astype(np.float64)).astype(dtype)
-    return x.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # an overflow is found and named just below
+        rows = x.astype(dtype, copy=False)
+    bad = np.argwhere(~np.isfinite(rows))
+    if len(bad):
+        i, j = (int(k) for k in bad[0])
+        raise ValueError(f"{label}: row {i}, column {j} (value {x[i, j]:g}) overflows {np.dtype(dtype)}, the model's "
+                         "dtype; a model trained in float64 takes it")
+    return rows
 
 
-def log_density(model: object, standardization: Standardization | None, u: np.ndarray,
-                batch_size: int = 8192) -> np.ndarray:
-    """``log p_X(x)`` per row in the data's units, from the rows ``u`` of :func:`model_rows`:
-    ``log p_U(u) − Σ_j log σ_j`` (``docs/data.md``), or ``log p(x)`` for a model without a standardisation.
-    ``u: (N, D)`` → ``(N,)`` float64."""
-    rows = [np.asarray(model.log_prob(u[start : start + batch_size]), dtype=np.float64)
-            for start in range(0, u.shape[0], batch_size)]
-    log_p = np.concatenate(rows)
-    return log_p if standardization is None else log_p + standardization.log_abs_det
+def log_density(model: object, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """``log p(x)`` per row, in blocks of ``batch_size`` rows: ``x: (N, D)`` → ``(N,)`` float64.
+
+    For a model trained on a data file, the density in the file's units: its flow begins with the
+    standardisation, so ``log p_X(x) = log p_U(u) − Σ_j log σ_j`` is what ``model.log_prob`` gives.
+    """
+    rows = [np.asarray(model.log_prob(x[start : start + batch_size]), dtype=np.float64)
+            for start in range(0, x.shape[0], batch_size)]
+    return np.concatenate(rows)
 
 
 def column_header(record: dict, dim: int) -> str | None:

@@ -33,6 +33,7 @@ import numpy as np
 from nflow_np import backend, grad_mode, threads
 from nflow_np.distributions import StandardLogistic, StandardNormal
 from nflow_np.flows.base import Flow, Sequential
+from nflow_np.flows.elementwise import Standardize
 from nflow_np.module import Module
 from nflow_np.validation import check_batch, check_result
 
@@ -263,6 +264,36 @@ class FlowModel(Module):
             log_prob = self.base.log_prob(z) - logdet_inverse
             return (_like(check_result(x, "sample", z), drawn),
                     _like(check_result(log_prob, "sample_and_log_prob", z), drawn))
+
+
+def with_standardization(model: FlowModel, mean: object, std: object) -> FlowModel:
+    """``model``, a model of standardised rows ``u = (x − μ)/σ``, as a model of the rows ``x`` themselves.
+
+    The flow of the result is ``Standardize(μ, σ)`` followed by ``model``'s layers (the same objects, not
+    copies; the layers of a Sequential flow are spliced in, so their names move up one: ``flow.0`` is the
+    standardisation, ``flow.1`` the first layer). Its ``log_prob`` is
+    ``log p_X(x) = log p_U((x − μ)/σ) − Σ_j log σ_j`` and its samples are ``x = μ + σ ⊙ u``
+    (``docs/data.md#the-density-in-the-users-units``).
+
+    Parameters
+    ----------
+    model : FlowModel
+        The model of ``u``.
+    mean, std : array-like, shape (D,)
+        ``μ`` (finite) and ``σ`` (finite, positive), cast to the model's dtype.
+
+    Returns
+    -------
+    FlowModel
+        Same base, dtype and device as ``model``; memory mode ``"store"``.
+    """
+    layer = Standardize(mean, std, dtype=model.dtype or np.float64)
+    if layer.dim != model.dim:
+        raise ValueError(f"mean and std have {layer.dim} entries but the model has dimension {model.dim}")
+    if model.array_module is not None and model.array_module is not np:
+        layer.to_device(model.array_module)
+    layers = model.flow.flows if isinstance(model.flow, Sequential) else [model.flow]
+    return FlowModel(Sequential([layer, *layers]), model.base)
 
 
 def _like(result: np.ndarray, given: object) -> np.ndarray:

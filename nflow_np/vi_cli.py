@@ -296,7 +296,8 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     }
     if prepared is not None:  # EM ran on standardised rows; the mixture saved is in the file's units
         summary |= {"data_file": prepared.source, "standardization": units.to_json(),
-                    "nll_unit": "nats, in the data file's units (EM on the standardised rows, mapped back)"}
+                    "nll_unit": "nats per row, in the data file's units (EM on the standardised rows, mapped back; "
+                                "elbo_history is EM's own, per standardised row)"}
     if getattr(args, "provenance", None) is not None:  # nflow train: how the numbers were made
         summary |= {"provenance": args.provenance, "backend": args.provenance["backend"]}
     gmm.save(out, summary)  # gmm.npz and summary.json published together (nflow_np.files.gmm_files)

@@ -16,11 +16,13 @@ import pytest
 from helpers import numerical_jacobian
 from test_cli_options import Interrupted, assert_one_line_error, interrupt_at_step, nflow
 
+from nflow_np import FlowModel, Sequential
 from nflow_np.cli import main
 from nflow_np.data import load_toy
 from nflow_np.data.prepare import prepare_data
+from nflow_np.flows import Standardize
 from nflow_np.gmm import GaussianMixture
-from nflow_np.io import load_model, read_config
+from nflow_np.io import ModelFileError, load_model, read_config
 from nflow_np.train import evaluate_nll
 
 TINY = "--epochs 2 --layers 2 --hidden 8 --batch-size 64 --no-progress --no-plots".split()
@@ -40,13 +42,19 @@ def write_csv(path: Path, x: np.ndarray, header: str | None = "height,temp,rate"
     return path
 
 
-def numerical_log_density(model, mean: np.ndarray, std: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``log p_Z(z(x)) + log|det ∂z/∂x|`` of the whole map ``x → u → z``, its Jacobian by central differences:
-    independent of the ``−Σ log σ`` formula under test."""
-    def z_of(rows: np.ndarray) -> np.ndarray:
-        return model.flow.forward((rows - mean) / std)[0]
+def inner_model(model: FlowModel) -> FlowModel:
+    """The flow behind a file-trained model's ``Standardize`` layer: the model of the standardised rows ``u``."""
+    assert type(model.flow[0]) is Standardize
+    return FlowModel(Sequential(model.flow.flows[1:]), model.base)
 
-    return np.array([model.base.log_prob(z_of(row[None]))[0] + np.linalg.slogdet(numerical_jacobian(z_of, row))[1]
+
+def numerical_log_density(inner: FlowModel, mean: np.ndarray, std: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``log p_Z(z(x)) + log|det ∂z/∂x|`` of the whole map ``x → u → z`` (``inner`` maps ``u → z``), its Jacobian by
+    central differences: independent of the ``−Σ log σ`` formula under test."""
+    def z_of(rows: np.ndarray) -> np.ndarray:
+        return inner.flow.forward((rows - mean) / std)[0]
+
+    return np.array([inner.base.log_prob(z_of(row[None]))[0] + np.linalg.slogdet(numerical_jacobian(z_of, row))[1]
                      for row in x])
 
 
@@ -58,10 +66,12 @@ def test_train_on_a_csv_then_eval_and_sample_in_its_units(tmp_path: Path, capsys
     assert "my.csv: 600 rows of 3 columns; 480 train, 60 validation, 60 test (seed 3)" in printed
 
     prepared = prepare_data(data, seed=3)  # what the run must have trained on and recorded
+    mean, std = prepared.standardization.mean, prepared.standardization.std
     config = read_config(out)
+    assert config["flow"]["flows"][0] == {"kind": "standardize", "dim": 3}  # the model saved is Standardize ∘ flow
     record = config["metadata"]["standardization"]
-    np.testing.assert_array_equal(record["mean"], prepared.standardization.mean)
-    np.testing.assert_array_equal(record["std"], prepared.standardization.std)
+    np.testing.assert_array_equal(record["mean"], mean)
+    np.testing.assert_array_equal(record["std"], std)
     np.testing.assert_allclose(record["mean"], prepared.raw.train.mean(axis=0), rtol=1e-12)
     assert config["metadata"]["data_file"]["sha256"] == prepared.source["sha256"]
     summary = json.loads((out / "summary.json").read_text())
@@ -72,28 +82,99 @@ def test_train_on_a_csv_then_eval_and_sample_in_its_units(tmp_path: Path, capsys
     assert main(["eval", str(out)]) == 0
     assert f"test NLL {summary['test_nll']:.4f} nats on my.csv (its 60 test rows, seed 3)" in capsys.readouterr().out
     model = load_model(out)
-    sum_log_std = float(np.log(prepared.standardization.std).sum())
-    assert summary["test_nll"] == evaluate_nll(model, prepared.splits.test) + sum_log_std
+    np.testing.assert_array_equal(model.flow[0].buffers["mean"], mean)
+    np.testing.assert_array_equal(model.flow[0].buffers["std"], std)
+    assert summary["test_nll"] == evaluate_nll(model, prepared.raw.test)  # the loaded model on the file's rows
+    inner = inner_model(model)  # what the optimizer trained, on the standardised rows
+    sum_log_std = float(np.log(std).sum())
+    assert summary["test_nll"] == pytest.approx(evaluate_nll(inner, prepared.splits.test) + sum_log_std, rel=1e-13)
+    # the history too is in the file's units: the best epoch's validation NLL is summary.json's
+    best = next(entry for entry in summary["history"] if entry["epoch"] == summary["best_epoch"])
+    assert best["val_nll"] == pytest.approx(summary["val_nll"], rel=1e-12)
+    assert "in the data file's units" in summary["nll_unit"] and "history" in summary["nll_unit"]
 
     # eval DIR --data new.csv: every row scored; log p(x) per row against a finite-difference Jacobian of x → z
     new = table(7, seed=9)
     write_csv(tmp_path / "new.csv", new)
     assert main(["eval", str(out), "--data", str(tmp_path / "new.csv"), "--out", str(tmp_path / "scores.npy")]) == 0
     scores = np.load(tmp_path / "scores.npy")
-    expected = numerical_log_density(model, prepared.standardization.mean, prepared.standardization.std, new)
-    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(scores, model.log_prob(new))  # the CLI and Python: one path
+    np.testing.assert_allclose(scores, numerical_log_density(inner, mean, std, new), rtol=0, atol=1e-6)
     assert f"NLL {-scores.mean():.4f} nats on new.csv (7 rows)" in capsys.readouterr().out
-    in_model_units = model.log_prob((new - prepared.standardization.mean) / prepared.standardization.std)
+    in_model_units = inner.log_prob((new - mean) / std)
     assert np.abs(scores - in_model_units).min() > 1  # the units matter: the spreads are far from 1
 
     # sample: x = μ + σ ⊙ u, in the file's units
     assert main(["sample", str(out), "-n", "4000", "--seed", "4", "--out", str(tmp_path / "s.npy")]) == 0
     samples = np.load(tmp_path / "s.npy")
-    u = model.sample(4000, np.random.default_rng(4))
-    np.testing.assert_array_equal(samples, prepared.standardization.mean + prepared.standardization.std * u)
+    np.testing.assert_array_equal(samples, model.sample(4000, np.random.default_rng(4)))
+    np.testing.assert_array_equal(samples, mean + std * inner.sample(4000, np.random.default_rng(4)))
     assert (np.abs(samples.mean(axis=0) - prepared.raw.train.mean(axis=0)) < prepared.standardization.std).all()
     assert main(["sample", str(out), "-n", "3", "--out", str(tmp_path / "s.csv")]) == 0
     assert (tmp_path / "s.csv").read_text().splitlines()[0] == "height,temp,rate"  # the file's own names
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_load_model_from_python_works_in_the_files_units(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                        dtype: str) -> None:
+    """What a user of the library expects of a folder ``nflow train --data FILE`` wrote: ``load_model`` gives a
+    model of the file's rows, whose ``log_prob`` is the CLI's score of each row and whose samples look like
+    the data, in its units (on main before the Standardize layer it was the model of the standardised rows)."""
+    x = table(800, seed=5)
+    data = write_csv(tmp_path / "my.csv", x)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), *TINY, "--dtype", dtype, "--out", str(out)]) == 0
+    prepared = prepare_data(data, seed=0, dtype=dtype)
+    model = load_model(out)
+    assert model.dtype == dtype and model.dim == 3
+    rows = x.astype(dtype)
+    assert main(["eval", str(out), "--data", str(data), "--out", str(tmp_path / "scores.npy")]) == 0
+    np.testing.assert_array_equal(model.log_prob(rows).astype(np.float64), np.load(tmp_path / "scores.npy"))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_nll"] == evaluate_nll(model, prepared.raw.test.astype(dtype))  # nflow eval DIR's number
+    np.testing.assert_allclose(model.decode(model.encode(rows)), rows, rtol=1e-5 if dtype == "float32" else 1e-12)
+    samples = model.sample(20000, np.random.default_rng(1)).astype(np.float64)
+    std = x.std(axis=0)
+    assert (np.abs(samples.mean(axis=0) - x.mean(axis=0)) < 0.2 * std).all(), (samples.mean(axis=0), x.mean(axis=0))
+    assert ((samples.std(axis=0) > 0.7 * std) & (samples.std(axis=0) < 1.4 * std)).all(), (samples.std(axis=0), std)
+    # a record that disagrees with the layer is two models' files: refused, not guessed between
+    config = json.loads((out / "model.json").read_text())
+    config["metadata"]["standardization"]["mean"][1] += 1.0
+    (out / "model.json").write_text(json.dumps(config))
+    with pytest.raises(ModelFileError, match=r"metadata.standardization.mean differs from the mean of the model's "
+                                             r"Standardize layer"):
+        load_model(out)
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    assert "differs from the mean of the model's Standardize layer" in capsys.readouterr().err
+
+
+def test_a_2d_data_files_plots_are_drawn_in_its_units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """density.png and samples.png of a data file: its own rows (not the standardised ones), the model saved, its
+    column names on the axes, and no equal aspect (the columns are in different units)."""
+    from nflow_np import plots
+
+    drawn = []
+
+    def record(name: str):
+        def draw(model, data, path, **style):
+            drawn.append((name, model, data, style))
+            Path(path).write_bytes(b"picture")
+            return Path(path)
+        return draw
+
+    monkeypatch.setattr(plots, "plot_density", record("density"))
+    monkeypatch.setattr(plots, "plot_samples", record("samples"))
+    data = write_csv(tmp_path / "two.csv", table(300)[:, :2], header="height,temp")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), *TINY[:-1], "--out", str(out)]) == 0
+    prepared = prepare_data(data, seed=0)
+    assert [name for name, *_ in drawn] == ["density", "samples"]
+    for _, model, rows, style in drawn:
+        np.testing.assert_array_equal(rows, prepared.raw.test)
+        assert type(model.flow[0]) is Standardize
+        assert (style["labels"], style["equal_aspect"]) == (("height", "temp"), False)
+    assert (out / "density.png").read_bytes() == b"picture"
 
 
 def test_npy_and_npz_files_and_the_array_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -152,6 +233,37 @@ def test_a_constant_column_is_left_unscaled_and_said_so(tmp_path: Path, capsys: 
     assert np.isfinite(json.loads((out / "summary.json").read_text())["test_nll"])
 
 
+def test_float32_runs_name_the_columns_float32_resolves_coarsely(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A timestamp-like column (values near 1e9, spread 10): float32 holds it to 64 units, 6 standard deviations.
+    The flow trains on float64-standardised rows, but the model saved takes the file's rows in float32: said so."""
+    x = table(300)
+    x[:, 0] += 1e9
+    data = write_csv(tmp_path / "t.csv", x)
+    assert main(["train", "--data", str(data), "--epochs", "1", *TINY[2:], "--dtype", "float32",
+                 "--out", str(tmp_path / "a")]) == 0
+    error = capsys.readouterr().err
+    assert "float32 resolves the values of column(s) 0 ('height'): 6" in error and "train in float64" in error
+    assert "'temp'" not in error and "'rate'" not in error  # 100 ± 10 and 0.003 ± 0.001 are fine in float32
+    assert main(["train", "--data", str(data), "--epochs", "1", *TINY[2:], "--out", str(tmp_path / "b")]) == 0
+    assert "resolves" not in capsys.readouterr().err  # float64: 2.4e-7 units, far below a standard deviation
+
+
+def test_a_folder_of_the_metadata_only_standardisation_evals_and_samples_as_before(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Folders written by main at 833bd37 (tests/fixtures/cli_data_file_metadata_only/make.py) held the flow of the
+    standardised rows and the record beside it; nflow eval and sample added −Σ log σ and μ + σ ⊙ u by hand. Now
+    load_model puts the Standardize layer in front, and the CLI gives the numbers that code gave."""
+    folder = FIXTURES / "cli_data_file_metadata_only"
+    assert main(["eval", str(folder), "--data", str(folder / "points.csv"), "--out", str(tmp_path / "lp.npy")]) == 0
+    expected = np.load(folder / "expected_log_prob.npy")
+    np.testing.assert_allclose(np.load(tmp_path / "lp.npy"), expected, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(np.load(tmp_path / "lp.npy"), load_model(folder).log_prob(
+        np.loadtxt(folder / "points.csv", delimiter=",", skiprows=1)))
+    assert f"NLL {-expected.mean():.4f} nats on points.csv (7 rows)" in capsys.readouterr().out
+    assert main(["sample", str(folder), "-n", "50", "--seed", "3", "--out", str(tmp_path / "s.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), np.load(folder / "expected_samples.npy"))
+
+
 @pytest.fixture(scope="module")
 def moons(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model of the built-in two_moons (dimension 2)."""
@@ -165,6 +277,9 @@ def test_bad_data_files_and_split_options_are_one_line_errors(tmp_path: Path, mo
     (tmp_path / "names.csv").write_text("x,name\n1,a\n2,b\n3,c\n")
     (tmp_path / "nan.csv").write_text("x,y\n1,2\n3,nan\n5,6\n")
     np.savez(tmp_path / "two.npz", a=np.ones((4, 2)), b=np.ones((4, 2)))
+    huge = table(40)
+    huge[5, 0] = 1e39  # float64 holds it; float32, which the saved model would take it in, does not
+    write_csv(tmp_path / "huge.csv", huge)
     out = ["--out", str(tmp_path / "run")]
     cases = [
         (["--data", str(tmp_path / "names.csv")], ["column 1 ('name') is not numeric: 'a' at line 2"]),
@@ -181,6 +296,8 @@ def test_bad_data_files_and_split_options_are_one_line_errors(tmp_path: Path, mo
         (["--data", str(good), "--n-train", "100"], ["--n-train does not apply: a data file", "--val-fraction"]),
         (["--val-fraction", "0.2"], ["--val-fraction does not apply", "two_moons is a built-in data set"]),
         (["--data", str(good), "--batch-size", "1000"], ["--batch-size 1000 exceeds the 32 training rows of good.csv"]),
+        (["--data", str(tmp_path / "huge.csv"), "--dtype", "float32"],
+         ["row 5, column 0 ('height') (value 1e+39", "overflows float32", "train in float64"]),
     ]
     for argv, fragments in cases:
         assert_one_line_error(nflow("train", *argv, *out), *fragments)

@@ -9,8 +9,10 @@
 - :class:`Standardization`: ``u = (x − μ) / σ`` per column, fitted on the training split. A model
   trained on ``u`` has, in the user's units, ``log p_X(x) = log p_U(u) − Σ_j log σ_j`` (change of
   variables with the diagonal Jacobian ``∂u/∂x = diag(1/σ)``; ``docs/data.md``), and samples
-  ``x = μ + σ ⊙ u``. The record goes into the model's metadata (``"standardization"``), where
-  :func:`~nflow_np.io.read_config` checks it; :func:`read_standardization` gives it back.
+  ``x = μ + σ ⊙ u``. The saved model carries it as its first layer
+  (:class:`~nflow_np.flows.elementwise.Standardize`, so ``load_model`` gives a model of ``x``); the record
+  also goes into the model's metadata (``"standardization"``), where :func:`~nflow_np.io.read_config`
+  checks it; :func:`read_standardization` gives it back.
 - :func:`nflow_np.data.prepare.prepare_data` does all of it for a training run (``nflow train --data FILE``).
 
 Every problem is a :class:`DataFileError` (a ``ValueError``) with a one-line message naming the file.
@@ -364,8 +366,8 @@ class Standardization:
 def read_standardization(config: dict) -> Standardization | None:
     """The standardisation of a model folder (``read_config(directory)``), or ``None`` if it has none.
 
-    A model trained on a data file models ``u``; ``None`` (a built-in data set, or a folder from before
-    data files) means the model works in the data's own units.
+    The record of the standardisation a model trained on a data file begins with (``load_model`` gives that
+    model in the file's units either way); ``None``: a built-in data set, or a folder from before data files.
 
     Raises
     ------

@@ -119,7 +119,8 @@ def prepare_data(
     ------
     DataFileError
         Every problem, naming the file: its content, too few rows for the fractions, a column too wide to
-        standardise, a held-out row that overflows ``dtype`` once standardised (by file row and column).
+        standardise, a value that overflows ``dtype`` (float32) as it is (the model saved takes the rows in
+        ``dtype``) or a held-out row that does once standardised (by file row and column).
     """
     path = Path(path)
     table = read_table(path, array)
@@ -139,7 +140,15 @@ def prepare_data(
             parts.append(None)
             continue
         with np.errstate(over="ignore"):  # an overflow to float32 is found and named just below
+            rows = x.astype(dtype)
             u = standardization.apply(x.astype(np.float64)).astype(dtype)
+        bad = np.argwhere(~np.isfinite(rows))
+        if len(bad):  # the saved model takes the file's rows as they are, in dtype (docs/data.md)
+            i, j = (int(k) for k in bad[0])
+            raise DataFileError(
+                f"{path}: row {int(r[i])}, column {table.column(j)} (value {x[i, j]:g}, in the {name} split) "
+                f"overflows {dtype}, and the model saved takes the file's rows in {dtype}; train in float64"
+            )
         bad = np.argwhere(~np.isfinite(u))
         if len(bad):
             i, j = (int(k) for k in bad[0])

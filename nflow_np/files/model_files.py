@@ -53,7 +53,8 @@ from nflow_np.files.safe import (
     read_tensors,
     tensor_sizes,
 )
-from nflow_np.model import FlowModel
+from nflow_np.flows.elementwise import leading_standardize
+from nflow_np.model import FlowModel, with_standardization
 from nflow_np.specs import MAX_DIM, check_int, flow_from_spec, to_spec
 
 FORMAT_VERSION = 2
@@ -300,7 +301,15 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
     """Load a model saved by :func:`save_model` (format 2) or by an earlier nflow_np (format 1, ``model.npz``).
 
     The whole model is built from ``model.json`` and every array of the weights file is checked
-    against it (names, shapes, dtype, finiteness, checksum) before any parameter is written.
+    against it (names, shapes, dtype, finiteness, checksum, and what a layer refuses to hold: a
+    Standardize's ``std`` must be positive) before any parameter is written.
+
+    A model trained on a data file (``nflow train --data FILE``) loads as a model of the file's rows, in
+    its units: its flow begins with the :class:`~nflow_np.flows.elementwise.Standardize` layer of the
+    training split's mean and standard deviation, so ``log_prob``, ``sample``, ``encode`` and ``decode``
+    take and give rows of the file, and ``log_prob`` includes ``−Σ_j log σ_j`` (``docs/data.md``). Folders
+    written before that layer existed are given it from their ``metadata.standardization``
+    (:func:`_in_recorded_units`).
 
     Raises
     ------
@@ -329,5 +338,39 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
             f"{weights_path}: checksum differs from the one in {CONFIG_FILE}; the two files come from "
             "different saves (save the model again)"
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as error:  # a value a layer may not hold (Standardize: a std that is not positive)
+        raise ModelFileError(f"{weights_path}: {error}") from None
+    return _in_recorded_units(model, config, directory / CONFIG_FILE)
+
+
+def _in_recorded_units(model: FlowModel, config: dict, where: Path) -> FlowModel:
+    """The model of a folder with ``metadata.standardization`` (trained on a data file) in the file's units.
+
+    A folder written since the :class:`~nflow_np.flows.elementwise.Standardize` layer exists holds the model
+    ``Standardize ∘ flow`` already, and its record must agree with the layer's buffers (to the last bit,
+    in the model's dtype). A folder written before (by the first ``nflow train --data FILE``) holds the
+    flow of the standardised rows alone: the layer is put in front of it here
+    (:func:`~nflow_np.model.with_standardization`), so every folder loads as a model of the file's rows.
+    A folder without the record is returned as it is.
+
+    Raises
+    ------
+    ModelFileError
+        The record and the model's Standardize layer disagree.
+    """
+    record = config["metadata"].get("standardization")
+    if record is None:
+        return model
+    from nflow_np.data.files import Standardization
+
+    units = Standardization.from_json(record, f"{where}: metadata.standardization", config["dim"])
+    layer = leading_standardize(model.flow)
+    if layer is None:
+        return with_standardization(model, units.mean, units.std)
+    for name, recorded in (("mean", units.mean), ("std", units.std)):
+        if not np.array_equal(recorded.astype(model.dtype), layer.buffers[name]):
+            raise ModelFileError(f"{where}: metadata.standardization.{name} differs from the {name} of the model's "
+                                 "Standardize layer (flow.0); the two come from different models")
     return model

@@ -49,6 +49,26 @@ def test_a_held_out_row_that_overflows_float32_is_named_by_its_file_row(tmp_path
     assert prepare_data(tmp_path / "x.csv", seed=0).splits.test.dtype == np.float64  # float64 holds it
 
 
+def test_a_value_beyond_float32_is_refused_for_a_float32_model_even_in_the_training_split(tmp_path):
+    """The model saved takes the file's rows as they are, in its dtype (Standardize ∘ flow): a value float32
+    cannot hold could never be scored by it, wherever it sits; and one that fits but whose standardised value
+    does not is named too."""
+    x = np.random.default_rng(2).normal(size=(50, 2))
+    train, _, test = split_rows(50, 0.1, 0.1, 0)
+    x[int(train[3]), 0] = 1e39  # standardised it would be about 7 (the column's spread grows with it)
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataFileError, match=rf"row {int(train[3])}, column 0 \(value 1e\+39, in the training split\) "
+                                            r"overflows float32, and the model saved takes the file's rows in float32"):
+        prepare_data(tmp_path / "x.npy", seed=0, dtype=np.float32)
+    assert np.isfinite(prepare_data(tmp_path / "x.npy", seed=0).splits.train).all()
+    y = np.random.default_rng(3).normal(size=(50, 2)) * [1.0, 1e-10]
+    y[int(test[0]), 1] = 1e30  # fits float32, but lies 1e40 standard deviations out
+    np.save(tmp_path / "y.npy", y)
+    with pytest.raises(DataFileError, match=rf"row {int(test[0])}, column 1 \(value 1e\+30, in the test split\) lies "
+                                            r".* standard deviations from the training mean and overflows float32"):
+        prepare_data(tmp_path / "y.npy", seed=0, dtype=np.float32)
+
+
 def test_too_few_rows_and_columns_too_wide_are_refused(tmp_path):
     np.save(tmp_path / "small.npy", np.arange(6.0).reshape(3, 2))
     with pytest.raises(DataFileError, match="3 rows are too few.*leave 1, at least 2 needed"):
