@@ -6,6 +6,8 @@
     nflow eval runs/moons
     nflow sample runs/moons -n 5000 --out samples.csv
     nflow train --data digits --model realnvp      # image flows: nflow_np.image_training, docs/images.md
+    nflow train --data my.csv --out runs/mine      # your own data (.csv, .npy, .npz[:ARRAY]), nflow_np.cli_data
+    nflow eval runs/mine --data new.csv            # log-density of new rows, in the file's units
 
 Toy runs are :func:`nflow_np.density.train_density`, image runs
 :func:`nflow_np.image_training.train_image_model`, the mixture :func:`nflow_np.vi_cli.run_gmm_command`.
@@ -25,8 +27,9 @@ from pathlib import Path
 from nflow_np import __version__
 from nflow_np.architectures import MODELS
 from nflow_np.backend import BACKENDS, set_backend
+from nflow_np.cli_data import eval_data, train_data
 from nflow_np.cli_options import NETS, TRAIN_DEFAULTS, help_defaults
-from nflow_np.cli_types import number, positive_ints
+from nflow_np.cli_types import fraction, number, positive_ints
 from nflow_np.data import TOY_DATASETS
 from nflow_np.data.images import IMAGE_DATASETS
 from nflow_np.io import ModelFileError
@@ -91,7 +94,10 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
 
     positive, non_negative, above_zero = number(int, 1), number(int, 0), number(float, 0, strict=True)
     add = train.add_argument
-    add("--data", choices=[*TOY_DATASETS, *IMAGE_DATASETS], help="toy or image data set" + default("data"))
+    add("--data", type=train_data, metavar="DATA",
+        help=f"a toy data set ({', '.join(TOY_DATASETS)}), an image data set ({', '.join(IMAGE_DATASETS)}), or your "
+        "own data file: FILE.csv (header optional), FILE.npy, FILE.npz (one array) or FILE.npz:ARRAY"
+        + default("data"))
     add("--model", choices=[*MODELS, "gmm"], help="architecture" + default("model"))
     add("--layers", type=positive, help="coupling layers" + default("layers"))
     add("--hidden", type=_hidden, help="widths of each coupling net" + default("hidden"))
@@ -108,6 +114,10 @@ def _add_train_arguments(train: argparse.ArgumentParser, data: str | None, model
     add("--n-train", type=positive, help="training points" + default("n_train"))
     add("--n-val", type=positive, help="validation points" + default("n_val"))
     add("--n-test", type=positive, help="test points" + default("n_test"))
+    add("--val-fraction", type=fraction, help="data file only: share of its rows held out for validation, "
+        "chosen at random with --seed" + default("val_fraction"))
+    add("--test-fraction", type=fraction, help="data file only: share of its rows held out for the test NLL"
+        + default("test_fraction"))
     add("--out", type=Path,
         help="output folder (default: runs/<data>-<model>; runs/<data>-realnvp_resnet for --net resnet)")
     add("--force", action="store_true",
@@ -163,15 +173,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample,vi,bench}")
 
-    train = commands.add_parser("train", help="fit a model to a toy or image data set")
+    train = commands.add_parser("train", help="fit a model to a toy or image data set, or to your own data file")
     _add_train_arguments(train, _peek(argv, "--data"), _peek(argv, "--model"), _peek(argv, "--net"))
     train.set_defaults(handler=_handler("train"))
 
     evaluate = commands.add_parser("eval", help="test NLL of a saved model")
     evaluate.add_argument("model_dir", type=Path, metavar="DIR", help="folder written by nflow train")
-    evaluate.add_argument("--data", choices=list(TOY_DATASETS), help="data set (default: the one it was trained on)")
-    evaluate.add_argument("--seed", type=non_negative, help="data seed (default: the training seed)")
-    evaluate.add_argument("--n-test", type=number(int, 1), help="test points (default: as in training)")
+    evaluate.add_argument("--data", type=eval_data, metavar="DATA",
+                          help="a toy data set, or a data file (.csv, .npy, .npz[:ARRAY]) whose every row is scored "
+                          "in its own units (default: the test split of the data it was trained on)")
+    evaluate.add_argument("--seed", type=non_negative, help="toy data seed (default: the training seed)")
+    evaluate.add_argument("--n-test", type=number(int, 1), help="toy test points (default: as in training)")
+    evaluate.add_argument("--out", type=Path, help="also write log p(x) of every row scored, in nats (.npy or .csv)")
     evaluate.set_defaults(handler=_handler("eval"))
 
     s = SAMPLE_DEFAULTS

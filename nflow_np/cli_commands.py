@@ -3,13 +3,13 @@
 The parser (:mod:`nflow_np.cli`) leaves out every option that was not typed, so ``args`` holds exactly
 what the user asked for. :func:`train` resolves it (:func:`~nflow_np.cli_options.resolve_train`, or
 the recorded arguments of a checkpoint for ``--resume``), runs the preflight checks
-(:mod:`nflow_np.preflight`), prints the provenance line and calls the run in the library.
+(:mod:`nflow_np.preflight`; a data file is read and checked there, :mod:`nflow_np.cli_data`), prints the
+provenance line and calls the run in the library.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import sys
 import tempfile
@@ -18,19 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
-from nflow_np import distributed
-from nflow_np.checkpoint import CheckpointError, latest_checkpoint
+from nflow_np import cli_data, distributed
 from nflow_np.cli_options import (
+    FILE_DEFAULTS,
     NET_OPTIONS,
-    RECORDED,
     TRAIN_DEFAULTS,
-    flag,
     image_model_name,
     image_record,
-    refuse_unknown,
     resolve_train,
+    resumed_options,
 )
-from nflow_np.density import CHECKPOINT_DIR, INVERT_TOLERANCE, json_ready
+from nflow_np.data.files import is_data_file
+from nflow_np.density import INVERT_TOLERANCE, json_ready
 from nflow_np.io import CONFIG_FILE, atomic_write, load_model, read_config
 from nflow_np.preflight import (
     check_memory,
@@ -43,10 +42,6 @@ from nflow_np.preflight import (
 )
 from nflow_np.provenance import describe, provenance
 
-RESUME_MAY_CHANGE = ("out", "progress", "plots", "checkpoint_every", "resume", "skip_nonfinite")
-"""What ``nflow train --resume`` may change without changing the numbers of a run that never diverges."""
-RESUME_LENGTH = ("epochs", "patience", "time_limit")
-"""Training-length options: given with ``--resume``, they lengthen or shorten the run."""
 IMAGE_DIMS = {"digits": 64, "mnist": 784}
 """Pixels per image, for the preflight estimate before the data set is loaded."""
 
@@ -54,55 +49,6 @@ IMAGE_DIMS = {"digits": 64, "mnist": 784}
 def _given(args: argparse.Namespace) -> dict[str, object]:
     skip = ("handler", "command", "backend", "threads")
     return {key: value for key, value in vars(args).items() if key not in skip}
-
-
-def _shown(value: object) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple | list) else str(value)
-
-
-def resumed_options(given: dict[str, object]) -> dict[str, object]:
-    """The options of the run in ``given["resume"]``, read from its newest good checkpoint, with ``given`` applied.
-
-    The recorded arguments are re-parsed like a command line, so a damaged or hostile checkpoint cannot
-    pass a value the parser would refuse. A typed option must agree with the recorded one, except those
-    of :data:`RESUME_MAY_CHANGE` and the lengths of :data:`RESUME_LENGTH` (a longer or shorter run).
-    """
-    from nflow_np.cli import UsageError, build_parser
-
-    resume = Path(given["resume"])
-    if given.get("force"):
-        raise ValueError("--force starts a fresh run and --resume continues one; give one of them")
-    checkpoint, _ = latest_checkpoint(resume / CHECKPOINT_DIR)
-    recorded = checkpoint.metadata.get("arguments")
-    if not isinstance(recorded, dict):
-        raise CheckpointError(f"{checkpoint.path}: records no nflow train arguments")
-    argv = ["train"]
-    for key in RECORDED:
-        value = recorded.get(key)
-        if key in (*RESUME_MAY_CHANGE, "force") or value is None:
-            continue
-        argv.append(f"{flag(key)}={_shown(value)}")
-    try:
-        parsed = _given(build_parser().parse_args(argv))
-        options = resolve_train(parsed)
-    except (UsageError, SystemExit, ValueError) as error:
-        raise CheckpointError(f"{checkpoint.path}: its recorded arguments do not parse: {error}") from None
-    refuse_unknown(given, options, options["kind"], str(options["data"]))  # what a fresh run of its kind refuses
-    for key, value in given.items():
-        if key in RESUME_MAY_CHANGE or key in RESUME_LENGTH:
-            continue
-        if value != options.get(key):
-            raise ValueError(
-                f"{flag(key)} {_shown(value)} differs from the resumed run's {_shown(options.get(key))}; leave it out"
-            )
-    if given.get("out") is not None and Path(given["out"]) != resume:
-        raise ValueError(f"--out {given['out']} differs from --resume {resume}; a resumed run writes to its folder")
-    for key in (*RESUME_MAY_CHANGE, *RESUME_LENGTH):
-        if key in given:
-            options[key] = given[key]
-    every = recorded.get("checkpoint_every")
-    options["checkpoint_every"] = given.get("checkpoint_every") or (every if type(every) is int and every > 0 else 0)
-    return options | {"out": resume, "resume": resume}
 
 
 def _require_matplotlib(why: str, otherwise: str = "") -> None:
@@ -117,12 +63,15 @@ def preflight(options: dict[str, object], out: Path) -> None:
     kind = options["kind"]
     if options.get("resume") is None:
         check_output_folder(out, force=bool(options.get("force")), kind=kind)
+    if is_data_file(str(options["data"])):  # read and checked now: a bad row is refused before any training
+        options["prepared"] = cli_data.prepare_run(options)
     if kind == "gmm":
+        n_train, rows = cli_data.row_counts(options)
         biggest = max(options["components"])
-        if biggest > options["n_train"]:
-            raise ValueError(f"--components {biggest} exceeds the {options['n_train']} training points (--n-train): "
+        if biggest > n_train:
+            sizes = "--n-train" if options.get("prepared") is None else "the data file's training split"
+            raise ValueError(f"--components {biggest} exceeds the {n_train} training points ({sizes}): "
                              "a component needs data to fit")
-        rows = options["n_train"] + options["n_val"] + options["n_test"]
         check_memory(8 * rows * (2 + 3 * biggest), "EM on these rows and components", "--n-train/--components")
         check_writable(out, 65536 + 64 * biggest)
         return
@@ -135,10 +84,13 @@ def preflight(options: dict[str, object], out: Path) -> None:
         dim, layers = IMAGE_DIMS[str(options["data"])], 8
         _require_matplotlib("an image run (it draws samples.png, reconstructions.png, interpolations.png)")
     else:
-        dim, layers = 2, int(options["layers"])
-        rows = options["n_train"] + options["n_val"] + options["n_test"]
+        prepared, (_, rows) = options.get("prepared"), cli_data.row_counts(options)
+        dim, layers = (2 if prepared is None else prepared.splits.train.shape[1]), int(options["layers"])
+        if dim < 2:
+            raise ValueError(f"{options['data']} has one column: a coupling flow needs at least 2 (its layers "
+                             "transform one part of the coordinates given the other); --model gmm fits one column")
         check_memory(3 * 8 * dim * rows, f"the data ({rows} rows)", "--n-train/--n-val/--n-test")
-        if options["plots"]:
+        if options["plots"] and dim == 2:
             _require_matplotlib("drawing density.png and samples.png", ", or pass --no-plots")
     n_params = coupling_parameters(dim, layers, hidden)
     needed = training_bytes(n_params, itemsize, int(options["batch_size"]), hidden, layers)
@@ -163,7 +115,7 @@ def train(args: argparse.Namespace) -> int:
     given = _given(args)
     options = resumed_options(given) if given.get("resume") is not None else resolve_train(given)
     name = image_model_name(str(options["model"]), options.get("net"))  # the model, or realnvp_resnet
-    out = Path(options["out"] or Path("runs") / f"{options['data']}-{name}")
+    out = Path(options["out"] or Path("runs") / f"{cli_data.run_name(str(options['data']))}-{name}")
     options["out"] = out
     preflight(options, out)
     with writer_lock(out):  # a second nflow train into this folder meanwhile is refused, naming this process
@@ -174,6 +126,11 @@ def _run(options: dict[str, object], out: Path, threads: int | None) -> int:
     """The toy, image or mixture run of :func:`train`, once its options and folder are checked."""
     record = provenance(options.get("dtype", "float64"), threads)
     print(f"nflow: {describe(record)}", flush=True)
+    if options.get("prepared") is not None:
+        print(cli_data.describe_data(options["prepared"], int(options["seed"])), flush=True)
+        cli_data.warn_constant(options["prepared"])
+        if options["kind"] != "gmm":  # a mixture is fitted and saved in float64
+            cli_data.warn_resolution(options["prepared"], str(options["dtype"]))
     if options["kind"] == "gmm":
         from nflow_np.vi_cli import run_gmm_command
 
@@ -187,7 +144,8 @@ def _run(options: dict[str, object], out: Path, threads: int | None) -> int:
     from nflow_np.density import describe as describe_run
     from nflow_np.density import train_density
 
-    arguments = {key: options[key] for key in TRAIN_DEFAULTS if key in options} | {"threads": threads}
+    recorded = (*TRAIN_DEFAULTS, *FILE_DEFAULTS)
+    arguments = {key: options[key] for key in recorded if key in options} | {"threads": threads}
     options["arguments"] = json_ready(arguments | {"given": options["given"]})
     options["threads"] = threads
     summary = train_density(options, out, comm)
@@ -284,34 +242,51 @@ def _load_mixture(folder: Path) -> tuple[object, dict]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """``nflow eval DIR``: the test NLL of a saved flow, image model or mixture."""
-    from nflow_np.data import load_toy
-
-    _require_model(args.model_dir)
-    if _is_mixture(args.model_dir):
-        gmm, summary = _load_mixture(args.model_dir)
-        data = args.data or summary.get("data")
-        if not isinstance(data, str):
-            raise ValueError(f"{args.model_dir} records no data set; pass --data")
-        seed = summary.get("seed", 0) if args.seed is None else args.seed  # folders from before seed was recorded: 0
-        n_test = args.n_test or summary.get("n_test", TRAIN_DEFAULTS["n_test"])
-        splits = load_toy(data, n_train=1, n_val=1, n_test=n_test, seed=seed)
-        print(f"test NLL {gmm.nll(splits.test):.4f} nats on {data} ({n_test} points, seed {seed})")
-        return 0
-    metadata = read_config(args.model_dir)["metadata"]
-    if "image_shape" in metadata:
-        return _evaluate_images(args, metadata)
+    """``nflow eval DIR``: the test NLL of a saved flow, image model or mixture; with ``--data FILE`` the NLL of
+    every row of FILE, in its units (:mod:`nflow_np.cli_data`); ``--out`` also writes ``log p`` per row."""
     from nflow_np.train import evaluate_nll
 
-    data = args.data or metadata.get("data")
-    if data is None:
-        raise ValueError(f"{args.model_dir} records no data set; pass --data")
-    seed = metadata.get("seed", 0) if args.seed is None else args.seed
-    n_test = args.n_test or metadata.get("n_test", TRAIN_DEFAULTS["n_test"])
-    model = load_model(args.model_dir).to_device()
-    # the test split has its own random stream, so one training point is enough to get it unchanged
-    splits = load_toy(data, n_train=1, n_val=1, n_test=n_test, seed=seed, dtype=model.dtype or np.float64)
-    print(f"test NLL {evaluate_nll(model, splits.test):.4f} nats on {data} ({n_test} points, seed {seed})")
+    if args.out is not None and args.out.suffix not in (".npy", ".csv"):
+        raise ValueError(f"--out must end in .npy or .csv, got {str(args.out)!r}")
+    _require_model(args.model_dir)
+    if _is_mixture(args.model_dir):
+        mixture, record = _load_mixture(args.model_dir)
+        dim = mixture.means.shape[1]  # a mixture is saved in the data's own units
+    else:
+        config = read_config(args.model_dir)
+        record, mixture = config["metadata"], None
+        if "image_shape" in record:
+            return _evaluate_images(args, record)
+        dim = config["dim"]
+        model = load_model(args.model_dir).to_device()  # a model trained on a file: of its rows, in its units
+    data_file = args.data is not None and is_data_file(args.data)
+    cli_data.refuse_split_options(args, data_file or (args.data is None and "data_file" in record))
+    if data_file:
+        x, label = cli_data.file_rows(args.data, dim, args.model_dir)
+    elif args.data is None and "data_file" in record:
+        x, label = cli_data.recorded_test_split(record["data_file"], record.get("seed", 0), args.model_dir)
+    else:
+        from nflow_np.data import load_toy
+
+        data = args.data or record.get("data")
+        if not isinstance(data, str):
+            raise ValueError(f"{args.model_dir} records no data set; pass --data")
+        seed = record.get("seed", 0) if args.seed is None else args.seed  # folders from before seed was recorded: 0
+        n_test = args.n_test or record.get("n_test", TRAIN_DEFAULTS["n_test"])
+        # the test split has its own random stream, so one training point is enough to get it unchanged
+        dtype = np.float64 if mixture is not None else model.dtype or np.float64
+        x = load_toy(data, n_train=1, n_val=1, n_test=n_test, seed=seed, dtype=dtype).test
+        label = f"{data} ({n_test} points, seed {seed})"
+    if mixture is not None:
+        nll, log_p = mixture.nll(x), (mixture.log_prob(x) if args.out else None)
+    else:
+        x = cli_data.model_rows(x, model.dtype or np.float64, label)
+        nll = evaluate_nll(model, x)
+        log_p = cli_data.log_density(model, x) if args.out else None
+    print(f"{'NLL' if data_file else 'test NLL'} {nll:.4f} nats on {label}")
+    if args.out is not None:
+        cli_data.write_rows(args.out, log_p, header="log_p")
+        print(f"wrote log p(x) of {len(log_p)} rows to {args.out}")
     return 0
 
 
@@ -320,8 +295,9 @@ def _evaluate_images(args: argparse.Namespace, metadata: dict) -> int:
     from nflow_np.data.images import load_images
     from nflow_np.image_models import load_image_model
 
-    if args.data is not None or args.n_test is not None:
-        raise ValueError("--data and --n-test apply to toy models; an image model is evaluated on its own test split")
+    if args.data is not None or args.n_test is not None or args.out is not None:
+        raise ValueError("--data, --n-test and --out apply to toy models and data files; an image model is evaluated "
+                         "on its own test split")
     seed = metadata.get("seed", 0) if args.seed is None else args.seed
     model = load_image_model(args.model_dir)
     splits = load_images(metadata["data"], seed=seed, dtype=model.dtype)
@@ -355,13 +331,15 @@ def sample(args: argparse.Namespace) -> int:
             raise ValueError("--temperature applies to flow models; a mixture's samples are drawn as fitted")
         if out.suffix == ".png":
             raise ValueError(f"--out {out.name}: a PNG grid is for image models; {args.model_dir} holds rows")
-        gmm, _ = _load_mixture(args.model_dir)
+        gmm, record = _load_mixture(args.model_dir)
         _check_sample_size(args.n, gmm.means.shape[1], 8, gmm.means.shape[1], out)
         x = gmm.sample(args.n, np.random.default_rng(args.seed))
     else:
         from nflow_np.image_models import load_image_model
 
-        images = "image_shape" in read_config(args.model_dir)["metadata"]  # written by nflow train --data digits|mnist
+        config = read_config(args.model_dir)
+        record = config["metadata"]
+        images = "image_shape" in record  # written by nflow train --data digits|mnist
         if out.suffix == ".png" and not images:
             raise ValueError(f"--out {out.name}: a PNG grid is for image models; {args.model_dir} holds rows "
                              "(.npy, .csv)")
@@ -369,7 +347,7 @@ def sample(args: argparse.Namespace) -> int:
         widest = max((value.shape[-1] for value in model.state_dict().values() if value.ndim), default=1)
         _check_sample_size(args.n, model.dim, np.dtype(model.dtype).itemsize, widest, out)
         # an image model's samples are (N, C, H, W) integer levels; a toy model's (N, D) rows
-        x = model.sample(args.n, np.random.default_rng(args.seed), temperature=temperature)
+        x = model.sample(args.n, np.random.default_rng(args.seed), temperature=temperature)  # a file's units
         if out.suffix == ".png":
             _require_matplotlib("a PNG grid")
             from nflow_np.image_plots import save_grid
@@ -379,17 +357,6 @@ def sample(args: argparse.Namespace) -> int:
                 atomic_write(out, drawn.read_bytes())
             print(f"wrote a grid of {args.n} samples to {out}")
             return 0
-    if out.suffix == ".npy":
-        buffer = io.BytesIO()
-        np.save(buffer, x)
-        content = buffer.getvalue()
-    else:
-        rows = x.reshape(x.shape[0], -1)  # a CSV row per sample: images flattened in C order
-        text = io.StringIO()
-        digits = 17 if rows.dtype == np.float64 else 9  # enough to read back the exact value
-        header = ",".join(f"x{j}" for j in range(rows.shape[1]))
-        np.savetxt(text, rows, fmt=f"%.{digits}g", delimiter=",", header=header, comments="")
-        content = text.getvalue().encode("utf-8")
-    atomic_write(out, content)
+    cli_data.write_rows(out, x, cli_data.column_header(record, x.shape[-1]))  # a data file's own column names
     print(f"wrote {args.n} samples to {out}")
     return 0

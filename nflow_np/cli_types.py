@@ -36,3 +36,14 @@ def positive_ints(example: str, noun: str = "integers") -> Callable[[str], tuple
         return values
 
     return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1 (a share of rows, ``--val-fraction``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0 < value < 1:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (both excluded), got {text!r}")
+    return value

@@ -1,9 +1,12 @@
-"""Density estimation on toy data, end to end: the run behind ``nflow train`` for a flow on 2-D data.
+"""Density estimation on toy data or a data file, end to end: the run behind ``nflow train`` for a flow.
 
-Data (:func:`~nflow_np.data.load_toy`), model (:func:`~nflow_np.architectures.build_model`), fitting
-(:func:`~nflow_np.train.fit`), metrics, the model folder (:func:`~nflow_np.io.save_model`),
-``summary.json`` (with the provenance of :mod:`nflow_np.provenance`) and the density plots. The
-command line only parses and checks options; :func:`train_density` takes them as one dict.
+Data (:func:`~nflow_np.data.load_toy`, or a user's file made ready by
+:func:`~nflow_np.data.prepare.prepare_data`), model (:func:`~nflow_np.architectures.build_model`), fitting
+(:func:`~nflow_np.train.fit`), metrics, and the folder: ``model.safetensors`` + ``model.json``,
+``summary.json`` (with the provenance of :mod:`nflow_np.provenance` and the weights' SHA-256) and the
+density plots, all published in one atomic step (:func:`~nflow_np.io.publish_model_files`), so a kill at
+any instant leaves the previous run's files together or the new run's, never a mixture. The command line
+only parses and checks options; :func:`train_density` takes them as one dict.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,8 +26,9 @@ import numpy as np
 from nflow_np import backend, distributed
 from nflow_np.architectures import build_model
 from nflow_np.data import load_toy
-from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, atomic_write, save_model
-from nflow_np.model import FlowModel
+from nflow_np.data.files import DataSplits
+from nflow_np.io import CONFIG_FILE, WEIGHTS_FILE, model_file_bytes, publish_model_files, weights_sha256
+from nflow_np.model import FlowModel, with_standardization
 from nflow_np.optim import Adam
 from nflow_np.provenance import provenance
 from nflow_np.train import TrainResult, evaluate_nll, fit, train_step
@@ -32,6 +37,13 @@ from nflow_np.validation import NonFiniteError
 INVERT_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
 """``--memory invert`` without ``--anchor-every``: anchors chosen for this reconstruction error (docs/memory.md)."""
 CHECKPOINT_DIR = "checkpoints"  # under the run's output folder
+PLOTS = ("density.png", "samples.png")
+"""The pictures of a 2-D run; a run that draws none drops an earlier run's (they showed another model)."""
+NLL_UNIT_OF_A_FILE = (
+    "nats per row, in the data file's units: train/val/test are the saved model (Standardize ∘ flow) on the "
+    "file's rows; history is the NLL of the standardised rows the optimizer saw + Σ_j log std_j"
+)
+"""``summary.json``'s ``nll_unit`` for a run on a data file (``docs/data.md``)."""
 REPLACED_CHECKPOINTS = ".replaced-checkpoints"
 """Where ``--force`` moves an earlier run's checkpoints until the new model is published (then they go)."""
 
@@ -135,7 +147,12 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
     ----------
     options : dict
         The keys of :data:`nflow_np.cli_options.TRAIN_DEFAULTS`, plus ``arguments`` (the JSON-ready
-        record of the run kept in checkpoints and ``summary.json``).
+        record of the run kept in checkpoints and ``summary.json``). With ``prepared`` (a
+        :class:`~nflow_np.data.prepare.PreparedData`) the flow trains on its standardised splits instead of
+        a toy data set (``n_train``/``n_val``/``n_test`` unused); the model saved is ``Standardize ∘ flow``
+        (:func:`~nflow_np.model.with_standardization`), a model of the file's rows in its units; the folder
+        records the standardisation and the file, and the NLLs in ``summary.json`` (history included) and the
+        plots are in the file's units (``docs/data.md``).
     out : pathlib.Path
         The run's folder: ``model.safetensors`` + ``model.json``, ``summary.json``, ``density.png`` and
         ``samples.png`` (2-D data, unless ``plots`` is off), ``checkpoints/`` if asked for.
@@ -155,10 +172,14 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         Training diverged (the message names the last good checkpoint).
     """
     dtype = options["dtype"]
-    splits = load_toy(
-        options["data"], n_train=options["n_train"], n_val=options["n_val"], n_test=options["n_test"],
-        seed=options["seed"], dtype=dtype,
-    )
+    prepared = options.get("prepared")
+    if prepared is None:
+        splits = load_toy(
+            options["data"], n_train=options["n_train"], n_val=options["n_val"], n_test=options["n_test"],
+            seed=options["seed"], dtype=dtype,
+        )
+    else:
+        splits = prepared.splits
     model = build_model(
         options["model"], splits.train.shape[1], layers=options["layers"], hidden=options["hidden"],
         activation=options["activation"], dtype=dtype, seed=options["seed"],
@@ -173,10 +194,24 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         result = _fit(options, out, model, splits.train, splits.val, comm)
     for warning in caught:
         print(f"nflow train: warning: {warning.message}", file=sys.stderr)
-    nll = {"train": _nll(model, splits.train, comm), "val": result.best_val_nll, "test": _nll(model, splits.test, comm)}
+    if prepared is None:
+        saved, scored, history = model, splits, result.history
+        nll = {"train": _nll(model, splits.train, comm), "val": result.best_val_nll}
+    else:  # the model saved is Standardize ∘ flow: a model of the file's rows, in its units (docs/data.md)
+        units = prepared.standardization
+        saved = with_standardization(model, units.mean, units.std)
+        raw = prepared.raw
+        scored = DataSplits(*(None if x is None else x.astype(dtype) for x in (raw.train, raw.val, raw.test)))
+        history = in_file_units(result.history, -units.log_abs_det)
+        nll = {"train": _nll(saved, scored.train, comm),
+               "val": None if scored.val is None else _nll(saved, scored.val, comm)}
+    nll["test"] = _nll(saved, scored.test, comm)  # nflow eval DIR scores these rows with this model, bit for bit
     arguments = options["arguments"]
     metadata = {"data": options["data"], "model": options["model"], "seed": options["seed"],
-                "n_test": options["n_test"]}
+                "n_test": int(splits.test.shape[0])}
+    if prepared is not None:
+        metadata |= {"standardization": prepared.standardization.to_json(), "data_file": prepared.source}
+    model_files = model_file_bytes(saved, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
     summary = {
         "data": options["data"],
         "model": options["model"],
@@ -199,25 +234,53 @@ def train_density(options: dict, out: Path, comm: object = None) -> dict:
         "skipped_batches": result.skipped_batches,
         "resumed_from": result.resumed_from,
         "checkpoint": result.checkpoint,
-        "history": result.history,
+        "history": history,
+        "model_sha256": weights_sha256(model_files),  # the model.safetensors this summary belongs to
     }
+    if prepared is not None:
+        summary |= {"nll_unit": NLL_UNIT_OF_A_FILE, "data_file": prepared.source,
+                    "standardization": units.to_json() | {"sum_log_std": -units.log_abs_det}}
     files = [WEIGHTS_FILE, CONFIG_FILE, "summary.json"]
     plot = model.dim == 2 and options["plots"]
     if plot:
-        files += ["density.png", "samples.png"]
+        files += list(PLOTS)
 
-    def publish() -> None:
-        save_model(model, out, json_ready(metadata | {"test_nll": nll["test"], "arguments": arguments}))
+    def publish() -> None:  # model, summary and plots: one folder, one atomic step
+        extra = {"summary.json": (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8")}
+        if plot:  # in the data's units: a data file's rows and the saved model of them
+            extra |= _draw_plots(saved, scored.test, options["seed"], None if prepared is None else prepared.source)
+        publish_model_files(out, model_files, extra, drop=() if plot else PLOTS)
         remove_replaced(out)
-        atomic_write(out / "summary.json", (json.dumps(json_ready(summary), indent=2) + "\n").encode("utf-8"))
-        if plot:
-            from nflow_np import plots  # matplotlib is only imported when there is something to draw
-
-            plots.plot_density(model, splits.test, out / "density.png")
-            plots.plot_samples(model, splits.test, out / "samples.png", seed=options["seed"])
 
     distributed.on_root(comm, publish)  # rank 0 writes; an error there is raised on every rank
     return summary | {"files": files}
+
+
+def in_file_units(history: list[dict], sum_log_std: float) -> list[dict]:
+    """A run's history with its NLLs in a data file's units: ``NLL_x = NLL_u + Σ_j log σ_j`` (``docs/data.md``).
+
+    The optimizer saw the standardised rows ``u``; the term is the same for every row and every parameter
+    value, so it moves the curve and not its shape. The entries are copies (the run's own are left as they are).
+    """
+    return [entry | {key: entry[key] + sum_log_std for key in ("train_nll", "val_nll") if entry.get(key) is not None}
+            for entry in history]
+
+
+def _draw_plots(model: FlowModel, data: np.ndarray, seed: int, data_file: dict | None = None) -> dict[str, bytes]:
+    """``density.png`` and ``samples.png`` as bytes, drawn in a scratch folder (published with the model).
+
+    For a data file (its record ``data_file``) the axes are its columns, named from its header where it has
+    one, each in its own units (no equal aspect: the two columns may measure different things)."""
+    from nflow_np import plots  # matplotlib is only imported when there is something to draw
+
+    style = {}
+    if data_file is not None:
+        columns = data_file.get("columns") or ["column 0", "column 1"]
+        style = {"labels": (columns[0], columns[1]), "equal_aspect": False}
+    with tempfile.TemporaryDirectory(prefix="nflow-plots-") as scratch:
+        plots.plot_density(model, data, Path(scratch) / "density.png", **style)
+        plots.plot_samples(model, data, Path(scratch) / "samples.png", seed=seed, **style)
+        return {name: (Path(scratch) / name).read_bytes() for name in PLOTS}
 
 
 def describe(summary: dict) -> str:
@@ -227,8 +290,9 @@ def describe(summary: dict) -> str:
         stopped += ", stopped by the time limit"
     if summary["skipped_batches"]:
         stopped += f", skipped {summary['skipped_batches']} non-finite batches"
+    data = Path(summary["data_file"]["path"]).name if "data_file" in summary else summary["data"]
     return (
-        f"{summary['data']} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
+        f"{data} / {summary['model']}: test NLL {summary['test_nll']:.4f} nats (train "
         f"{summary['train_nll']:.4f}, val {summary['val_nll']:.4f}); best epoch {summary['best_epoch']} of "
         f"{summary['epochs_run']}{stopped}; {summary['steps']} steps in {summary['train_seconds']:.1f} s"
     )

@@ -146,6 +146,18 @@ class GaussianMixture:
         mixture.weights, mixture.means, mixture.covariances = weights, means, covariances
         return mixture
 
+    def rescaled(self, shift: np.ndarray, scale: np.ndarray) -> GaussianMixture:
+        """The mixture of ``x = shift + scale ⊙ u`` for ``u`` drawn from this one (a data file's units).
+
+        An affine map of a Gaussian is Gaussian: ``μ_k ↦ shift + scale ⊙ μ_k``, ``Σ_k ↦ S Σ_k S`` with
+        ``S = diag(scale)``, weights unchanged, so ``log p_X(x) = log p_U(u) − Σ_j log scale_j`` exactly
+        (``docs/data.md``). ``shift, scale: (D,)``, ``scale > 0``.
+        """
+        self._check_fitted()
+        shift, scale = np.asarray(shift, dtype=np.float64), np.asarray(scale, dtype=np.float64)
+        covariances = self.covariances * scale[:, None] * scale[None, :]  # (S Σ S)_ij = s_i Σ_ij s_j
+        return type(self).from_parameters(self.weights, shift + scale * self.means, covariances)
+
     def save(self, directory: str | os.PathLike, summary: dict | None = None) -> Path:
         """Publish ``gmm.npz`` and ``summary.json`` in ``directory`` in one atomic step (other files kept).
 

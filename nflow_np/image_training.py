@@ -8,12 +8,14 @@ when there is one, and ends the run between epochs when the next one would not f
 budget (``time_limit``); ``fit`` keeps the parameters with the best validation NLL, and writes the
 checkpoints a run can be resumed from bit for bit (every ``checkpoint_every`` epochs; the time
 spent is in them, so a resumed run gets what is left of the budget). NICE's final rescaling starts
-from a data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`).
+from a data-dependent value (:func:`~nflow_np.image_models.initialize_rescale`). The model files,
+``summary.json`` and the pictures are published as one folder in one atomic step.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,6 +29,8 @@ from nflow_np.image_models import ImageFlowModel, build_nice, build_realnvp, bui
 from nflow_np.optim import Adam
 from nflow_np.train import cosine_lr, fit
 
+PICTURES = ("samples.png", "reconstructions.png", "interpolations.png")
+"""What an image run draws; published with the model and its summary in one step."""
 IMAGE_RECIPES: dict[tuple[str, str], dict] = {
     # digits: 1,347 training images overfit within ~20-80 epochs; early stopping on the 150
     # validation images (patience 30) and small nets with weight decay regularise
@@ -277,7 +281,7 @@ def train_image_model(
         the same for train and validation, training time and history, the settings used.
     """
     from nflow_np import image_plots
-    from nflow_np.io import atomic_write, save_model
+    from nflow_np.io import model_file_bytes, publish_model_files, weights_sha256
 
     recipe = dict(IMAGE_RECIPES[(data, model_name)])
     unknown = sorted(set(overrides) - set(recipe))
@@ -329,13 +333,7 @@ def train_image_model(
         "test": metrics["test"],
     }
 
-    def pictures() -> None:
-        save_model(model, out, metadata)
-        image_plots.plot_samples(model, out / "samples.png", seed=seed)
-        image_plots.plot_reconstructions(model, splits.test, out / "reconstructions.png")
-        image_plots.plot_interpolations(model, splits.test, out / "interpolations.png")
-
-    distributed.on_root(comm, pictures)
+    model_files = model_file_bytes(model, metadata)
     summary = {
         "data": data,
         "model": model_name,
@@ -347,7 +345,16 @@ def train_image_model(
         "splits": {name: int(getattr(splits, name).shape[0]) for name in ("train", "val", "test")},
         "nll_unit": "nats per image on the scale of integer levels (-log p(x + u))",
         **{f"{name}_{key}": value for name, m in metrics.items() for key, value in m.items()},
-    } | run | (record or {})
+    } | run | (record or {}) | {"model_sha256": weights_sha256(model_files)}
     text = json.dumps(summary, indent=2, default=float, allow_nan=False)
-    distributed.on_root(comm, lambda: atomic_write(out / "summary.json", (text + "\n").encode("utf-8")))
+
+    def publish() -> None:  # the model, its summary and its pictures: one folder, one atomic step
+        with tempfile.TemporaryDirectory(prefix="nflow-pictures-") as scratch:
+            image_plots.plot_samples(model, Path(scratch) / "samples.png", seed=seed)
+            image_plots.plot_reconstructions(model, splits.test, Path(scratch) / "reconstructions.png")
+            image_plots.plot_interpolations(model, splits.test, Path(scratch) / "interpolations.png")
+            pictures = {name: (Path(scratch) / name).read_bytes() for name in PICTURES}
+        publish_model_files(out, model_files, {"summary.json": (text + "\n").encode("utf-8"), **pictures})
+
+    distributed.on_root(comm, publish)
     return summary

@@ -27,8 +27,10 @@ from nflow_np.files.model_files import (
     load_model,
     model_file_bytes,
     model_from_description,
+    publish_model_files,
     read_config,
     save_model,
+    weights_sha256,
 )
 from nflow_np.files.safe import (
     ARCHIVE_ERRORS,
@@ -76,6 +78,7 @@ __all__ = [
     "model_from_description",
     "parse_json",
     "publish_folder",
+    "publish_model_files",
     "read_arrays",
     "read_tensors",
     "read_config",
@@ -83,4 +86,5 @@ __all__ = [
     "register_flow",
     "remove_leftovers",
     "save_model",
+    "weights_sha256",
 ]

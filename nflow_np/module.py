@@ -214,9 +214,9 @@ class Module:
 
     @property
     def array_module(self) -> ModuleType | None:
-        """The array module (``xp``) holding the parameters: ``numpy`` or a device module such as
-        ``cupy``; ``None`` for a module without any."""
-        for _, value, _ in self.named_parameters():
+        """The array module (``xp``) holding the parameters (or the buffers): ``numpy`` or a device module
+        such as ``cupy``; ``None`` for a module without either."""
+        for _, value in self.named_state():
             return backend.array_module(value)
         return None
 
@@ -248,8 +248,9 @@ class Module:
 
     @property
     def dtype(self) -> np.dtype | None:
-        """The dtype of the parameters, or ``None`` for a module without any."""
-        for _, value, _ in self.named_parameters():
+        """The dtype of the parameters (of the buffers for a module with buffers alone), or ``None`` for a
+        module without either."""
+        for _, value in self.named_state():
             return value.dtype
         return None
 
@@ -275,8 +276,19 @@ class Module:
                 raise ValueError(f"parameter {name!r}: shape {new.shape} in state, {value.shape} in module")
             if new.dtype.kind != "f":
                 raise TypeError(f"parameter {name!r}: dtype {new.dtype} in state is not floating point")
+        for module, prefix in self._named_modules():
+            module.check_state({name: state[prefix + name] for name in (*module.params, *module.buffers)}, prefix)
         for name, value in own.items():
             value[...] = _move(state[name], backend.array_module(value))
+
+    def check_state(self, state: dict[str, np.ndarray], prefix: str = "") -> None:
+        """Refuse values this module's arrays may not hold; :meth:`load_state_dict` calls it before writing.
+
+        ``state`` maps this module's own names (not qualified) to the arrays about to be loaded, shapes
+        already checked; ``prefix`` is the qualified path, for messages. Nothing is refused here: a module
+        whose arrays must satisfy more than a shape (a scale that must stay positive) overrides it and
+        raises ``ValueError`` naming the entry.
+        """
 
     def astype(self, dtype: object) -> Module:
         """Convert every parameter and gradient to ``dtype`` (float32/float64), in place; return self."""

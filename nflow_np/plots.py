@@ -49,22 +49,23 @@ def _resolve_bounds(data: np.ndarray, bounds: Bounds | None) -> Bounds:
     return bounds
 
 
-def _new_figure(bounds: Bounds) -> tuple[Figure, list]:
-    """Two side-by-side panels of width 5 in, as high as the equal-aspect ``bounds`` need."""
+def _new_figure(bounds: Bounds, equal_aspect: bool = True) -> tuple[Figure, list]:
+    """Two side-by-side panels of width 5 in, as high as the equal-aspect ``bounds`` need (square otherwise)."""
     (x0, x1), (y0, y1) = bounds
-    height = min(max(5 * (y1 - y0) / (x1 - x0), 2.5), 8.0) + 0.6
+    height = (min(max(5 * (y1 - y0) / (x1 - x0), 2.5), 8.0) if equal_aspect else 4.4) + 0.6
     figure = Figure(figsize=(10, height), layout="constrained")
     FigureCanvasAgg(figure)
     return figure, list(figure.subplots(1, 2))
 
 
-def _frame(axes: object, bounds: Bounds, title: str) -> None:
+def _frame(axes: object, bounds: Bounds, title: str, labels: tuple[str, str] | None, equal_aspect: bool) -> None:
     axes.set_xlim(bounds[0])
     axes.set_ylim(bounds[1])
-    axes.set_aspect("equal")
+    axes.set_aspect("equal" if equal_aspect else "auto")
     axes.set_title(title)
-    axes.set_xlabel("x₁")
-    axes.set_ylabel("x₂")
+    x_label, y_label = ("x₁", "x₂") if labels is None else labels
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
 
 
 def plot_density(
@@ -74,6 +75,8 @@ def plot_density(
     *,
     bounds: Bounds | None = None,
     grid: int = 200,
+    labels: tuple[str, str] | None = None,
+    equal_aspect: bool = True,
 ) -> Path:
     """Save the data as a 2-D histogram (left) beside the model density ``exp(log p(x))`` (right).
 
@@ -88,6 +91,10 @@ def plot_density(
         Region shown in both panels; default :func:`default_bounds` of ``data``.
     grid : int
         The density is evaluated on a ``grid × grid`` lattice.
+    labels : (str, str), optional
+        The axes' names (default ``x₁``, ``x₂``): a data file's column names.
+    equal_aspect : bool
+        One unit the same length on both axes; ``False`` for coordinates in different units.
 
     Returns
     -------
@@ -102,13 +109,13 @@ def plot_density(
     points = np.stack([xs.ravel(), ys.ravel()], axis=1).astype(model.dtype or np.float64)
     density = np.exp(model.log_prob(points)).reshape(grid, grid)
 
-    figure, (left, right) = _new_figure(bounds)
+    figure, (left, right) = _new_figure(bounds, equal_aspect)
     bins = max(grid // 2, 2)
     *_, counts = left.hist2d(data[:, 0], data[:, 1], bins=bins, range=bounds, cmap="viridis")
-    _frame(left, bounds, f"data ({data.shape[0]} points)")
+    _frame(left, bounds, f"data ({data.shape[0]} points)", labels, equal_aspect)
     figure.colorbar(counts, ax=left, label="points per bin", shrink=0.8)
     shown = right.imshow(density, origin="lower", extent=(x0, x1, y0, y1), cmap="viridis", interpolation="nearest")
-    _frame(right, bounds, "model density p(x)")
+    _frame(right, bounds, "model density p(x)", labels, equal_aspect)
     figure.colorbar(shown, ax=right, label="p(x)", shrink=0.8)
     figure.savefig(path, dpi=100)
     return Path(path)
@@ -123,6 +130,8 @@ def plot_samples(
     seed: int = 0,
     temperature: float = 1.0,
     bounds: Bounds | None = None,
+    labels: tuple[str, str] | None = None,
+    equal_aspect: bool = True,
 ) -> Path:
     """Save up to ``n`` data points (left) beside ``n`` model samples (right), on the same axes.
 
@@ -141,6 +150,8 @@ def plot_samples(
         Passed to :meth:`FlowModel.sample`.
     bounds : ((x_min, x_max), (y_min, y_max)), optional
         Region shown in both panels; default :func:`default_bounds` of ``data``.
+    labels, equal_aspect
+        As for :func:`plot_density`.
 
     Returns
     -------
@@ -151,11 +162,11 @@ def plot_samples(
     samples = model.sample(n, np.random.default_rng(seed), temperature=temperature)
     bounds = _resolve_bounds(data, bounds)
 
-    figure, (left, right) = _new_figure(bounds)
+    figure, (left, right) = _new_figure(bounds, equal_aspect)
     shown = data[:n]
     left.scatter(shown[:, 0], shown[:, 1], s=2, alpha=0.5)
-    _frame(left, bounds, f"data ({shown.shape[0]} points)")
+    _frame(left, bounds, f"data ({shown.shape[0]} points)", labels, equal_aspect)
     right.scatter(samples[:, 0], samples[:, 1], s=2, alpha=0.5, color="tab:orange")
-    _frame(right, bounds, f"model samples ({n}, T = {temperature:g})")
+    _frame(right, bounds, f"model samples ({n}, T = {temperature:g})", labels, equal_aspect)
     figure.savefig(path, dpi=100)
     return Path(path)

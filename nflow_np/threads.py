@@ -13,8 +13,13 @@ operation      BLAS         Numba         why
 ``train``      ``n``        1             the step is GEMMs; its law calls are below the kernels'
                                           parallel threshold at training batch sizes, so a Numba
                                           pool would only spin on the cores the GEMMs need
-``log_prob``   ``n``        ``n``         batch 8192: the laws run over ``N·D₂ ≥ 2¹⁶`` elements, in
-``sample``                                parallel, between GEMMs that use every core
+``log_prob``   ``n``        1             measured: with both pools at ``n`` they fight over the
+``sample``                                second core (each parks a spinning worker there after its
+                                          own work), and ``log_prob`` at batch 8,192 took 114 ms
+                                          against 64 ms with Numba on one thread (Intel Xeon
+                                          Sapphire Rapids, 2 cores, float32; ``python -m benchmarks
+                                          --sections threads --threads 2``); the laws are a small
+                                          share of the time once a batch is passed in blocks
 =============  ===========  ============  ==========================================================
 
 ``n`` is what the user gives (:func:`set_num_threads`, ``nflow --threads``) or, by default, the
@@ -45,7 +50,7 @@ from pathlib import Path
 from nflow_np import fpmode
 
 OPERATIONS = ("train", "log_prob", "sample")
-PLAN: dict[str, tuple[str, str]] = {"train": ("n", "1"), "log_prob": ("n", "n"), "sample": ("n", "n")}
+PLAN: dict[str, tuple[str, str]] = {"train": ("n", "1"), "log_prob": ("n", "1"), "sample": ("n", "1")}
 """Per operation, ``(BLAS threads, Numba threads)``: ``"n"`` for the thread count, ``"1"`` for one (table above)."""
 PROBE_S = 0.05
 """The first default-thread decision samples the machine's load over this long (once per process)."""

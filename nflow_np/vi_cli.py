@@ -250,46 +250,59 @@ def run_gmm_command(args: argparse.Namespace) -> int:
     """``nflow train --model gmm``: EM for each ``--components`` value, keep the best on validation, report test NLL.
 
     Reads ``args.data, n_train, n_val, n_test, seed, out, components, reg_covar``; writes ``gmm.npz`` and
-    ``summary.json`` to ``args.out`` (default ``runs/<data>-gmm``).
+    ``summary.json`` to ``args.out`` (default ``runs/<data>-gmm``). With ``args.prepared`` (a data file,
+    :func:`~nflow_np.data.prepare.prepare_data`) EM runs on its standardised rows and the mixture is mapped
+    back to the file's units (:meth:`~nflow_np.gmm.GaussianMixture.rescaled`) before it is scored and saved.
     """
     from nflow_np.data import load_toy
     from nflow_np.gmm import ConvergenceWarning, GaussianMixture
 
-    splits = load_toy(args.data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    prepared = getattr(args, "prepared", None)
+    if prepared is None:
+        splits = fitted_on = load_toy(args.data, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test,
+                                      seed=args.seed)  # fmt: skip
+    else:
+        splits, fitted_on, units = prepared.raw, prepared.splits, prepared.standardization
+    name = Path(prepared.source["path"]).name if prepared is not None else args.data
     tried = []
     best = None
     for k in args.components:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            gmm = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(splits.train)
+            fitted = GaussianMixture(k, reg_covar=args.reg_covar, seed=args.seed).fit(fitted_on.train)
         for warning in caught:
             print(f"nflow train: warning: {warning.message}", file=sys.stderr)
+        gmm = fitted if prepared is None else fitted.rescaled(units.mean, units.std)  # in the data's units
         val = gmm.nll(splits.val)
-        tried.append({"components": k, "val_nll": val, "iterations": gmm.n_iter, "converged": gmm.converged})
-        print(f"{args.data} / gmm K={k}: val NLL {val:.4f} nats ({gmm.n_iter} EM iterations)")
+        tried.append({"components": k, "val_nll": val, "iterations": fitted.n_iter, "converged": fitted.converged})
+        print(f"{name} / gmm K={k}: val NLL {val:.4f} nats ({fitted.n_iter} EM iterations)")
         if best is None or val < best[1]:
-            best = (gmm, val)
-    gmm, val = best
+            best = (gmm, val, fitted)
+    gmm, val, fitted = best
     nll = {"train": gmm.nll(splits.train), "val": val, "test": gmm.nll(splits.test)}
     out = args.out or Path("runs") / f"{args.data}-gmm"
     summary = {
         "data": args.data,
         "model": "gmm",
         "seed": args.seed,
-        "n_test": args.n_test,
+        "n_test": int(splits.test.shape[0]),
         "components": gmm.n_components,
         "nll_unit": "nats",
         "train_nll": nll["train"],
         "val_nll": nll["val"],
         "test_nll": nll["test"],
-        "elbo_history": gmm.elbo_history,
+        "elbo_history": fitted.elbo_history,
         "tried": tried,
     }
+    if prepared is not None:  # EM ran on standardised rows; the mixture saved is in the file's units
+        summary |= {"data_file": prepared.source, "standardization": units.to_json(),
+                    "nll_unit": "nats per row, in the data file's units (EM on the standardised rows, mapped back; "
+                                "elbo_history is EM's own, per standardised row)"}
     if getattr(args, "provenance", None) is not None:  # nflow train: how the numbers were made
         summary |= {"provenance": args.provenance, "backend": args.provenance["backend"]}
     gmm.save(out, summary)  # gmm.npz and summary.json published together (nflow_np.files.gmm_files)
     print(
-        f"{args.data} / gmm: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, val {nll['val']:.4f}) "
+        f"{name} / gmm: test NLL {nll['test']:.4f} nats (train {nll['train']:.4f}, val {nll['val']:.4f}) "
         f"with K={gmm.n_components} components"
     )
     print(f"wrote gmm.npz, summary.json to {out}")

@@ -243,12 +243,13 @@ def input_errors(case: FlowCase, dim: int, n: int, seed: int, direction: str) ->
 
 
 def precision_mismatch_errors(case: FlowCase, dim: int, n: int, seed: int, direction: str) -> None:
-    """A flow with parameters refuses the other precision; one without takes either."""
+    """A flow with parameters or buffers (a dtype) refuses the other precision; one without takes either."""
     label = "x" if direction == "forward" else "z"
     flow64, rng = make(case, dim, seed, np.float64)
     x = case.sample(flow64, direction, 3, rng)
     flow32, _ = make(case, dim, seed, np.float32)
-    if flow64.num_parameters() == 0:
+    assert (flow64.dtype, flow32.dtype) in ((None, None), (np.float64, np.float32))
+    if flow64.dtype is None:
         assert call(flow64, direction, x.astype(np.float32))[0].dtype == np.float32
         assert call(flow32, direction, x)[0].dtype == np.float64
         return

@@ -33,7 +33,7 @@ from nflow_np import (
     Sequential,
 )
 from nflow_np.backend import available_backends
-from nflow_np.flows import Dequantize, FactorOut, Logit, Squeeze
+from nflow_np.flows import Dequantize, FactorOut, Logit, Squeeze, Standardize
 from nflow_np.flows.coupling import parity_mask
 from nflow_np.flows.normalization import ActNorm, BatchNorm
 from nflow_np.flows.preprocessing import Scale
@@ -129,6 +129,17 @@ def _affine_fixed_bound(dim: int, rng: np.random.Generator, dtype: object) -> Fl
 
 def _rescale(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
     return randomise(Rescale(dim, dtype=dtype), rng)
+
+
+def _standardize(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    """Fixed buffers (nothing to randomise): means far from 0, spreads on both sides of 1."""
+    return Standardize(rng.normal(0.0, 2.0, dim), rng.uniform(0.25, 4.0, dim), dtype=dtype)
+
+
+def _standardize_then_coupling(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
+    """The shape of a model trained on a data file: ``Standardize`` first, a coupling after it."""
+    coupling = randomise(AffineCoupling(dim, parity=0, hidden=HIDDEN, rng=rng, dtype=dtype), rng)
+    return Sequential([_standardize(dim, rng, dtype), coupling])
 
 
 def _permutation(dim: int, rng: np.random.Generator, dtype: object) -> Flow:
@@ -302,6 +313,8 @@ CASES: list[FlowCase] = [
     FlowCase("affine_coupling_user_net", _affine_user_net),
     FlowCase("affine_coupling_fixed_bound", _affine_fixed_bound),
     FlowCase("rescale", _rescale),
+    FlowCase("standardize", _standardize),
+    FlowCase("standardize_then_coupling", _standardize_then_coupling),
     FlowCase("permutation", _permutation),
     FlowCase("reverse", _reverse),
     FlowCase("sequential", _sequential),

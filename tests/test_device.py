@@ -31,6 +31,7 @@ from nflow_np.flows import (
     Rescale,
     Reverse,
     Sequential,
+    Standardize,
 )
 from nflow_np.flows.coupling_law import COUPLING_LAWS
 from nflow_np.flows.normalization import recalibrate
@@ -165,6 +166,7 @@ def test_image_models_train_on_the_device(fake_backend: object, kind: str) -> No
 def _every_layer() -> FlowModel:
     rng = np.random.default_rng(0)
     flows = [
+        Standardize([0.5, 0.25], [0.9, 0.5]),
         ActNorm(2),
         AffineCoupling(2, parity=0, hidden=(8,), rng=rng),
         Permutation.random(2, rng),
@@ -178,8 +180,8 @@ def _every_layer() -> FlowModel:
 
 
 def test_every_layer_and_training_option_on_the_device(fake_backend: object, moons: np.ndarray) -> None:
-    """ActNorm, permutations, Inverse, batch norm, planar and radial flows; SGD, clipping, a cosine schedule,
-    ``memory="invert"`` with a measured anchor interval, batch-norm recalibration."""
+    """Standardize, ActNorm, permutations, Inverse, batch norm, planar and radial flows; SGD, clipping, a cosine
+    schedule, ``memory="invert"`` with a measured anchor interval, batch-norm recalibration."""
     histories = {}
     for name in ("numpy", "fake-device"):
         backend.set_backend(name)
@@ -250,6 +252,23 @@ def test_moving_round_trips_and_state_dict_is_host(fake_backend: object) -> None
     assert model.array_module is np
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(value, 2 * state[name])
+
+
+def test_a_model_of_standardised_rows_wrapped_on_the_device_works_in_the_raw_units(fake_backend: object,
+                                                                                   moons: np.ndarray) -> None:
+    """``with_standardization`` of a device model puts its Standardize layer on the device too (what a data-file
+    run does before it saves and scores)."""
+    from nflow_np.model import with_standardization
+
+    host = build_model("realnvp", 2, layers=2, hidden=(8,), seed=0)
+    model = build_model("realnvp", 2, layers=2, hidden=(8,), seed=0).to_device()
+    mean, std = np.array([10.0, -3.0]), np.array([4.0, 0.25])
+    wrapped, wrapped_host = with_standardization(model, mean, std), with_standardization(host, mean, std)
+    assert all(isinstance(value, Device) for _, value in wrapped.named_buffers())
+    x = mean + std * moons[:30]
+    np.testing.assert_allclose(wrapped.log_prob(x), wrapped_host.log_prob(x), rtol=1e-12)
+    np.testing.assert_allclose(wrapped.sample(10, np.random.default_rng(2)),
+                               wrapped_host.sample(10, np.random.default_rng(2)), rtol=1e-12)
 
 
 def test_save_and_load_from_the_device(fake_backend: object, moons: np.ndarray, tmp_path: object) -> None:

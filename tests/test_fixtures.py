@@ -52,6 +52,27 @@ def test_old_gmm_folders_load() -> None:
     np.testing.assert_array_equal(mixture.log_prob(points), np.load(directory / "expected_log_prob.npy"))
 
 
+def test_a_data_file_folder_with_its_standardisation_in_the_metadata_only_loads_in_its_units() -> None:
+    """Written by the first ``nflow train --data FILE`` (main at 833bd37): the flow of the standardised rows, and
+    ``metadata.standardization`` beside it. ``load_model`` puts the Standardize layer in front, so the model is
+    one of the file's rows: the log-density that code's ``nflow eval`` computed by hand, its samples bit for bit."""
+    from nflow_np.flows import Standardize
+    from nflow_np.io import read_config
+
+    directory = FIXTURES / "cli_data_file_metadata_only"
+    config = read_config(directory)
+    assert [flow["kind"] for flow in config["flow"]["flows"]] == ["affine_coupling", "affine_coupling"]
+    model = load_model(directory)
+    assert [type(flow) for flow in model.flow.flows][0] is Standardize and len(model.flow.flows) == 3
+    record = config["metadata"]["standardization"]
+    np.testing.assert_array_equal(model.flow[0].buffers["mean"], record["mean"])
+    np.testing.assert_array_equal(model.flow[0].buffers["std"], record["std"])
+    points = np.loadtxt(directory / "points.csv", delimiter=",", skiprows=1)
+    np.testing.assert_allclose(model.log_prob(points), np.load(directory / "expected_log_prob.npy"), rtol=1e-13)
+    samples = model.sample(50, np.random.default_rng(3))
+    np.testing.assert_array_equal(samples, np.load(directory / "expected_samples.npy"))
+
+
 def test_an_old_conv_model_loads_and_gives_the_same_log_prob_on_either_formulation() -> None:
     """Written when every convolution was im2col (``make_conv_fixture.py``); the ResNets now run on frames by default.
 

@@ -41,7 +41,9 @@ def flushed(mode: int) -> bool:
     return mode & fpmode.FLUSH_BITS == fpmode.FLUSH_BITS
 
 
-def test_mode_is_on_on_every_thread_inside_and_as_before_after(numba_pool: None) -> None:
+def test_mode_is_on_on_every_thread_inside_and_as_before_after(numba_pool: None, monkeypatch: object) -> None:
+    # both pools at n threads (threads.PLAN's default keeps Numba on one): every worker must be reached
+    monkeypatch.setitem(threads.PLAN, "log_prob", ("n", "n"))
     with threads.num_threads(TWO), threads.compute("log_prob") as plan:
         inside = fpmode.thread_modes()
     after = fpmode.thread_modes()

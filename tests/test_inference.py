@@ -117,3 +117,73 @@ def test_image_models_evaluate_and_sample_leave_no_caches(build: object) -> None
         model.flow._forward(model._check(images, "x"))
         call()
         assert model.cached_nbytes() == 0
+
+
+# -- blocks of rows (FlowModel.inference_rows) ---------------------------------------------------------------------
+BLOCK_CALLS = {
+    "log_prob": lambda model, x, rng: model.log_prob(x),
+    "encode": lambda model, x, rng: model.encode(x),
+    "decode": lambda model, x, rng: model.decode(x),
+    "sample": lambda model, x, rng: model.sample(x.shape[0], rng),
+    "sample_and_log_prob": lambda model, x, rng: np.column_stack(model.sample_and_log_prob(x.shape[0], rng)),
+}
+
+
+def whole_and_in_blocks(model: FlowModel, call: object, x: np.ndarray, rows: int) -> tuple[object, object]:
+    """``call`` with every batch passed whole, then in blocks of ``rows`` rows (the same draws for both)."""
+    model.inference_rows = None
+    whole = call(model, x, np.random.default_rng(5))
+    model.inference_rows = rows
+    blocks = call(model, x, np.random.default_rng(5))
+    return whole, blocks
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(BLOCK_CALLS))
+@pytest.mark.parametrize("kind", ["realnvp", "nice"])
+def test_blocks_of_rows_give_the_whole_batch_numbers(kind: str, name: str, dtype: str) -> None:
+    model = build_model(kind, 5, layers=3, dtype=dtype, seed=1)
+    for _, param, _ in model.named_parameters():
+        param += np.random.default_rng(3).normal(0.0, 0.1, size=param.shape).astype(dtype)
+    x = np.random.default_rng(0).standard_normal((103, 5)).astype(dtype)  # 103 = 10 blocks of 10 and one of 3
+    whole, blocks = whole_and_in_blocks(model, BLOCK_CALLS[name], x, rows=10)
+    assert np.asarray(blocks).dtype == np.dtype(dtype)
+    np.testing.assert_allclose(blocks, whole, rtol=0, atol=8 * np.finfo(dtype).eps * np.abs(whole).max())
+    assert model.cached_nbytes() == 0
+
+
+def test_blocks_are_the_default_for_large_batches_and_cut_peak_memory() -> None:
+    import tracemalloc
+
+    model = build_model("realnvp", 16, layers=4, hidden=(256, 256), seed=0)
+    x = np.random.default_rng(0).standard_normal((8192, 16))
+    assert model.inference_rows is not None and x.shape[0] > model.inference_rows
+    peaks = {}
+    for rows in (None, model.inference_rows):
+        model.inference_rows = rows
+        model.log_prob(x)  # warm-up
+        tracemalloc.start()
+        model.log_prob(x)
+        peaks[rows] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    # the hidden activations of 8192 rows are 16 MiB each; of a block, a quarter of that
+    assert peaks[model.inference_rows] < 0.5 * peaks[None]
+
+
+def test_rows_that_depend_on_each_other_are_passed_whole() -> None:
+    from nflow_np.flows import ActNorm, BatchNorm
+    from nflow_np.flows.normalization import training_mode
+
+    x = np.random.default_rng(0).standard_normal((64, 4)) * 3 + 1
+    for make in (lambda: Sequential([BatchNorm(4)]), lambda: Sequential([ActNorm(4)])):
+        whole_model, block_model = FlowModel(make()), FlowModel(make())
+        whole_model.inference_rows, block_model.inference_rows = None, 8
+        with training_mode(whole_model.flow), training_mode(block_model.flow):
+            whole, blocks = whole_model.log_prob(x), block_model.log_prob(x)
+        np.testing.assert_array_equal(blocks, whole)
+        # the batch statistics (BatchNorm in training mode) or the first-call initialisation (ActNorm) use
+        # all 64 rows; a model fed blocks of 8 gets other numbers, so passing whole is what kept them
+        fed_blocks = FlowModel(make())
+        with training_mode(fed_blocks.flow):
+            naive = np.concatenate([fed_blocks.log_prob(x[i : i + 8]) for i in range(0, 64, 8)])
+        assert not np.allclose(naive, whole)

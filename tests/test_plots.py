@@ -24,6 +24,24 @@ def test_plots_are_pngs(tmp_path: Path, dtype: type) -> None:
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
 
 
+def test_plots_in_a_data_files_units_name_its_columns_and_keep_each_axis_its_own(tmp_path: Path) -> None:
+    """Columns in different units (cm and g): no equal aspect, which would squash one axis to a line."""
+    from nflow_np.model import with_standardization
+
+    model = with_standardization(build_model("realnvp", 2, layers=1, hidden=(4,)), [170.0, 0.003], [9.0, 0.001])
+    data = np.random.default_rng(1).normal(size=(200, 2)) * [9.0, 0.001] + [170.0, 0.003]
+    style = {"labels": ("height_cm", "dose_g"), "equal_aspect": False}
+    plot_density(model, data, tmp_path / "d.png", grid=20, **style)
+    plot_samples(model, data, tmp_path / "s.png", n=100, **style)
+    for name in ("d.png", "s.png"):
+        assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+    from PIL import Image
+
+    for name in ("d.png", "s.png"):  # a readable square-ish figure, not the 2.5-inch strip equal aspect gives
+        width, height = Image.open(tmp_path / name).size
+        assert height >= 0.45 * width, (name, width, height)
+
+
 def test_default_bounds_cover_the_data_with_a_margin() -> None:
     data = np.stack([np.linspace(0, 10, 1001), np.full(1001, 3.0)], axis=1)
     (x0, x1), (y0, y1) = default_bounds(data, margin=0.1)

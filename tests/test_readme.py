@@ -12,6 +12,7 @@ spend its minute compiling the Numba kernels (their path has its own tests).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -129,6 +130,11 @@ def test_the_readme_runs_top_to_bottom(clone: Path) -> None:
             assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             ran.append(argv)
     assert (clone / "runs" / "two_moons-realnvp" / "model.json").exists()
+    # the own-data example: a model of my.csv with its standardisation, new rows scored, a mixture of the same file
+    mine = json.loads((clone / "runs" / "mine" / "model.json").read_text(encoding="utf-8"))["metadata"]
+    assert mine["data_file"]["columns"] == ["height_cm", "weight_kg"] and "standardization" in mine
+    assert len((clone / "scores.csv").read_text().splitlines()) == 1 + 5
+    assert (clone / "runs" / "mine-gmm" / "gmm.npz").exists()
     # no benchmark rewrote a tracked figure: they write under runs/
     assert {path.name: path.read_bytes() for path in (clone / "docs" / "figures").iterdir()} == figures
     assert len(ran) >= 25

@@ -38,12 +38,14 @@ LAUNCHER = """
 import os, sys, time
 from pathlib import Path
 
+import nflow_np.files.folders
 import nflow_np.optim
 from nflow_np.cli import main
 
 step, fsync, replace = nflow_np.optim.Optimizer.step, os.fsync, os.replace
 step_delay, fsync_delay = float(os.environ["STEP_DELAY"]), float(os.environ.get("FSYNC_DELAY", 0))
 pause_before = os.environ.get("PAUSE_BEFORE_PUBLISHING")
+pause_after_swap = os.environ.get("PAUSE_AFTER_SWAPPING")
 
 def slow_step(self):
     time.sleep(step_delay)
@@ -59,9 +61,18 @@ def paused_replace(source, target):
         time.sleep(600)
     replace(source, target)
 
+def paused_exchange(a, b):
+    swapped = exchange(a, b)
+    if swapped and str(b) == pause_after_swap:  # the new folder is in place; whatever comes next has not run
+        Path(os.environ["MARKER"]).write_text(str(b))
+        time.sleep(600)
+    return swapped
+
 nflow_np.optim.Optimizer.step = slow_step
 os.fsync = slow_fsync
 os.replace = paused_replace
+exchange = nflow_np.files.folders.exchange
+nflow_np.files.folders.exchange = paused_exchange
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -174,6 +185,28 @@ def test_repeated_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path, r
     assert process.wait(timeout=120) == 0, process.stderr.read().decode()
     assert starts > 1
     assert_final_parameters(out, reference)
+
+
+def test_sigkill_right_after_the_publish_finds_the_model_beside_its_own_summary(tmp_path):
+    """Issue 14: the model folder was published, then summary.json and the plots written after it; a SIGKILL
+    between the two left the new model beside the previous run's summary."""
+    out = tmp_path / "run"
+    assert main([*RUN, "--out", str(out)]) == 0  # the previous run (seed 5)
+    old_summary = json.loads((out / "summary.json").read_text())
+    marker = tmp_path / "swapped"
+    with_plots = [word for word in RUN if word != "--no-plots"]
+    process = launch(tmp_path, [*with_plots, "--seed", "6", "--force", "--out", str(out)],
+                     PAUSE_AFTER_SWAPPING=os.path.abspath(out), MARKER=str(marker))
+    wait_for(marker.exists, process, timeout=120)
+    kill(process)  # the new folder is in place; nothing after the swap has run
+
+    config = json.loads((out / "model.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    load_model(out)  # loads
+    assert config["metadata"]["seed"] == 6 and summary["arguments"]["seed"] == 6 != old_summary["arguments"]["seed"]
+    assert summary["model_sha256"] == config["sha256"]
+    assert summary["test_nll"] == config["metadata"]["test_nll"]
+    assert (out / "density.png").exists() and (out / "samples.png").exists()
 
 
 # 1347 // 128 = 10 steps per epoch, a checkpoint after each: checkpoint-000000010.npz ... -000000040.npz

@@ -37,7 +37,7 @@ def blas_threads() -> int:
 
 def test_plan_per_operation_and_its_bounds() -> None:
     assert threads.plan("train", TWO) == threads.Plan("train", TWO, 1)
-    assert threads.plan("log_prob", TWO) == threads.Plan("log_prob", TWO, TWO)
+    assert threads.plan("log_prob", TWO) == threads.Plan("log_prob", TWO, 1)  # PLAN: the pools would fight
     assert threads.plan("sample", 10 * CORES).blas == CORES  # never more threads than cores
     with pytest.raises(ValueError, match="unknown operation"):
         threads.plan("fit")
@@ -46,8 +46,9 @@ def test_plan_per_operation_and_its_bounds() -> None:
             threads.set_num_threads(bad)
 
 
-def test_the_requested_count_is_used_and_every_count_put_back(numba_backend: object) -> None:
+def test_the_requested_count_is_used_and_every_count_put_back(numba_backend: object, monkeypatch: object) -> None:
     numba = numba_backend
+    monkeypatch.setitem(threads.PLAN, "log_prob", ("n", "n"))  # a split that sets both pools to n
     numba_before, blas_before = numba.get_num_threads(), blas_threads()
     assert nflow_np.get_num_threads() is None
     with nflow_np.num_threads(TWO):

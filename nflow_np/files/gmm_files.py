@@ -61,7 +61,8 @@ def load_gmm(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]
         (:meth:`~nflow_np.gmm.GaussianMixture.from_parameters` checks the rest).
     summary : dict
         ``summary.json``; ``data``, ``model`` (strings), ``seed`` (int >= 0), ``n_test`` (int >= 1),
-        ``components`` (= K) are checked where present.
+        ``components`` (= K) and ``data_file`` (:func:`~nflow_np.data.prepare.check_source_record`) are
+        checked where present.
 
     Raises
     ------
@@ -94,6 +95,10 @@ def load_gmm(directory: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]
         check_int(summary["n_test"], f"{where}: n_test", 1, 2**31)
     if "components" in summary and check_int(summary["components"], f"{where}: components", 1, MAX_COMPONENTS) != k:
         raise ModelFileError(f"{where}: components is {summary['components']} but {GMM_FILE} holds {k}")
+    if "data_file" in summary:  # trained on a user's file: the record nflow eval rebuilds its test split from
+        from nflow_np.data.prepare import check_source_record
+
+        check_source_record(summary["data_file"], f"{where}: data_file")
     return arrays, summary
 
 

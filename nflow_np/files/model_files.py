@@ -53,7 +53,8 @@ from nflow_np.files.safe import (
     read_tensors,
     tensor_sizes,
 )
-from nflow_np.model import FlowModel
+from nflow_np.flows.elementwise import leading_standardize
+from nflow_np.model import FlowModel, with_standardization
 from nflow_np.specs import MAX_DIM, check_int, flow_from_spec, to_spec
 
 FORMAT_VERSION = 2
@@ -156,6 +157,7 @@ def save_model(
     metadata: dict | None = None,
     *,
     extra_files: dict[str, bytes] | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Path:
     """Save ``model`` as ``directory/model.safetensors`` and ``directory/model.json``, replacing the folder whole.
 
@@ -174,6 +176,9 @@ def save_model(
         by :func:`read_config`.
     extra_files : dict of str to bytes, optional
         More files (``{"summary.json": …}``) published in the same atomic step.
+    drop : tuple of str
+        Files of the old folder not to carry over (e.g. plots of the previous model that this save does not
+        replace).
 
     Returns
     -------
@@ -187,9 +192,31 @@ def save_model(
     OSError
         The write failed; the previous folder is unchanged.
     """
-    files = {**(extra_files or {}), **model_file_bytes(model, metadata)}  # model.json last (in-place mode)
-    publish_folder(directory, files, drop=(*GMM_FILES, NPZ_WEIGHTS_FILE))
+    return publish_model_files(directory, model_file_bytes(model, metadata), extra_files, drop)
+
+
+def publish_model_files(
+    directory: str | os.PathLike,
+    model_files: dict[str, bytes],
+    extra_files: dict[str, bytes] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
+    """:func:`save_model` of files made by :func:`model_file_bytes` (so that ``extra_files`` can name the weights'
+    SHA-256, :func:`weights_sha256`): all of them published in one atomic step.
+
+    Raises
+    ------
+    OSError
+        The write failed; the previous folder is unchanged.
+    """
+    files = {**(extra_files or {}), **model_files}  # model.json last (in-place mode)
+    publish_folder(directory, files, drop=(*GMM_FILES, NPZ_WEIGHTS_FILE, *drop))
     return Path(directory)
+
+
+def weights_sha256(model_files: dict[str, bytes]) -> str:
+    """The SHA-256 of the weights in :func:`model_file_bytes`' files, as ``model.json`` records it."""
+    return hashlib.sha256(model_files[WEIGHTS_FILE]).hexdigest()
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -237,7 +264,8 @@ def check_metadata(metadata: dict, where: str, dim: int) -> None:
 
     ``data``, ``model``: strings; ``seed``: integer >= 0; ``n_test``: integer >= 1; ``image_shape``:
     three positive integers whose product is ``dim``; ``levels``: integer >= 2; ``standardization``:
-    a record of :class:`~nflow_np.data.files.Standardization` for ``dim`` columns.
+    a record of :class:`~nflow_np.data.files.Standardization` for ``dim`` columns; ``data_file``: the record
+    of a data file (:func:`~nflow_np.data.prepare.check_source_record`).
 
     Raises
     ------
@@ -263,13 +291,25 @@ def check_metadata(metadata: dict, where: str, dim: int) -> None:
         from nflow_np.data.files import Standardization
 
         Standardization.from_json(metadata["standardization"], f"{where}.standardization", dim)
+    if "data_file" in metadata:
+        from nflow_np.data.prepare import check_source_record
+
+        check_source_record(metadata["data_file"], f"{where}.data_file")
 
 
 def load_model(directory: str | os.PathLike) -> FlowModel:
     """Load a model saved by :func:`save_model` (format 2) or by an earlier nflow_np (format 1, ``model.npz``).
 
     The whole model is built from ``model.json`` and every array of the weights file is checked
-    against it (names, shapes, dtype, finiteness, checksum) before any parameter is written.
+    against it (names, shapes, dtype, finiteness, checksum, and what a layer refuses to hold: a
+    Standardize's ``std`` must be positive) before any parameter is written.
+
+    A model trained on a data file (``nflow train --data FILE``) loads as a model of the file's rows, in
+    its units: its flow begins with the :class:`~nflow_np.flows.elementwise.Standardize` layer of the
+    training split's mean and standard deviation, so ``log_prob``, ``sample``, ``encode`` and ``decode``
+    take and give rows of the file, and ``log_prob`` includes ``−Σ_j log σ_j`` (``docs/data.md``). Folders
+    written before that layer existed are given it from their ``metadata.standardization``
+    (:func:`_in_recorded_units`).
 
     Raises
     ------
@@ -298,5 +338,39 @@ def load_model(directory: str | os.PathLike) -> FlowModel:
             f"{weights_path}: checksum differs from the one in {CONFIG_FILE}; the two files come from "
             "different saves (save the model again)"
         )
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except ValueError as error:  # a value a layer may not hold (Standardize: a std that is not positive)
+        raise ModelFileError(f"{weights_path}: {error}") from None
+    return _in_recorded_units(model, config, directory / CONFIG_FILE)
+
+
+def _in_recorded_units(model: FlowModel, config: dict, where: Path) -> FlowModel:
+    """The model of a folder with ``metadata.standardization`` (trained on a data file) in the file's units.
+
+    A folder written since the :class:`~nflow_np.flows.elementwise.Standardize` layer exists holds the model
+    ``Standardize ∘ flow`` already, and its record must agree with the layer's buffers (to the last bit,
+    in the model's dtype). A folder written before (by the first ``nflow train --data FILE``) holds the
+    flow of the standardised rows alone: the layer is put in front of it here
+    (:func:`~nflow_np.model.with_standardization`), so every folder loads as a model of the file's rows.
+    A folder without the record is returned as it is.
+
+    Raises
+    ------
+    ModelFileError
+        The record and the model's Standardize layer disagree.
+    """
+    record = config["metadata"].get("standardization")
+    if record is None:
+        return model
+    from nflow_np.data.files import Standardization
+
+    units = Standardization.from_json(record, f"{where}: metadata.standardization", config["dim"])
+    layer = leading_standardize(model.flow)
+    if layer is None:
+        return with_standardization(model, units.mean, units.std)
+    for name, recorded in (("mean", units.mean), ("std", units.std)):
+        if not np.array_equal(recorded.astype(model.dtype), layer.buffers[name]):
+            raise ModelFileError(f"{where}: metadata.standardization.{name} differs from the {name} of the model's "
+                                 "Standardize layer (flow.0); the two come from different models")
     return model

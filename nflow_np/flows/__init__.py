@@ -4,7 +4,7 @@ from nflow_np.flows.base import Flow, Inverse, Sequential
 from nflow_np.flows.conv_coupling import ConvAffineCoupling  # imported here so that model files know its kind
 from nflow_np.flows.coupling import AdditiveCoupling, AffineCoupling, Coupling, parity_mask
 from nflow_np.flows.coupling_law import COUPLING_LAWS, AdditiveLaw, AffineLaw
-from nflow_np.flows.elementwise import Permutation, Rescale, Reverse
+from nflow_np.flows.elementwise import Permutation, Rescale, Reverse, Standardize, leading_standardize
 from nflow_np.flows.image import FactorOut, Squeeze, channel_mask, checkerboard_mask
 from nflow_np.flows.normalization import ActNorm, BatchNorm, training_mode
 from nflow_np.flows.planar import Planar
@@ -34,8 +34,10 @@ __all__ = [
     "Scale",
     "Sequential",
     "Squeeze",
+    "Standardize",
     "channel_mask",
     "checkerboard_mask",
+    "leading_standardize",
     "parity_mask",
     "training_mode",
 ]
