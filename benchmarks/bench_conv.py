@@ -5,18 +5,23 @@
     python -m benchmarks --sections conv                  # the same, as a section of the suite
 
 The net is the ResNet of a checkerboard coupling (:class:`nflow_np.nn.resnet.ResNet`, ``C + 1`` channels in,
-``2C`` out) on ``(C, H, W) = (4, 14, 14)`` and ``(1, 28, 28)`` images. Per implementation, the median
-[min, max] of the step time after a warm-up and:
+``2C`` out) on ``(C, H, W) = (4, 14, 14)`` and ``(1, 28, 28)`` images, timed in both of its formulations in the
+same run (``im2col``: the layers one by one, each convolution im2col + one GEMM; ``shifted``: the whole net on
+channel-major frames, ``k²`` accumulating GEMMs per convolution, ``docs/conv.md#the-shifted-gemm-convolution``),
+on the active backend and GEMM engine (both named in the table). Per implementation, the median [min, max] of
+the step time after a warm-up and:
 
-- ``GFLOP/s``: the convolutions' GEMM work (three products of ``2·C_out·C_in k²·N H W`` FLOPs per conv)
-  over the whole step's time; ``% peak``: that over a large square matmul's rate measured in the same run;
-- ``GEMMs alone``: the same GEMMs (shapes of every conv's forward, weight-gradient and input-gradient
-  products) timed by themselves, their GFLOP/s and % of the peak (how well BLAS does on these shapes),
-  and ``step/GEMMs``: what the rest (im2col, col2im, transposes, batch norm, ReLU) costs on top;
+- ``GFLOP/s``: the convolutions' GEMM work (three products of ``2·C_out·C_in k²·N H W`` FLOPs per conv, the
+  useful FLOPs: the shifted GEMMs also compute the ring's columns, which are not counted) over the whole
+  step's time; ``% peak``: that over a large square matmul's rate measured in the same run;
+- ``GEMMs alone``: the same GEMMs, in the formulation's own shapes (im2col: one product per pass on the
+  im2col matrix; shifted: the ``k²`` chunked products on frames, ring columns included), timed by
+  themselves, their useful GFLOP/s and % of the peak (how well BLAS does on these shapes; in brackets the
+  rate of the FLOPs the GEMMs compute, the shifted ring's columns included), and
+  ``step/GEMMs``: what the rest (im2col, col2im, layout, batch norm, ReLU, bias, skip) costs on top;
 - ``× torch``: PyTorch's time for the same net (weight-normalised convolutions, batch norm, autograd) over
   nflow_np's, at the same thread count (> 1: nflow_np faster);
-- ``im2col`` / ``col2im``: the NumPy reference against ``kernels.conv.numba_cpu`` on a block convolution's input
-  (the measurement that decides whether the Numba kernels are wired in: ``docs/conv.md#speed``).
+- ``im2col`` / ``col2im``: the NumPy reference against ``kernels.conv.numba_cpu`` on a block convolution's input.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from types import ModuleType
 
 import numpy as np
 
-from nflow_np.nn import conv
+from nflow_np import gemm
+from nflow_np.backend import get_backend
+from nflow_np.nn import conv, shifted
 from nflow_np.nn.resnet import ResNet
 from nflow_np.packaging import kernel_module
 
@@ -38,6 +45,7 @@ from .sections import Settings, attempt, figure, gemm_peak, limit_threads, numba
 SHAPES = ((4, 14, 14), (1, 28, 28))
 NET = {"batch": 64, "features": 64, "blocks": 4, "kernel_size": 3}
 SMOKE_NET = {"batch": 4, "features": 8, "blocks": 1, "kernel_size": 3}
+FORMULATIONS = ("im2col", "shifted")
 
 
 def convolutions(net: ResNet) -> list[conv.Conv2d]:
@@ -50,9 +58,32 @@ def gemm_flops(net: ResNet, batch: int) -> int:
     return sum(3 * 2 * c.out_channels * c.in_channels * c.kernel_size**2 * pixels for c in convolutions(net))
 
 
-def gemms_alone(net: ResNet, batch: int, repeats: int) -> np.ndarray:
-    """Seconds of every convolution's three GEMMs by themselves, on arrays of their shapes."""
+def computed_columns(net: ResNet, batch: int, formulation: str) -> float:
+    """Columns the GEMMs compute per useful output column: 1 for im2col; the frame's ring included for shifted."""
+    if formulation != "shifted":
+        return 1.0
+    frame = shifted.Frame(batch, net.shape[0], net.shape[1], net.kernel_size)
+    return (frame.stop - frame.start) / frame.pixel_count
+
+
+def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str) -> np.ndarray:
+    """Seconds of every convolution's three GEMMs by themselves, on arrays of the formulation's shapes."""
     rng = np.random.default_rng(0)
+    if formulation == "shifted":
+        frame = shifted.Frame(batch, net.shape[0], net.shape[1], net.kernel_size)
+        operands = []
+        for c in convolutions(net):
+            x = rng.standard_normal((c.in_channels, frame.length)).astype(np.float32)
+            d_y = rng.standard_normal((c.out_channels, frame.length)).astype(np.float32)
+            wk = rng.standard_normal((c.kernel_size, c.kernel_size, c.out_channels, c.in_channels)).astype(np.float32)
+            operands.append((x, d_y, wk, np.empty_like(d_y), np.empty_like(x)))
+
+        def run() -> None:
+            for x, d_y, wk, y, d_x in operands:
+                shifted.conv_forward(x, wk, frame, out=y)
+                shifted.conv_backward(d_y, x, wk, frame, d_x=d_x)
+
+        return timed(run, repeats)
     pixels = batch * net.shape[0] * net.shape[1]
     operands = []
     for c in convolutions(net):
@@ -63,19 +94,25 @@ def gemms_alone(net: ResNet, batch: int, repeats: int) -> np.ndarray:
     return timed(lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands], repeats)
 
 
-def nflow_step(shape: tuple, net_settings: dict, repeats: int) -> tuple[np.ndarray, ResNet]:
+def build_net(shape: tuple, net_settings: dict) -> ResNet:
     c, h, w = shape
     net = ResNet(c + 1, 2 * c, (h, w), net_settings["features"], net_settings["blocks"],
                  net_settings["kernel_size"], np.random.default_rng(0), np.float32)  # fmt: skip
     for m in net.modules():
         if hasattr(m, "training"):
             m.training = True  # as in a training step
+    return net
+
+
+def nflow_step(shape: tuple, net_settings: dict, repeats: int,
+               formulation: str = "shifted") -> tuple[np.ndarray, ResNet]:  # fmt: skip
+    c, h, w = shape
+    net = build_net(shape, net_settings)
+    net.formulation = formulation
     rng = np.random.default_rng(1)
     x = rng.standard_normal((net_settings["batch"], c + 1, h, w)).astype(np.float32)
     d_y = rng.standard_normal((net_settings["batch"], 2 * c, h, w)).astype(np.float32)
     return timed(lambda: (net.forward(x), net.backward(d_y)), repeats), net
-
-
 def torch_step(torch: ModuleType, shape: tuple, net_settings: dict, repeats: int) -> np.ndarray:
     """The same ResNet in plain PyTorch (weight-normalised convs, BatchNorm2d in training mode), autograd."""
     from torch import nn
@@ -135,28 +172,36 @@ def conv_section(s: Settings, torch_ref: ModuleType | None) -> dict:
         import torch
     rows = []
     for shape in SHAPES:
-        def ours(shape: tuple = shape) -> dict:
-            times, net = nflow_step(shape, net_settings, s.repeats)
-            flops = gemm_flops(net, net_settings["batch"])
-            alone = gemms_alone(net, net_settings["batch"], s.repeats)
-            result = {"ms": figure(1e3 * times), "gflops": figure(flops / times / 1e9),
-                      "gemm_ms": figure(1e3 * alone), "gemm_gflops": figure(flops / alone / 1e9)}  # fmt: skip
-            result["percent_of_peak"] = 100 * result["gflops"]["median"] / peak["gflops"]["median"]
-            result["gemm_percent_of_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
-            result["step_over_gemms"] = result["ms"]["median"] / result["gemm_ms"]["median"]
-            return result
+        ours = []
+        for formulation in FORMULATIONS:
+            def measure(shape: tuple = shape, formulation: str = formulation) -> dict:
+                times, net = nflow_step(shape, net_settings, s.repeats, formulation)
+                flops = gemm_flops(net, net_settings["batch"])
+                alone = gemms_alone(net, net_settings["batch"], s.repeats, formulation)
+                result = {"ms": figure(1e3 * times), "gflops": figure(flops / times / 1e9),
+                          "gemm_ms": figure(1e3 * alone), "gemm_gflops": figure(flops / alone / 1e9)}  # fmt: skip
+                result["percent_of_peak"] = 100 * result["gflops"]["median"] / peak["gflops"]["median"]
+                result["gemm_percent_of_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
+                result["step_over_gemms"] = result["ms"]["median"] / result["gemm_ms"]["median"]
+                extra = computed_columns(net, net_settings["batch"], formulation)
+                result["computed_over_useful"] = extra
+                result["gemm_percent_of_peak_computed"] = result["gemm_percent_of_peak"] * extra
+                return result
 
-        row = attempt({"impl": "nflow_np", "shape": list(shape)} | net_settings, ours)
-        rows.append(row)
+            row = {"impl": f"nflow_np {formulation}", "formulation": formulation, "shape": list(shape)}
+            ours.append(attempt(row | net_settings, measure))
+        rows += ours
         if torch is not None:
             def reference(shape: tuple = shape) -> dict:
                 return {"ms": figure(1e3 * torch_step(torch, shape, net_settings, s.repeats))}
 
             theirs = attempt({"impl": "torch", "shape": list(shape)} | net_settings, reference)
-            if "ms" in row and "ms" in theirs:
-                row["speedup_vs_torch"] = theirs["ms"]["median"] / row["ms"]["median"]
+            for row in ours:
+                if "ms" in row and "ms" in theirs:
+                    row["speedup_vs_torch"] = theirs["ms"]["median"] / row["ms"]["median"]
             rows.append(theirs)
-    return {"gemm_peak": peak, "rows": rows, "im2col": im2col_rows(net_settings, SHAPES[1], s.repeats)}
+    return {"gemm_peak": peak, "backend": get_backend(), "gemm_engine": gemm.get_engine(), "rows": rows,
+            "im2col": im2col_rows(net_settings, SHAPES[1], s.repeats)}  # fmt: skip
 
 
 def conv_table(r: dict) -> str:
@@ -172,17 +217,17 @@ def conv_table(r: dict) -> str:
             rows.append([*cells, fig(row["ms"]), "", "", "", "", "", ""])
         else:
             rows.append([*cells, fig(row["ms"]), fig(row["gflops"], digits=1), f"{row['percent_of_peak']:.0f}",
-                         f"{row['gemm_percent_of_peak']:.0f}", ratio(row["step_over_gemms"]),
+                         f"{row['gemm_percent_of_peak']:.0f} ({row['gemm_percent_of_peak_computed']:.0f})",
+                         ratio(row["step_over_gemms"]),
                          ratio(row.get("speedup_vs_torch")), ""])
     peak = fig(r["gemm_peak"]["gflops"], digits=1)
-    title = f"conv coupling net forward + backward (float32); GEMM peak ({r['gemm_peak']['n']}³) {peak} GFLOP/s"
-    text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak", "GEMMs % peak",
+    title = (f"conv coupling net forward + backward (float32; backend {r.get('backend')}, GEMM engine "
+             f"{r.get('gemm_engine')}); GEMM peak ({r['gemm_peak']['n']}³) {peak} GFLOP/s")  # fmt: skip
+    text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak", "GEMMs % peak (computed)",
                          "step/GEMMs", "× torch", ""], rows)  # fmt: skip
     cols = [[row["op"], row["impl"], "×".join(map(str, row["shape"])), fig(row["ms"], digits=3),
              fig(row["gbs"], digits=1)] for row in r["im2col"]]  # fmt: skip
     return text + "\n" + table("im2col / col2im (k = 3)", ["op", "impl", "input", "ms", "GB/s of cols"], cols)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_conv", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="threads for BLAS, Numba and PyTorch (default: 1)")

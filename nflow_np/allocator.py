@@ -7,6 +7,10 @@ fresh memory: measured, that makes an invert-mode step 2.1–2.4× a standard on
 mmap thresholds makes malloc keep and reuse those blocks: the same step then costs 1.15–1.27×, close
 to the 4/3 the extra arithmetic predicts. The process keeps its peak heap instead of shrinking
 between steps, which in invert mode is a few layers' activations.
+
+The ResNet on frames (:mod:`nflow_np.nn.shifted_resnet`) asks for the same: a training step allocates some thirty
+frames of up to 14 MB and frees them at its end; measured at 28×28, batch 64, one thread, the step spent
+0.07 s per step in the kernel (page faults) and was 12 % slower (min of 5) without it.
 """
 
 from __future__ import annotations

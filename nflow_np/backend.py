@@ -11,7 +11,7 @@ Without either, the backend is ``"auto"``, the fastest that loads, resolved on f
 name                  implementation                        needs
 ====================  ====================================  ============================================
 ``"numpy"``           :mod:`nflow_np.flows.coupling_law`    nothing
-``"numba"``           ``kernels/*/numba_cpu.py``            ``pip install numba``
+``"numba"``           ``kernels/*/numba_cpu.py`` (+frames)  ``pip install numba``
 ``"numba-cuda"``      ``kernels/coupling/numba_cuda.py``    a CUDA GPU, ``pip install numba numba-cuda``
 ``"cupy"``            ``kernels/coupling/cupy_kernels.py``  a CUDA GPU, ``pip install cupy-cuda12x``
 ``"auto"`` (default)  the fastest of the above that loads   (resolved when selected or first used)
@@ -95,7 +95,8 @@ _BUILT_IN = {
     for record in (
         Backend(_REFERENCE),
         Backend("numba", (kernel_module("coupling.numba_cpu"), kernel_module("bias_activation.numba_cpu"),
-                          kernel_module("adam.numba_cpu")), "pip install numba"),
+                          kernel_module("adam.numba_cpu"), kernel_module("conv.numba_frames")),
+                "pip install numba"),
         Backend("numba-cuda", (kernel_module("coupling.numba_cuda"),),
                 "a CUDA GPU and pip install numba numba-cuda (or run under NUMBA_ENABLE_CUDASIM=1)", "cupy"),
         Backend("cupy", (kernel_module("coupling.cupy_kernels"),), "a CUDA GPU and pip install cupy-cuda12x", "cupy"),
@@ -294,8 +295,11 @@ def fused(name: str, reference: Callable) -> Callable:
     """The active backend's fused version of the reference function ``name``, else ``reference`` itself.
 
     ``name`` is one of ``"bias_activation"``, ``"bias_activation_backward"``
-    (:mod:`nflow_np.nn.bias_activation`), ``"adam_update"`` (:func:`nflow_np.optim.adam_update`) and
-    ``"<law>.<method>"`` for the coupling laws (:data:`LAW_METHODS`; through :func:`coupling_law`).
+    (:mod:`nflow_np.nn.bias_activation`), ``"adam_update"`` (:func:`nflow_np.optim.adam_update`),
+    ``"im2col"``, ``"col2im"`` (:mod:`nflow_np.nn.conv`), the frame passes ``"frame.to"``, ``"frame.from"``,
+    ``"frame.finish"``, ``"frame.batch_norm_relu"``, ``"frame.batch_norm_relu_backward"``
+    (:mod:`nflow_np.nn.shifted`) and ``"<law>.<method>"`` for the coupling laws (:data:`LAW_METHODS`;
+    through :func:`coupling_law`).
     A fused version has the reference's signature and is tested against it (``tests/kernels``). A
     kernel with the attribute ``may_decline = True`` (and every kernel given to :func:`register_law`)
     may decline a call by returning ``NotImplemented``, and ``reference`` then runs; the others are

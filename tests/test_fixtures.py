@@ -71,3 +71,23 @@ def test_a_data_file_folder_with_its_standardisation_in_the_metadata_only_loads_
     np.testing.assert_allclose(model.log_prob(points), np.load(directory / "expected_log_prob.npy"), rtol=1e-13)
     samples = model.sample(50, np.random.default_rng(3))
     np.testing.assert_array_equal(samples, np.load(directory / "expected_samples.npy"))
+
+
+def test_an_old_conv_model_loads_and_gives_the_same_log_prob_on_either_formulation() -> None:
+    """Written when every convolution was im2col (``make_conv_fixture.py``); the ResNets now run on frames by default.
+
+    The im2col path computes exactly what it computed then; the shifted path the same to round-off.
+    """
+    from nflow_np import backend
+    from nflow_np.nn.resnet import ResNet, set_formulation
+
+    directory = FIXTURES / "realnvp_resnet_image"
+    points, expected = np.load(directory / "points.npy"), np.load(directory / "expected_log_prob.npy")
+    model = load_image_model(directory)  # loaded afresh for each: log_prob draws the dequantisation noise
+    nets = [m for m in model.flow.modules() if isinstance(m, ResNet)]
+    assert nets and all(net.formulation == "shifted" for net in nets)
+    np.testing.assert_allclose(model.log_prob(points), expected, rtol=1e-12, atol=1e-10)
+    model = load_image_model(directory)
+    set_formulation(model.flow, "im2col")
+    with backend.using("numpy"):  # the backend it was written on (the numba laws round differently in the last bit)
+        np.testing.assert_array_equal(model.log_prob(points), expected)

@@ -135,6 +135,14 @@ class BatchNorm(Flow):
         logdet = self.pixels * (self.params["log_gamma"] + np.log(inv_std)).sum()
         return np.zeros_like(like, shape=like.shape[0]) + logdet
 
+    def update_running(self, mean: np.ndarray, var: np.ndarray) -> None:
+        """Move the running averages towards a batch's ``mean, var: (C,)``: ``r ← (1 − m) r + m · batch``."""
+        m = self.buffers["running_mean"].dtype.type(self.momentum)
+        self.buffers["running_mean"] *= 1 - m
+        self.buffers["running_mean"] += m * mean
+        self.buffers["running_var"] *= 1 - m
+        self.buffers["running_var"] += m * var
+
     def _forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p, g = self.params | self.buffers, self._group
         xv = self._view(x)
@@ -143,11 +151,7 @@ class BatchNorm(Flow):
                 mean, var = xv.mean(axis=(0, 2)), xv.var(axis=(0, 2))
             else:  # the moments over every rank's shard of the batch
                 mean, var = self.moments.mean_var(xv)
-            m = p["running_mean"].dtype.type(self.momentum)
-            p["running_mean"] *= 1 - m
-            p["running_mean"] += m * mean
-            p["running_var"] *= 1 - m
-            p["running_var"] += m * var
+            self.update_running(mean, var)
         else:
             mean, var = p["running_mean"], p["running_var"]
         inv_std = 1 / np.sqrt(var + self.eps)

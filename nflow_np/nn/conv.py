@@ -11,6 +11,10 @@ and kernel offset — and columns ``(n, h, w)`` — every output pixel of every 
 *outside* the pixels. Then the whole batch is one GEMM ``y = W₂ · cols`` with ``W₂: (C_out, C·k²)`` and
 ``cols: (C·k², N·H·W)``, whose long side ``N·H·W`` keeps the GEMM efficient even on 4×4 images,
 where ``N`` per-image GEMMs of 16 columns each would not be.
+
+``Conv2d(formulation="shifted")`` computes the same function without the im2col matrix, as ``k²``
+accumulating GEMMs on a channel-major frame (:mod:`nflow_np.nn.shifted`); the ResNet's default path keeps
+its activations in frames between layers (:mod:`nflow_np.nn.shifted_resnet`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 
 from nflow_np import backend
 from nflow_np.module import as_float_dtype
+from nflow_np.nn import shifted
 from nflow_np.nn.layers import Layer
 
 
@@ -145,6 +150,18 @@ def weight_norm_backward(
     return d_v, d_g
 
 
+FORMULATIONS = ("im2col", "shifted")
+"""How a convolution is computed: im2col + one GEMM (:func:`im2col`), or ``k²`` accumulating GEMMs on
+channel-major frames (:mod:`nflow_np.nn.shifted`). Both compute the same function (to round-off)."""
+
+
+def check_formulation(formulation: str) -> str:
+    """``formulation`` if it is one of :data:`FORMULATIONS`, else ``ValueError`` naming the choices."""
+    if formulation not in FORMULATIONS:
+        raise ValueError(f"unknown convolution formulation {formulation!r}; choose from {list(FORMULATIONS)}")
+    return formulation
+
+
 class Conv2d(Layer):
     """``y[n, o] = b[o] + Σ_{c, i, j} w[o, c, i, j] · x_pad[n, c, h + i, w + j]``: stride 1, "same" padding.
 
@@ -155,6 +172,10 @@ class Conv2d(Layer):
     Backward (``docs/conv.md#conv2d``), with ``d_y₂`` the gradient in the GEMM's layout and ``cols``
     recomputed from the cached input (caching it would hold ``k²`` times the activation memory):
     ``∂L/∂W₂ = d_y₂ · colsᵀ``, ``∂L/∂b = Σ_{n, h, w} d_y``, ``∂L/∂x = col2im(W₂ᵀ · d_y₂)``.
+
+    With ``formulation="shifted"`` the same function is computed on a frame of the input
+    (:mod:`nflow_np.nn.shifted`: ``k²`` GEMMs accumulating into the output, no im2col matrix); arrays of a
+    device module (CuPy) always take the im2col path.
 
     With ``weight_norm=True`` (RealNVP's nets) the parameters are ``v: (C_out, C_in, k, k)`` and
     ``g: (C_out,)``, ``w = g · v / ‖v‖`` per output channel (:func:`weight_norm`), and ``∂L/∂W₂`` goes on
@@ -174,6 +195,8 @@ class Conv2d(Layer):
     zero_init : bool
         Start with ``w = 0``, ``b = 0`` (the last layer of a coupling net, so the coupling starts as
         the identity): ``g = 0`` with weight norm (``v`` stays random, so ``∂L/∂g ≠ 0``), else ``W = 0``.
+    formulation : {"im2col", "shifted"}
+        :data:`FORMULATIONS`; not part of the parameters (a model file does not record it).
     """
 
     cache_attributes = ("_x", "_w")
@@ -187,6 +210,7 @@ class Conv2d(Layer):
         dtype: object = np.float64,
         weight_norm: bool = True,
         zero_init: bool = False,
+        formulation: str = "im2col",
     ) -> None:
         super().__init__()
         dtype = as_float_dtype(dtype)
@@ -196,6 +220,7 @@ class Conv2d(Layer):
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = check_kernel_size(kernel_size)
         self.weight_norm = bool(weight_norm)
+        self.formulation = check_formulation(formulation)
         k = self.kernel_size
         shape = (self.out_channels, self.in_channels, k, k)
         direction = rng.normal(0.0, 1.0 / np.sqrt(self.in_channels * k * k), size=shape).astype(dtype)
@@ -214,33 +239,52 @@ class Conv2d(Layer):
             return weight_norm(self.params["v"], self.params["g"])
         return self.params["W"], None
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) images, got shape {x.shape}")
-        n, _, h, w_ = x.shape
-        w, norm = self.weight()
-        cols = backend.fused("im2col", im2col)(x, self.kernel_size)
-        y2 = w.reshape(self.out_channels, -1) @ cols  # (C_out, N·H·W): the one GEMM
-        y = np.empty_like(x, shape=(n, self.out_channels, h, w_))
-        np.add(y2.reshape(self.out_channels, n, h * w_).transpose(1, 0, 2), self.params["b"][:, None],
-               out=y.reshape(n, self.out_channels, h * w_))  # fmt: skip
-        self._x, self._w = x, (w, norm)
-        return y
-
-    def backward(self, d_y: np.ndarray) -> np.ndarray:
-        x, (w, norm) = self._x, self._w
-        n, _, h, w_ = x.shape
-        d_y2 = np.empty_like(d_y, shape=(self.out_channels, n, h * w_))
-        d_y2[...] = d_y.reshape(n, self.out_channels, h * w_).transpose(1, 0, 2)
-        d_y2 = d_y2.reshape(self.out_channels, n * h * w_)
-        self.grads["b"] += d_y2.sum(axis=1)
-        cols = backend.fused("im2col", im2col)(x, self.kernel_size)
-        d_w = (d_y2 @ cols.T).reshape(w.shape)
+    def accumulate_weight_grad(self, d_w: np.ndarray, norm: np.ndarray | None) -> None:
+        """Add ``∂L/∂w: (C_out, C_in, k, k)`` to the parameters' gradients (through weight norm, if used)."""
         if self.weight_norm:
             d_v, d_g = weight_norm_backward(d_w, self.params["v"], self.params["g"], norm)
             self.grads["v"] += d_v
             self.grads["g"] += d_g
         else:
             self.grads["W"] += d_w
+
+    def _shifted(self, x: np.ndarray) -> bool:
+        return self.formulation == "shifted" and isinstance(x, np.ndarray) and x.shape[0] > 0
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"Conv2d expects (N, {self.in_channels}, H, W) images, got shape {x.shape}")
+        n, _, h, w_ = x.shape
+        w, norm = self.weight()
+        if self._shifted(x):
+            frame = shifted.frame_of(x.shape, self.kernel_size)
+            x_frame = backend.fused("frame.to", shifted.to_frame)(np.ascontiguousarray(x), frame)
+            wk = shifted.stack_weights(w)
+            y = shifted.conv_forward(x_frame, wk, frame)
+            self._x, self._w = x_frame, (w, norm, wk, frame)
+            return backend.fused("frame.from", shifted.from_frame)(y, frame, self.params["b"])
+        cols = backend.fused("im2col", im2col)(x, self.kernel_size)
+        y2 = w.reshape(self.out_channels, -1) @ cols  # (C_out, N·H·W): the one GEMM
+        y = np.empty_like(x, shape=(n, self.out_channels, h, w_))
+        np.add(y2.reshape(self.out_channels, n, h * w_).transpose(1, 0, 2), self.params["b"][:, None],
+               out=y.reshape(n, self.out_channels, h * w_))  # fmt: skip
+        self._x, self._w = x, (w, norm, None, None)
+        return y
+
+    def backward(self, d_y: np.ndarray) -> np.ndarray:
+        x, (w, norm, wk, frame) = self._x, self._w
+        if frame is not None:
+            d_frame = backend.fused("frame.to", shifted.to_frame)(np.ascontiguousarray(d_y), frame)
+            self.grads["b"] += d_frame[:, frame.start : frame.stop].sum(axis=1)
+            d_wk, d_x = shifted.conv_backward(d_frame, x, wk, frame)
+            self.accumulate_weight_grad(d_wk.transpose(2, 3, 0, 1), norm)
+            return backend.fused("frame.from", shifted.from_frame)(d_x, frame)
+        n, _, h, w_ = x.shape
+        d_y2 = np.empty_like(d_y, shape=(self.out_channels, n, h * w_))
+        d_y2[...] = d_y.reshape(n, self.out_channels, h * w_).transpose(1, 0, 2)
+        d_y2 = d_y2.reshape(self.out_channels, n * h * w_)
+        self.grads["b"] += d_y2.sum(axis=1)
+        cols = backend.fused("im2col", im2col)(x, self.kernel_size)
+        self.accumulate_weight_grad((d_y2 @ cols.T).reshape(w.shape), norm)
         d_cols = w.reshape(self.out_channels, -1).T @ d_y2
         return backend.fused("col2im", col2im)(d_cols, x.shape, self.kernel_size)

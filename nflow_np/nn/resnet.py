@@ -22,7 +22,9 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np.flows.normalization import BatchNorm
-from nflow_np.nn.conv import Conv2d
+from nflow_np.module import Module
+from nflow_np.nn import shifted_resnet
+from nflow_np.nn.conv import Conv2d, check_formulation
 from nflow_np.nn.layers import Layer, ReLU
 
 
@@ -110,6 +112,15 @@ class ResNet(Layer):
     Backward is the chain rule through :attr:`layers` in reverse order; each residual block adds its
     skip connection's gradient (``docs/conv.md#the-resnet``).
 
+    Two formulations of the same function (:data:`~nflow_np.nn.conv.FORMULATIONS`, equal to round-off):
+    ``"shifted"`` (the default) runs the whole net on channel-major frames
+    (:mod:`nflow_np.nn.shifted_resnet`: every convolution ``k²`` accumulating GEMMs, batch norm, ReLU, bias
+    and skip in fused passes, converted from and to ``(N, C, H, W)`` only at the net's input and output);
+    ``"im2col"`` calls :attr:`layers` one after another (each convolution im2col + one GEMM). The shifted
+    path needs host NumPy arrays and a batch norm that normalises by its own batch: with device arrays
+    (CuPy) or batch norms synchronised across ranks (``moments`` set by :mod:`nflow_np.distributed`) the
+    layers run instead. The formulation is not part of the parameters, so model files do not record it.
+
     Parameters
     ----------
     in_channels, out_channels : int
@@ -125,7 +136,10 @@ class ResNet(Layer):
     dtype : float32 or float64
     momentum : float
         The batch norms' running-average weight.
+    formulation : {"shifted", "im2col"}
     """
+
+    cache_attributes = ("_frames",)
 
     def __init__(
         self,
@@ -138,6 +152,7 @@ class ResNet(Layer):
         rng: np.random.Generator | None = None,
         dtype: object = np.float64,
         momentum: float = 0.1,
+        formulation: str = "shifted",
     ) -> None:
         super().__init__()
         if isinstance(blocks, bool) or not isinstance(blocks, int | np.integer) or blocks < 0:
@@ -146,6 +161,7 @@ class ResNet(Layer):
         height, width = (int(v) for v in shape)
         self.in_channels, self.out_channels, self.shape = int(in_channels), int(out_channels), (height, width)
         self.features, self.blocks, self.kernel_size = int(features), int(blocks), int(kernel_size)
+        self.formulation = check_formulation(formulation)
         self.layers: list[Layer] = [Conv2d(in_channels, features, kernel_size, rng, dtype)]
         block = (features, height, width, kernel_size, rng, dtype, momentum)
         self.layers += [ResidualBlock(*block) for _ in range(blocks)]
@@ -155,19 +171,49 @@ class ResNet(Layer):
             Conv2d(features, out_channels, kernel_size, rng, dtype, zero_init=True),
         ]
         self.children = {str(i): layer for i, layer in enumerate(self.layers)}
+        self._frames: dict | None = None
+        self._path: str | None = None
+
+    def _shifted(self, x: np.ndarray) -> bool:
+        """Whether this call runs on frames (see the class docstring for when it cannot)."""
+        if self.formulation != "shifted" or not isinstance(x, np.ndarray) or x.shape[0] == 0:
+            return False
+        return all(getattr(m, "moments", None) is None for m in self.modules())
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, *self.shape):
             raise ValueError(f"ResNet expects (N, {self.in_channels}, {self.shape[0]}, {self.shape[1]}) images, "
                              f"got shape {x.shape}")  # fmt: skip
+        self._frames = None
+        if self._shifted(x):
+            self._path = "shifted"
+            y, self._frames = shifted_resnet.forward(self, x)
+            return y
+        self._path = "layers"
         for layer in self.layers:
             x = layer.forward(x)
         return x
 
     def backward(self, d_y: np.ndarray) -> np.ndarray:
+        if self._path == "shifted":
+            if self._frames is None:
+                raise RuntimeError("ResNet.backward called before forward (or after a forward under no_grad)")
+            return shifted_resnet.backward(self, self._frames, d_y)
         for layer in reversed(self.layers):
             d_y = layer.backward(d_y)
         return d_y
+
+
+def set_formulation(module: Module, formulation: str) -> list[ResNet]:
+    """Set ``formulation`` (:data:`~nflow_np.nn.conv.FORMULATIONS`) on every :class:`ResNet` in ``module``.
+
+    Returns the nets it set.
+    """
+    check_formulation(formulation)
+    nets = [m for m in module.modules() if isinstance(m, ResNet)]
+    for net in nets:
+        net.formulation = formulation
+    return nets
 
 
 def resnet_parameters(in_channels: int, out_channels: int, features: int, blocks: int, kernel_size: int) -> int:

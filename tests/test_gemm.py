@@ -1,0 +1,103 @@
+"""``nflow_np.gemm``: every engine that loads here computes ``c ← a @ b + β c`` as ``numpy.matmul`` does.
+
+Hypothesis draws shapes (1 row, 1 column, odd sizes), both dtypes, β ∈ {0, 1}, and operands that are views
+into larger arrays (leading dimensions above their width), transposed views, and column-major outputs; with
+``β = 0`` the output's old contents (NaN here) must not leak. Views no BLAS can address fall back to NumPy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nflow_np import gemm
+
+SETTINGS = settings(max_examples=40, deadline=None)
+ENGINES = gemm.available_engines()
+
+
+def operand(rng: np.random.Generator, shape: tuple[int, int], dtype: type, kind: str) -> np.ndarray:
+    """A ``shape`` view: ``"plain"`` C-contiguous, ``"view"`` inside a wider array, ``"transposed"`` a ``.T``."""
+    rows, cols = shape
+    if kind == "plain":
+        return rng.standard_normal(shape).astype(dtype)
+    if kind == "view":
+        return rng.standard_normal((rows + 2, cols + 5)).astype(dtype)[1 : rows + 1, 3 : cols + 3]
+    return rng.standard_normal((cols + 3, rows + 4)).astype(dtype)[2 : cols + 2, 1 : rows + 1].T
+
+
+def test_numpy_is_always_an_engine_and_auto_picks_one() -> None:
+    assert "numpy" in ENGINES
+    with gemm.using_engine("auto"):
+        assert gemm.get_engine() in ENGINES
+
+
+@SETTINGS
+@given(m=st.integers(1, 9), k=st.integers(1, 9), n=st.integers(1, 9), dtype=st.sampled_from([np.float32, np.float64]),
+       beta=st.sampled_from([0.0, 1.0]), kinds=st.tuples(*[st.sampled_from(["plain", "view", "transposed"])] * 3),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_every_engine_computes_the_product(m: int, k: int, n: int, dtype: type, beta: float, kinds: tuple,
+                                           seed: int) -> None:  # fmt: skip
+    rng = np.random.default_rng(seed)
+    a, b = operand(rng, (m, k), dtype, kinds[0]), operand(rng, (k, n), dtype, kinds[1])
+    start = operand(rng, (m, n), dtype, kinds[2])
+    want = a.astype(np.float64) @ b.astype(np.float64) + beta * start.astype(np.float64)
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for engine in ENGINES:
+        c = start.copy() if kinds[2] == "plain" else operand(rng, (m, n), dtype, kinds[2])
+        c[...] = start if beta else np.nan
+        with gemm.using_engine(engine):
+            gemm.gemm(a, b, c, beta)
+        assert c.dtype == dtype
+        np.testing.assert_allclose(c, want, err_msg=engine, **tolerance)
+
+
+def test_views_blas_cannot_address_take_the_numpy_path() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 6))[:, ::2]  # no unit stride along either axis
+    b = rng.standard_normal((3, 5))
+    for engine in ENGINES:
+        c = np.ones((4, 5))
+        with gemm.using_engine(engine):
+            gemm.gemm(a, b, c, 1.0)
+        np.testing.assert_allclose(c, a @ b + 1, rtol=1e-12, err_msg=engine)
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="unknown GEMM engine 'mkl'"):
+        gemm.set_engine("mkl")
+    with pytest.raises(ValueError, match=r"gemm shapes do not match: \(2, 3\) @ \(4, 2\) into \(2, 2\)"):
+        gemm.gemm(np.ones((2, 3)), np.ones((4, 2)), np.ones((2, 2)))
+
+
+@SETTINGS
+@given(m=st.integers(1, 6), k=st.integers(1, 6), n=st.integers(1, 6), dtype=st.sampled_from([np.float32, np.float64]),
+       trans=st.tuples(st.booleans(), st.booleans()), beta=st.sampled_from([0.0, 1.0]),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_blocks_compute_the_products_of_sub_blocks(m: int, k: int, n: int, dtype: type, trans: tuple, beta: float,
+                                                   seed: int) -> None:  # fmt: skip
+    """``Blocks`` addresses sub-blocks by flat index and leading dimension, on every engine."""
+    rng = np.random.default_rng(seed)
+    a_full, b_full = rng.standard_normal((3, 8, 9)).astype(dtype), rng.standard_normal((7, 11)).astype(dtype)
+    c_start = rng.standard_normal((8, 10)).astype(dtype)
+    a_block = a_full[1, 1 : 1 + (k if trans[0] else m), 2 : 2 + (m if trans[0] else k)]
+    b_block = b_full[1 : 1 + (n if trans[1] else k), 3 : 3 + (k if trans[1] else n)]
+    op_a, op_b = (a_block.T if trans[0] else a_block), (b_block.T if trans[1] else b_block)
+    want = c_start.astype(np.float64).copy()
+    want[2 : 2 + m, 1 : 1 + n] = op_a.astype(np.float64) @ op_b.astype(np.float64) + beta * want[2 : 2 + m, 1 : 1 + n]
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for engine in ENGINES:
+        c = c_start.copy()
+        if not beta:
+            c[2 : 2 + m, 1 : 1 + n] = np.nan
+        with gemm.using_engine(engine):
+            product = gemm.Blocks(a_full, b_full, c, *trans)
+            product(m, n, k, 1 * 72 + 1 * 9 + 2, 1 * 11 + 3, 2 * 10 + 1, beta)
+        np.testing.assert_allclose(c, want, err_msg=engine, **tolerance)  # the rest of c untouched
+
+
+def test_blocks_refuse_arrays_they_cannot_address() -> None:
+    with pytest.raises(ValueError, match="C-contiguous arrays of one dtype; a is float64, contiguous: False"):
+        gemm.Blocks(np.ones((4, 4)).T, np.ones((4, 4)), np.ones((4, 4)))
