@@ -8,7 +8,9 @@ of the wanted shape puts the coupling inside a :class:`~nflow_np.flows.image.Fac
 
 ``tests/flows/test_conv_coupling.py`` runs the registry's checks on them; appending
 :data:`CONV_FLOW_CASES` to ``helpers.FLOW_CASES`` runs every protocol test on them too. This module
-does not import ``helpers`` (so ``helpers`` may import it).
+does not import ``helpers`` (so ``helpers`` may import it). :func:`direct_conv` is the loop definition of a
+"same" convolution that both formulations' tests (``tests/nn/test_conv.py``, ``tests/nn/test_shifted.py``) check
+against.
 """
 
 from __future__ import annotations
@@ -60,3 +62,19 @@ CONV_FLOW_CASES: list[tuple[str, Callable[[int, np.random.Generator, object], Fl
     ("conv_coupling_checkerboard_channels", _checkerboard_channels),
     ("conv_coupling_channel", _channel),
 ]
+
+
+def direct_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The definition, one output entry at a time: ``y[n, o, h, w] = b[o] + Σ w[o, c, i, j] x_pad[n, c, h+i, w+j]``."""
+    n, c, h, width = x.shape
+    k = w.shape[-1]
+    p = k // 2
+    padded = np.zeros((n, c, h + 2 * p, width + 2 * p))
+    padded[:, :, p : p + h, p : p + width] = x
+    y = np.zeros((n, w.shape[0], h, width))
+    for m in range(n):
+        for o in range(w.shape[0]):
+            for row in range(h):
+                for col in range(width):
+                    y[m, o, row, col] = b[o] + np.sum(w[o] * padded[m, :, row : row + k, col : col + k])
+    return y

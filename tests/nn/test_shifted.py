@@ -17,6 +17,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
+from conv_cases import direct_conv
 from helpers import BACKENDS, check_layer_gradients, randomise
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,22 +37,6 @@ odd_sizes = st.sampled_from([1, 3, 5])
 kernels = st.sampled_from([1, 3, 5])
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([np.float32, np.float64])
-
-
-def direct_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The definition, one output entry at a time: ``y[n, o, h, w] = b[o] + Σ w[o, c, i, j] x_pad[n, c, h+i, w+j]``."""
-    n, c, h, width = x.shape
-    k = w.shape[-1]
-    p = k // 2
-    padded = np.zeros((n, c, h + 2 * p, width + 2 * p))
-    padded[:, :, p : p + h, p : p + width] = x
-    y = np.zeros((n, w.shape[0], h, width))
-    for m in range(n):
-        for o in range(w.shape[0]):
-            for row in range(h):
-                for col in range(width):
-                    y[m, o, row, col] = b[o] + np.sum(w[o] * padded[m, :, row : row + k, col : col + k])
-    return y
 
 
 def tolerance(dtype: type) -> dict:
