@@ -12,7 +12,7 @@
   ``x = μ + σ ⊙ u``. The saved model carries it as its first layer
   (:class:`~nflow_np.flows.elementwise.Standardize`, so ``load_model`` gives a model of ``x``); the record
   also goes into the model's metadata (``"standardization"``), where :func:`~nflow_np.io.read_config`
-  checks it; :func:`read_standardization` gives it back.
+  checks it.
 - :func:`nflow_np.data.prepare.prepare_data` does all of it for a training run (``nflow train --data FILE``).
 
 Every problem is a :class:`DataFileError` (a ``ValueError``) with a one-line message naming the file.
@@ -327,10 +327,6 @@ class Standardization:
         """``(x − mean) / std`` in ``x``'s dtype."""
         return ((x - self.mean) / self.std).astype(x.dtype, copy=False)
 
-    def invert(self, u: np.ndarray) -> np.ndarray:
-        """``mean + std ⊙ u`` (samples back in the user's units) in ``u``'s dtype."""
-        return (self.mean + self.std * u).astype(u.dtype, copy=False)
-
     @property
     def log_abs_det(self) -> float:
         """``log|det ∂u/∂x| = −Σ_j log std_j``: add it to the model's ``log_prob(u)`` for ``log p_X(x)``."""
@@ -361,17 +357,3 @@ class Standardization:
         if (values["std"] <= 0).any():
             raise ModelFileError(f"{where}.std: every std must be positive")
         return cls(values["mean"], values["std"])
-
-
-def read_standardization(config: dict) -> Standardization | None:
-    """The standardisation of a model folder (``read_config(directory)``), or ``None`` if it has none.
-
-    The record of the standardisation a model trained on a data file begins with (``load_model`` gives that
-    model in the file's units either way); ``None``: a built-in data set, or a folder from before data files.
-
-    Raises
-    ------
-    ModelFileError
-    """
-    record = config["metadata"].get("standardization")
-    return None if record is None else Standardization.from_json(record, "metadata.standardization", config["dim"])
