@@ -8,6 +8,8 @@ the names of other PyPI packages; ``nflow_np.packaging`` finds them under either
 from setuptools import find_packages, setup
 
 KERNELS, BENCHMARKS = "nflow_np_kernels", "nflow_np_benchmarks"
+MKL = "mkl>=2025.0; platform_machine == 'x86_64' and sys_platform == 'linux'"
+"""Intel's MKL wheel (it brings Intel OpenMP and TBB): x86-64 Linux only."""
 
 setup(
     name="nflow_np",
@@ -38,7 +40,10 @@ setup(
             "pytest>=8", "hypothesis>=6.100", "scipy>=1.11", "ruff>=0.6", "scikit-learn>=1.3", "mlxtend>=0.23",
             "numba>=0.68", "mpmath>=1.3", "matplotlib>=3.8", "safetensors>=0.4", "mpi4py>=4.0", "mpich>=4.2",
             "setuptools>=68", "wheel>=0.42",  # tests/test_packaging.py builds a wheel without build isolation
+            MKL,  # the "mkl" GEMM engine's tests (tests/test_gemm.py)
         ],
+        # MKL's GEMMs for the library's products (nflow_np/gemm.py; "auto" takes them on Intel CPUs)
+        "mkl": [MKL],
         # the pictures: density.png, samples.png, figure3.png, image grids (nflow train draws them unless --no-plots)
         "plots": ["matplotlib>=3.8"],
         # fused CPU kernels (kernels/*/numba_cpu.py)

@@ -12,7 +12,7 @@ import os
 import platform
 from pathlib import Path
 
-from nflow_np import fpmode, threads
+from nflow_np import fpmode, gemm, threads
 
 FLAGS = ("sse2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
          "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
@@ -72,7 +72,8 @@ def describe(threads_given: int, torch_version: str | None) -> dict[str, object]
     return info | {
         "cores": os.cpu_count(), "usable_cores": threads.usable_cores(), "idle_cores_at_start": threads.idle_cores(),
         "platform": platform.platform(), "python": platform.python_version(), "numpy": version("numpy"),
-        "torch": torch_version, "blas": blas(), "numba": numba_info(), "flush_denormals": fpmode.status(),
+        "torch": torch_version, "gemm_engine": gemm.get_engine(),  # first: it loads the library blas() lists
+        "blas": blas(), "numba": numba_info(), "flush_denormals": fpmode.status(),
         "threads": threads_given,
         "plans": {op: vars(threads.plan(op, threads_given)) for op in threads.OPERATIONS},
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
@@ -90,7 +91,7 @@ def header_lines(info: dict) -> str:
     return (f"CPU: {info['cpu']} ({info['vendor']}), flags {' '.join(info['flags']) or '-'}; {info['cores']} logical / "
             f"{info['physical_cores']} physical cores, {info['usable_cores']} usable, "
             f"{info['idle_cores_at_start']} idle at start\n"
-            f"BLAS: {blas_text}; {flush_text}; threads (BLAS+Numba): {plans}\n")
+            f"GEMM engine: {info['gemm_engine']}; BLAS: {blas_text}; {flush_text}; threads (BLAS+Numba): {plans}\n")
 
 
 def _status_kib(field: str) -> int:

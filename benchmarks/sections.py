@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from nflow_np import threads
+from nflow_np import gemm, threads
 from nflow_np.architectures import build_model
 from nflow_np.backend import get_backend, using
 from nflow_np.model import FlowModel
@@ -204,14 +204,17 @@ def _kernel_figures(
 
 # -- MLP -----------------------------------------------------------------------------------------------------------
 def gemm_peak(s: Settings) -> dict[str, dict]:
-    """GFLOP/s of one large square matmul per dtype (``2 n³`` FLOPs), this run's attainable peak."""
+    """GFLOP/s of one large square matmul per dtype (``2 n³`` FLOPs), this run's attainable peak.
+
+    By the GEMM engine in use (:mod:`nflow_np.gemm`): the peak of the library that computes the library's GEMMs.
+    """
     rng = np.random.default_rng(s.seed)
     peaks = {}
     for dtype in s.dtypes:
         n = s.gemm_size
         a, b = (rng.standard_normal((n, n)).astype(dtype) for _ in range(2))
         out = np.empty((n, n), dtype)
-        times = timed(lambda a=a, b=b, out=out: np.matmul(a, b, out=out), max(5, s.repeats))
+        times = timed(lambda a=a, b=b, out=out: gemm.gemm(a, b, out, 0.0), max(5, s.repeats))
         peaks[dtype] = {"n": n, "gflops": figure(2 * n**3 / times / 1e9)}
     return peaks
 
@@ -286,7 +289,8 @@ def step_gemms(model: FlowModel, batch: int, dtype: str, seed: int = 0) -> tuple
     """The GEMMs of one training step alone, into preallocated outputs: ``(call, flops)``.
 
     For every linear layer of every coupling net: ``y = x W``, ``d_W = xᵀ d_y``, ``d_x = d_y Wᵀ``
-    (the library computes ``d_x`` of the first layer too: it is the net's contribution to ``∂L/∂x₁``).
+    (the library computes ``d_x`` of the first layer too: it is the net's contribution to ``∂L/∂x₁``), by the
+    GEMM engine the step uses (:mod:`nflow_np.gemm`).
     """
     rng = np.random.default_rng(seed)
     products = []
@@ -302,7 +306,7 @@ def step_gemms(model: FlowModel, batch: int, dtype: str, seed: int = 0) -> tuple
 
     def call() -> None:
         for a, b, out in products:
-            np.matmul(a, b, out=out)
+            gemm.gemm(a, b, out, 0.0)
 
     return call, flops
 

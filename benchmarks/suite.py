@@ -50,6 +50,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+from nflow_np import gemm
+
 from . import machine as machine_info
 from . import sections
 from .bench_conv import conv_section, conv_table
@@ -273,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the step time at the end with the one after 100 steps (default: 0, skipped)")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="leave PyTorch out even if installed")
+    parser.add_argument("--gemm", choices=("auto", *gemm.ENGINES), default="auto",
+                        help="the GEMM engine (nflow_np.gemm; default: %(default)s, MKL on Intel CPUs where installed)")
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests/test_benchmarks.py: tiny
     return parser
 
@@ -294,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else 0
     if args.threads < 1 or (args.repeats is not None and args.repeats < 1):
         print("python -m benchmarks: error: --threads and --repeats must be positive", file=sys.stderr)
+        return 2
+    try:
+        gemm.set_engine(args.gemm)
+    except ValueError as error:
+        print(f"python -m benchmarks: error: --gemm: {error}", file=sys.stderr)
         return 2
     if args.nice_steps and args.nice_steps < 2 * EARLY[1]:
         print(f"python -m benchmarks: error: --nice-steps must be 0 or at least {2 * EARLY[1]}", file=sys.stderr)

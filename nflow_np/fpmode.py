@@ -21,7 +21,13 @@ MXCSR belongs to one thread, and three kinds of threads compute here:
   OpenBLAS's own exported "run this function on my threads" entry, with a team of as many members
   as the BLAS will use;
 - Numba's worker threads (the ``prange`` kernels): reached by a ``prange`` loop of one iteration per
-  thread.
+  thread;
+- MKL's worker threads, where :mod:`nflow_np.gemm` computes with MKL: Intel's OpenMP copies the calling
+  thread's mode into each worker at the start of every parallel region, so they compute in the mode of the
+  thread that called the GEMM, with no team (:func:`nflow_np.gemm.mkl_workers_inherit_flush` proves it
+  once per process; if it fails, BLAS keeps to the calling thread while flushing). After a library call a
+  worker holds the flush bits until the next MKL call from any thread, which gives it that caller's mode
+  again: no computation outside the library sees them.
 
 A team's members meet at a spin barrier before they return, so no thread can run two members'
 work while another runs none: every thread of the team is set, each exactly once. Threads
@@ -137,6 +143,12 @@ def blas_libraries() -> list:
     return _libraries_cache
 
 
+def forget_blas_libraries() -> None:
+    """Scan the loaded BLAS libraries again at next use (:mod:`nflow_np.gemm` calls it when it loads MKL)."""
+    global _controller_cache, _libraries_cache, _pools_cache, _reachable
+    _controller_cache = _libraries_cache = _pools_cache = _reachable = None
+
+
 def _blas_pools() -> list:
     global _pools_cache
     if _pools_cache is None:
@@ -160,7 +172,13 @@ def _blas_reachable() -> bool:
     if reg.member is None:
         return False
     openblas = len(blas_controller().select(internal_api="openblas").lib_controllers)
-    others = len(blas_controller().select(user_api="blas").lib_controllers) - openblas
+    mkl = len(blas_controller().select(internal_api="mkl").lib_controllers)
+    others = len(blas_controller().select(user_api="blas").lib_controllers) - openblas - mkl
+    if mkl:
+        from nflow_np import gemm
+
+        if mkl > 1 or not gemm.mkl_workers_inherit_flush():  # its threads take the caller's mode, or are unreached
+            return False
     return others == 0 and len(_blas_pools()) == openblas
 
 

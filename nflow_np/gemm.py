@@ -9,6 +9,9 @@ dimension), so a column range of a frame is no copy. The engines, in the order `
 ==============  ============================================================  ==========================
 engine          how                                                           needs
 ==============  ============================================================  ==========================
+``"mkl"``       ``cblas_sgemm``/``cblas_dgemm`` of Intel's MKL (``libmkl_rt``)  the ``mkl`` wheel (the
+                through ``ctypes``; ``"auto"`` takes it on Intel CPUs only     ``fast`` extra); an Intel
+                                                                              CPU for ``"auto"``
 ``"openblas"``  ``cblas_sgemm``/``cblas_dgemm`` of the OpenBLAS NumPy loaded,  NumPy's wheels (threadpoolctl
                 called through ``ctypes``: no copy, ``β`` as given             finds the library)
 ``"scipy"``     the Fortran ``sgemm``/``dgemm`` of ``scipy.linalg.cython_blas``  SciPy (the test extra)
@@ -16,6 +19,10 @@ engine          how                                                           ne
 ``"numpy"``     ``numpy.matmul`` into ``C`` (``β = 0``) or into a temporary,   nothing
                 then added (``β = 1``)
 ==============  ============================================================  ==========================
+
+The engine also computes the MLP layers' products (:func:`matmul`, :class:`nflow_np.nn.layers.Linear`): with
+``"mkl"`` every GEMM of a training step is MKL's; with any other engine :func:`matmul` is ``numpy.matmul``
+itself (NumPy's OpenBLAS), as before the engine existed.
 
 An engine is used only after it has passed a self-check against ``numpy.matmul`` on odd shapes and leading
 dimensions (done once, when it is first chosen); a view BLAS cannot address (no unit stride along either
@@ -30,7 +37,18 @@ call of :func:`gemm` on views, measured; a 28×28 training step of the benchmark
 Measured on one core of an Intel Xeon (Sapphire Rapids, AVX-512), the 28×28 net's shifted GEMMs
 (``docs/conv.md#speed``): ``"openblas"`` (NumPy's OpenBLAS 0.3.31) 64 % of the 2048³ GEMM's rate for the
 forward and input-gradient products, ``"scipy"`` (SciPy's 0.3.30) 51 %, ``"numpy"`` (a temporary and an add)
-about 45 %; ``"auto"`` takes ``"openblas"`` where it loads.
+about 45 %; ``"auto"`` takes ``"openblas"`` where it loads and MKL does not.
+
+Why MKL, and only on Intel: on the same Xeon, one thread, MKL 2026.2's GEMMs at the shapes the library
+computes ran 1.00–1.35× faster than OpenBLAS 0.3.31's in float32 and 1.16–1.31× in float64, and 1.28× (float32)
+on the 12,544×576×64 products of a 28×28 convolution (``python -m benchmarks.gemm_vs_torch`` compares the
+engines; docs/numerics.md#the-gemm-engine). MKL was not measured on an AMD CPU here, so ``"auto"`` does not
+take it there; ``set_engine("mkl")`` does, on any x86 CPU.
+
+MKL's worker threads (Intel OpenMP) copy the calling thread's floating-point mode at the start of every parallel
+region (``KMP_INHERIT_FP_CONTROL``, on by default), so the flush mode of :mod:`nflow_np.fpmode` reaches them
+without a team; :func:`mkl_workers_inherit_flush` proves it on this machine by a product whose every entry is
+zero only if each thread that computed it read subnormals as zero.
 """
 
 from __future__ import annotations
@@ -38,11 +56,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import os
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-ENGINES = ("openblas", "scipy", "numpy")
+ENGINES = ("mkl", "openblas", "scipy", "numpy")
 """Every engine :func:`set_engine` knows, in the order ``"auto"`` tries them."""
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112  # the CBLAS enum values
@@ -106,6 +126,82 @@ def _cblas_raw(function: Callable) -> Callable:
     return raw
 
 
+def mkl_paths() -> list[str]:
+    """Where ``libmkl_rt`` may be: the library folders of this Python's prefixes (where the ``mkl`` wheel puts it)."""
+    found = []
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)):
+        folder = os.path.join(prefix, "lib")
+        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"):
+            if os.path.exists(os.path.join(folder, name)):
+                found.append(os.path.join(folder, name))
+    return found
+
+
+_mkl_library: ctypes.CDLL | None = None
+
+
+def _mkl_engine() -> dict[np.dtype, Callable] | None:
+    """The CBLAS GEMMs of MKL's single dynamic library (its LP64 interface: 32-bit indices, the default)."""
+    global _mkl_library
+    paths = mkl_paths()
+    if not paths:
+        return None
+    library = ctypes.CDLL(paths[0])
+    table = {}
+    for letter, dtype, real in (("s", np.float32, ctypes.c_float), ("d", np.float64, ctypes.c_double)):
+        function = getattr(library, f"cblas_{letter}gemm")
+        function.restype = None
+        integer = ctypes.c_int
+        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
+                             ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p,
+                             integer]  # fmt: skip
+        table[np.dtype(dtype)] = _cblas_raw(function)
+    _mkl_library = library
+    return table
+
+
+def mkl_workers_inherit_flush() -> bool:
+    """Whether MKL's worker threads compute in the caller's flush mode (FTZ/DAZ), proved by one product.
+
+    Every entry of ``A·B`` with ``A`` = 512×512 subnormals (10⁻⁴⁰) and ``B`` = ones is ``512·10⁻⁴⁰ ≈ 5·10⁻³⁸``,
+    a normal number, on a thread that reads subnormals as they are, and exactly 0 on a thread with DAZ. So with
+    the caller's DAZ set and MKL on every core, an all-zero product means every thread that computed a row had
+    DAZ. ``False`` where MKL is not loaded or the mode cannot be set.
+    """
+    from nflow_np import fpmode
+
+    table = _load("mkl")
+    reg = fpmode.register()
+    if not table or reg.get is None:
+        return False
+    raw = table[np.dtype(np.float32)]
+    a = np.full((512, 512), 1e-40, dtype=np.float32)
+    b = np.ones((512, 512), dtype=np.float32)
+    c = np.empty((512, 512), dtype=np.float32)
+    previous = int(_mkl_library.MKL_Get_Max_Threads())
+    _mkl_library.MKL_Set_Num_Threads(max(2, os.cpu_count() or 1))
+    saved = int(reg.get())
+    try:
+        reg.set(saved | fpmode.FLUSH_BITS)
+        raw(False, False, 512, 512, 512, a.ctypes.data, 512, b.ctypes.data, 512, 0.0, c.ctypes.data, 512)
+    finally:
+        reg.set(saved)
+        _mkl_library.MKL_Set_Num_Threads(previous)
+    return not np.any(c)
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor string of ``/proc/cpuinfo`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def _scipy_engine() -> dict[np.dtype, Callable] | None:
     """The Fortran GEMMs of ``scipy.linalg.cython_blas``, reached through their capsules."""
     try:
@@ -151,7 +247,7 @@ def numpy_gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 1.0) -
     c += product
 
 
-_LOADERS = {"openblas": _cblas_engine, "scipy": _scipy_engine}
+_LOADERS = {"mkl": _mkl_engine, "openblas": _cblas_engine, "scipy": _scipy_engine}
 
 
 def _view_call(raw: Callable, a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float, la: tuple, lb: tuple,
@@ -199,6 +295,10 @@ def _load(name: str) -> dict[np.dtype, Callable] | None:
                 checked = False
             table = table if checked else None
         _loaded[name] = {} if name == "numpy" else table
+        if name == "mkl" and table is not None:
+            from nflow_np import fpmode
+
+            fpmode.forget_blas_libraries()  # threadpoolctl must see the library that now computes
     return _loaded[name]
 
 
@@ -211,7 +311,8 @@ def set_engine(name: str) -> None:
     """Choose the engine by name (:data:`ENGINES`) or ``"auto"``; raises ``ValueError`` if it cannot run here."""
     global _chosen
     if name == "auto":
-        _chosen = next(n for n in ENGINES if _load(n) is not None)
+        candidates = [n for n in ENGINES if n != "mkl" or cpu_vendor() == "GenuineIntel"]
+        _chosen = next(n for n in candidates if _load(n) is not None)
         return
     if name not in ENGINES:
         raise ValueError(f"unknown GEMM engine {name!r}; choose from {[*ENGINES, 'auto']}")
@@ -241,6 +342,36 @@ def using_engine(name: str) -> Iterator[None]:
 def _raw_for(dtype: np.dtype) -> Callable | None:
     table = _loaded[get_engine()]
     return table.get(dtype) if table else None
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` as a fresh C-contiguous array, computed by the engine in use.
+
+    With ``"mkl"`` the product of two host float arrays of one dtype is MKL's; otherwise (another engine, other
+    array types such as CuPy's, other dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
+
+    Parameters
+    ----------
+    a : array, shape (M, K)
+    b : array, shape (K, N)
+
+    Returns
+    -------
+    array, shape (M, N), of the operands' dtype
+    """
+    if _chosen != "mkl" or type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim != 2 or b.ndim != 2:
+        if _chosen is not None or type(a) is not np.ndarray:
+            return a @ b
+        get_engine()  # "auto" not resolved yet: resolve it once, then compute by it
+        return matmul(a, b)
+    raw = _loaded["mkl"].get(a.dtype)
+    la, lb = _layout(a), _layout(b)
+    if raw is None or b.dtype != a.dtype or la is None or lb is None or a.shape[1] != b.shape[0] or 0 in a.shape \
+            or 0 in b.shape:  # fmt: skip
+        return a @ b
+    c = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
+    _view_call(raw, a, b, c, 0.0, la, lb, (False, max(c.shape[1], 1)))
+    return c
 
 
 def gemm(a: np.ndarray, b: np.ndarray, c: np.ndarray, beta: float = 1.0) -> None:

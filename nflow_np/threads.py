@@ -47,7 +47,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nflow_np import fpmode
+from nflow_np import fpmode, gemm
 
 OPERATIONS = ("train", "log_prob", "sample")
 PLAN: dict[str, tuple[str, str]] = {"train": ("n", "1"), "log_prob": ("n", "1"), "sample": ("n", "1")}
@@ -199,10 +199,12 @@ def _set_counts(blas: int, numba: int) -> list[tuple[object, int]]:
     Only counts that differ are written (a call whose plan matches the current setting writes nothing).
     """
     changed: list[tuple[object, int]] = []
+    computing = "mkl" if gemm.get_engine() == "mkl" else None  # None: every BLAS may compute the GEMMs
     for library in fpmode.blas_libraries():
         previous = library.get_num_threads()
-        if previous and previous != blas:
-            library.set_num_threads(blas)
+        wanted = blas if computing in (None, library.internal_api) else 1  # an idle pool would only spin
+        if previous and previous != wanted:
+            library.set_num_threads(wanted)
             changed.append((library.set_num_threads, previous))
     module = sys.modules.get("numba")
     if module is not None and hasattr(module, "set_num_threads"):
@@ -232,6 +234,7 @@ def compute(operation: str, flush: bool | None = None) -> Iterator[Plan]:
     if outer is not None:
         yield outer
         return
+    gemm.get_engine()  # load the GEMM engine first, so that its library's threads are counted and set below
     chosen = plan(operation)
     changed = _set_counts(chosen.blas, chosen.numba)
     _state.plan = chosen

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from nflow_np import backend, distributed
+from nflow_np import backend, distributed, threads
 from nflow_np.checkpoint import (
     TrainState,
     data_fingerprint,
@@ -114,16 +114,19 @@ def train_step(
         The loss or the gradient norm is NaN/Inf; the parameters are untouched.
     """
     model.zero_grad()
-    # overflow is checked for explicitly just below, so NumPy's warnings would only be noise
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss = (model.nll_and_backward if loss_and_backward is None else loss_and_backward)(batch)
-        if reduce_gradients is not None:
-            reduce_gradients(model)
-        # the norm is needed anyway to catch a NaN/Inf gradient before it reaches the parameters
-        norm = clip_grad_norm(model, clip) if clip else global_grad_norm(model)
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise NonFiniteLossError(f"non-finite loss ({loss}) or gradient norm ({norm})", loss, norm)
-    optimizer.step()
+    # one compute block for the whole step (thread plan, flush mode): the norm's dot products run under it too, so
+    # no idle BLAS pool wakes between backward and update to spin beside the one computing (nflow_np.threads)
+    with threads.compute("train"):
+        # overflow is checked for explicitly just below, so NumPy's warnings would only be noise
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            loss = (model.nll_and_backward if loss_and_backward is None else loss_and_backward)(batch)
+            if reduce_gradients is not None:
+                reduce_gradients(model)
+            # the norm is needed anyway to catch a NaN/Inf gradient before it reaches the parameters
+            norm = clip_grad_norm(model, clip) if clip else global_grad_norm(model)
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            raise NonFiniteLossError(f"non-finite loss ({loss}) or gradient norm ({norm})", loss, norm)
+        optimizer.step()
     return loss
 
 

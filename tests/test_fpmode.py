@@ -14,13 +14,26 @@ import numpy as np
 import pytest
 
 import nflow_np
-from nflow_np import fpmode, mxcsr, threads
+from nflow_np import fpmode, gemm, mxcsr, threads
 from nflow_np.architectures import build_model
 from nflow_np.optim import Adam
 
 pytestmark = pytest.mark.skipif(not fpmode.status()["supported"], reason="MXCSR exists on x86 only")
 TWO = min(2, threads.usable_cores())
 """Threads per pool in these tests (2 where the machine has them: then the worker threads are covered)."""
+
+
+@pytest.fixture(autouse=True)
+def openblas_computes() -> Iterator[None]:
+    """These tests reach OpenBLAS's threads by their team: NumPy's OpenBLAS must be the engine that computes.
+
+    (With MKL computing, OpenBLAS keeps to one thread and MKL's threads take the caller's mode: test_gemm.py.)
+    """
+    if "openblas" not in gemm.available_engines():
+        yield
+        return
+    with gemm.using_engine("openblas"):
+        yield
 
 
 @pytest.fixture

@@ -7,12 +7,15 @@ into larger arrays (leading dimensions above their width), transposed views, and
 
 from __future__ import annotations
 
+import platform
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nflow_np import gemm
+from nflow_np import fpmode, gemm, threads
 
 SETTINGS = settings(max_examples=40, deadline=None)
 ENGINES = gemm.available_engines()
@@ -66,8 +69,8 @@ def test_views_blas_cannot_address_take_the_numpy_path() -> None:
 
 
 def test_errors() -> None:
-    with pytest.raises(ValueError, match="unknown GEMM engine 'mkl'"):
-        gemm.set_engine("mkl")
+    with pytest.raises(ValueError, match="unknown GEMM engine 'cublas'"):
+        gemm.set_engine("cublas")
     with pytest.raises(ValueError, match=r"gemm shapes do not match: \(2, 3\) @ \(4, 2\) into \(2, 2\)"):
         gemm.gemm(np.ones((2, 3)), np.ones((4, 2)), np.ones((2, 2)))
 
@@ -101,3 +104,93 @@ def test_blocks_compute_the_products_of_sub_blocks(m: int, k: int, n: int, dtype
 def test_blocks_refuse_arrays_they_cannot_address() -> None:
     with pytest.raises(ValueError, match="C-contiguous arrays of one dtype; a is float64, contiguous: False"):
         gemm.Blocks(np.ones((4, 4)).T, np.ones((4, 4)), np.ones((4, 4)))
+
+
+X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.mark.skipif(not X86_LINUX, reason="the mkl wheel exists for x86-64 only; the test extra installs it on Linux")
+def test_mkl_is_an_engine_where_the_test_extra_installs_it() -> None:
+    assert gemm.mkl_paths(), "libmkl_rt not found: install the test extra (pip install -e '.[test]')"
+    assert "mkl" in ENGINES
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", ""])
+def test_auto_takes_mkl_on_intel_cpus_only(monkeypatch: pytest.MonkeyPatch, vendor: str) -> None:
+    monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+    with gemm.using_engine("auto"):
+        chosen = gemm.get_engine()
+    if vendor == "GenuineIntel" and "mkl" in ENGINES:
+        assert chosen == "mkl"
+    else:
+        assert chosen == next(name for name in ENGINES if name != "mkl")  # the first other engine that loads
+
+
+@SETTINGS
+@given(m=st.integers(1, 9), k=st.integers(1, 9), n=st.integers(1, 9), dtype=st.sampled_from([np.float32, np.float64]),
+       kinds=st.tuples(*[st.sampled_from(["plain", "view", "transposed"])] * 2), seed=st.integers(0, 2**32 - 1))
+def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: type, kinds: tuple, seed: int) -> None:
+    """What the layers call: a fresh C-contiguous product of the operands' dtype, equal to ``a @ b``."""
+    rng = np.random.default_rng(seed)
+    a, b = operand(rng, (m, k), dtype, kinds[0]), operand(rng, (k, n), dtype, kinds[1])
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for engine in ENGINES:
+        with gemm.using_engine(engine):
+            c = gemm.matmul(a, b)
+        assert c.dtype == dtype and c.shape == (m, n) and c.flags.c_contiguous, engine
+        np.testing.assert_allclose(c, a @ b, err_msg=engine, **tolerance)
+
+
+def test_matmul_leaves_what_blas_cannot_take_to_numpy() -> None:
+    """Mixed dtypes, 1-D operands, unaddressable views and empty shapes are ``a @ b`` itself on every engine."""
+    rng = np.random.default_rng(1)
+    cases = [(rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4, 2))),
+             (rng.standard_normal((3, 4)), rng.standard_normal(4)),
+             (rng.standard_normal((4, 6))[:, ::2], rng.standard_normal((3, 5))),
+             (np.ones((0, 3)), np.ones((3, 2))), (np.ones((2, 0)), np.ones((0, 3)))]
+    for engine in ENGINES:
+        with gemm.using_engine(engine):
+            for a, b in cases:
+                want = a @ b
+                got = gemm.matmul(a, b)
+                assert got.dtype == want.dtype and got.shape == want.shape, engine
+                np.testing.assert_array_equal(got, want)
+
+
+needs_mkl = pytest.mark.skipif("mkl" not in ENGINES, reason="MKL is not installed here (x86-64 Linux test extra)")
+
+
+@needs_mkl
+def test_mkl_workers_compute_in_the_flush_mode_of_the_library_call() -> None:
+    """Inside library compute at 2 threads every MKL thread reads subnormals as zero; outside, the user's mode.
+
+    ``A`` = 512×512 subnormals times ones is ≈ 5·10⁻³⁸ (a normal number) in every entry without DAZ and 0 with
+    it, so an all-zero product means every thread that computed a row had the mode.
+    """
+    if not fpmode.get_flush_denormals() or fpmode.register().get is None:
+        pytest.skip("flushing is off or MXCSR is unreachable on this CPU")
+    assert gemm.mkl_workers_inherit_flush()
+    a = np.full((512, 512), 1e-40, dtype=np.float32)
+    b = np.ones((512, 512), dtype=np.float32)
+    with gemm.using_engine("mkl"), threads.num_threads(2):
+        before = gemm.matmul(a, b)
+        with threads.compute("train") as plan:
+            inside = gemm.matmul(a, b)
+        after = gemm.matmul(a, b)
+    assert plan.blas == min(2, threads.usable_cores())
+    assert not np.any(inside)
+    np.testing.assert_allclose(before, 512 * np.float32(1e-40), rtol=1e-3)
+    np.testing.assert_array_equal(after, before)
+
+
+@needs_mkl
+def test_with_mkl_computing_the_idle_openblas_pool_keeps_to_one_thread() -> None:
+    """Only the engine's BLAS gets the plan's threads; NumPy's OpenBLAS would only wake and spin beside it."""
+    libraries = fpmode.blas_libraries
+    with gemm.using_engine("mkl"), threads.num_threads(2):
+        counts = {lib.internal_api: lib.get_num_threads() for lib in libraries()}
+        with threads.compute("train") as plan:
+            inside = {lib.internal_api: lib.get_num_threads() for lib in libraries()}
+        assert {lib.internal_api: lib.get_num_threads() for lib in libraries()} == counts
+    assert inside["mkl"] == plan.blas
+    assert inside.get("openblas", 1) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from nflow_np import backend
+from nflow_np.gemm import matmul
 from nflow_np.module import Module, as_float_dtype
 from nflow_np.nn import bias_activation
 
@@ -94,15 +95,15 @@ class Linear(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._x = x
-        y = x @ self.params["W"]
+        y = matmul(x, self.params["W"])
         y += self.params["b"]
         return y
 
     def backward(self, d_y: np.ndarray) -> np.ndarray:
         x = self._x
-        self.grads["W"] += x.T @ d_y
+        self.grads["W"] += matmul(x.T, d_y)
         self.grads["b"] += d_y.sum(axis=0)
-        return d_y @ self.params["W"].T
+        return matmul(d_y, self.params["W"].T)
 
 
 class Dense(Linear):
@@ -149,7 +150,7 @@ class Dense(Linear):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._x = x
-        out = x @ self.params["W"]
+        out = matmul(x, self.params["W"])
         backend.fused("bias_activation", bias_activation.forward)(out, self.params["b"], self.activation, self.slope)
         self._out = out
         return out
@@ -157,8 +158,8 @@ class Dense(Linear):
     def backward(self, d_out: np.ndarray) -> np.ndarray:
         fused_backward = backend.fused("bias_activation_backward", bias_activation.backward)
         d_u = fused_backward(d_out, self._out, self.activation, self.slope, self.grads["b"])
-        self.grads["W"] += self._x.T @ d_u
-        return d_u @ self.params["W"].T
+        self.grads["W"] += matmul(self._x.T, d_u)
+        return matmul(d_u, self.params["W"].T)
 
 
 class ReLU(Layer):
