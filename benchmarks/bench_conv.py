@@ -222,7 +222,8 @@ def conv_table(r: dict) -> str:
                          ratio(row.get("speedup_vs_torch")), ""])
     peak = fig(r["gemm_peak"]["gflops"], digits=1)
     title = (f"conv coupling net forward + backward (float32; backend {r.get('backend')}, GEMM engine "
-             f"{r.get('gemm_engine')}); GEMM peak ({r['gemm_peak']['n']}³) {peak} GFLOP/s")  # fmt: skip
+             f"{r.get('gemm_engine')}); GEMM peak ({r['gemm_peak']['n']}³, the best engine: "
+             f"{r['gemm_peak'].get('engine', '?')}) {peak} GFLOP/s")  # fmt: skip
     text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak", "GEMMs % peak (computed)",
                          "step/GEMMs", "× torch", ""], rows)  # fmt: skip
     cols = [[row["op"], row["impl"], "×".join(map(str, row["shape"])), fig(row["ms"], digits=3),

@@ -116,7 +116,7 @@ def kernels_table(r: dict) -> str:
 
 def mlp_table(r: dict) -> str:
     """The MLP rows: ms, GFLOP/s and % of the GEMM peak."""
-    peaks = ", ".join(f"{d} {fig(p['gflops'], digits=1)}" for d, p in r["gemm_peak"].items())
+    peaks = ", ".join(f"{d} {fig(p['gflops'], digits=1)} ({p.get('engine', '?')})" for d, p in r["gemm_peak"].items())
     rows = [[row["impl"], row["dtype"], "→".join(map(str, row["sizes"])), str(row["batch"]),
              *([fig(row["ms"], digits=3), fig(row["gflops"], digits=1), f"{row['percent_of_peak']:.0f}"]
                if "ms" in row else ["error", row["error"][:40], ""])] for row in r["rows"]]
