@@ -57,6 +57,22 @@ def test_reduce_gradients_runs_between_backward_and_clipping(moons):
     assert moved == pytest.approx(1e-3)  # the clipped global norm times lr = 1
 
 
+def test_the_whole_step_runs_in_one_compute_block(moons, monkeypatch):
+    """Backward, the gradient norm and the update share one thread plan and flush mode: no call between them
+    runs outside library compute, where an idle BLAS pool at its default count would wake and spin."""
+    plans = []
+    norm = train.global_grad_norm
+
+    def watched_norm(module):
+        plans.append(nflow_np.threads._state.plan)
+        return norm(module)
+
+    monkeypatch.setattr(train, "global_grad_norm", watched_norm)
+    model = small_model()
+    train_step(model, Adam(model, lr=1e-3), moons.train[:64])
+    assert len(plans) == 1 and plans[0] is not None and plans[0].operation == "train"
+
+
 def test_a_non_finite_loss_raises_before_the_update(moons):
     model = small_model()
     model.flow[0].params["scale"][...] = np.inf
