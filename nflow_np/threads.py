@@ -194,9 +194,12 @@ def _blas_threads_allowed() -> int:
 
 
 def _set_counts(blas: int, numba: int) -> list[tuple[object, int]]:
-    """Set every BLAS library to ``blas`` threads and Numba (if imported) to ``numba``; return what to put back.
+    """Set the BLAS that computes to ``blas`` threads and Numba (if imported) to ``numba``; return what to put back.
 
-    Only counts that differ are written (a call whose plan matches the current setting writes nothing).
+    With MKL as the GEMM engine (:mod:`nflow_np.gemm`) only MKL gets ``blas``; NumPy's OpenBLAS gets one thread,
+    since a stray NumPy product would otherwise wake its pool to spin beside MKL's (docs/numerics.md#the-gemm-engine).
+    With any other engine every loaded BLAS gets ``blas``. Only counts that differ are written (a call whose plan
+    matches the current setting writes nothing).
     """
     changed: list[tuple[object, int]] = []
     computing = "mkl" if gemm.get_engine() == "mkl" else None  # None: every BLAS may compute the GEMMs
