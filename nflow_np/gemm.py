@@ -192,14 +192,9 @@ def mkl_workers_inherit_flush() -> bool:
 
 def cpu_vendor() -> str:
     """The CPU vendor string of ``/proc/cpuinfo`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
-            for line in info:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from nflow_np.provenance import cpuinfo_field
+
+    return cpuinfo_field("vendor_id") or ""
 
 
 def _scipy_engine() -> dict[np.dtype, Callable] | None:

@@ -21,16 +21,21 @@ def _version(package: str) -> str | None:
         return None
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
+def cpuinfo_field(key: str) -> str | None:
+    """The first ``key`` line's value in ``/proc/cpuinfo`` (``"model name"``, ``"vendor_id"``), or ``None``."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
             for line in info:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
+    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def blas() -> list[dict]:
