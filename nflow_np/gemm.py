@@ -138,6 +138,12 @@ def mkl_paths() -> list[str]:
 
 
 _mkl_library: ctypes.CDLL | None = None
+MKL_REPRODUCIBLE = True
+"""Load MKL in its strict reproducibility mode: the code branch it picks for this CPU, with results independent
+of the thread count (docs/numerics.md#the-gemm-engine). Read once, when MKL is loaded."""
+_MKL_CBWR_STRICT = 0x10000
+mkl_strict = False
+"""Whether MKL runs in that mode (set when it loads; False where MKL had already computed in this process)."""
 
 
 def _mkl_engine() -> dict[np.dtype, Callable] | None:
@@ -147,6 +153,10 @@ def _mkl_engine() -> dict[np.dtype, Callable] | None:
     if not paths:
         return None
     library = ctypes.CDLL(paths[0])
+    global mkl_strict
+    if MKL_REPRODUCIBLE:  # before MKL's first computation, or it is refused (then mkl_strict stays False)
+        branch = int(library.MKL_CBWR_Get_Auto_Branch())
+        mkl_strict = int(library.MKL_CBWR_Set(ctypes.c_int(branch | _MKL_CBWR_STRICT))) == 0
     table = {}
     for letter, dtype, real in (("s", np.float32, ctypes.c_float), ("d", np.float64, ctypes.c_double)):
         function = getattr(library, f"cblas_{letter}gemm")
@@ -190,10 +200,23 @@ def mkl_workers_inherit_flush() -> bool:
     return not np.any(c)
 
 
+def cpuinfo_field(key: str) -> str | None:
+    """The first ``key`` line's value in ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``), or ``None``.
+
+    Here because the engine choice reads the vendor; :func:`nflow_np.provenance.cpu_model` reads the model with it.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def cpu_vendor() -> str:
     """The CPU vendor string of ``/proc/cpuinfo`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``."""
-    from nflow_np.provenance import cpuinfo_field
-
     return cpuinfo_field("vendor_id") or ""
 
 
@@ -339,11 +362,19 @@ def _raw_for(dtype: np.dtype) -> Callable | None:
     return table.get(dtype) if table else None
 
 
+MKL_MIN_PRODUCT = 1 << 17
+"""With ``"mkl"``, :func:`matmul` hands products of at least this many multiply-adds (``m·k·n``) to MKL and smaller
+ones to ``a @ b``: a call through ``ctypes`` costs about 10 µs more than NumPy's own (a (256×64)·(64×2) product:
+15.7 against 3.6 µs, Intel Xeon, 1 thread), which only a product of this size or more pays back ((256×64)·(64×64):
+52 against 51 µs; (512×256)·(256×256): 0.99 against 1.13 ms)."""
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` as a fresh C-contiguous array, computed by the engine in use.
 
-    With ``"mkl"`` the product of two host float arrays of one dtype is MKL's; otherwise (another engine, other
-    array types such as CuPy's, other dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
+    With ``"mkl"`` the product of two host float arrays of one dtype and at least :data:`MKL_MIN_PRODUCT`
+    multiply-adds is MKL's; otherwise (another engine, a smaller product, other array types such as CuPy's, other
+    dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
 
     Parameters
     ----------
@@ -359,10 +390,12 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             return a @ b
         get_engine()  # "auto" not resolved yet: resolve it once, then compute by it
         return matmul(a, b)
+    (m, k), n = a.shape, b.shape[-1]
+    if m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT or a.shape[1] != b.shape[0]:
+        return a @ b
     raw = _loaded["mkl"].get(a.dtype)
     la, lb = _layout(a), _layout(b)
-    if raw is None or b.dtype != a.dtype or la is None or lb is None or a.shape[1] != b.shape[0] or 0 in a.shape \
-            or 0 in b.shape:  # fmt: skip
+    if raw is None or b.dtype != a.dtype or la is None or lb is None:
         return a @ b
     c = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
     _view_call(raw, a, b, c, 0.0, la, lb, (False, max(c.shape[1], 1)))

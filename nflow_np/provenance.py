@@ -12,6 +12,8 @@ import os
 import platform
 import sys
 
+from nflow_np.gemm import cpuinfo_field
+
 
 def _version(package: str) -> str | None:
     """The installed version of ``package``, or ``None``; never imports it (Numba takes a second to import)."""
@@ -19,18 +21,6 @@ def _version(package: str) -> str | None:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpuinfo_field(key: str) -> str | None:
-    """The first ``key`` line's value in ``/proc/cpuinfo`` (``"model name"``, ``"vendor_id"``), or ``None``."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def cpu_model() -> str:

@@ -107,6 +107,7 @@ def test_blocks_refuse_arrays_they_cannot_address() -> None:
 
 
 X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+needs_mkl = pytest.mark.skipif("mkl" not in ENGINES, reason="MKL is not installed here (the x86-64 Linux test extra)")
 
 
 @pytest.mark.skipif(not X86_LINUX, reason="the mkl wheel exists for x86-64 only; the test extra installs it on Linux")
@@ -135,10 +136,28 @@ def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: ty
     a, b = operand(rng, (m, k), dtype, kinds[0]), operand(rng, (k, n), dtype, kinds[1])
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for engine in ENGINES:
-        with gemm.using_engine(engine):
+        with gemm.using_engine(engine), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(gemm, "MKL_MIN_PRODUCT", 1)  # these small shapes through MKL too
             c = gemm.matmul(a, b)
         assert c.dtype == dtype and c.shape == (m, n) and c.flags.c_contiguous, engine
         np.testing.assert_allclose(c, a @ b, err_msg=engine, **tolerance)
+
+
+@needs_mkl
+def test_matmul_hands_products_from_the_threshold_on_to_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small products stay NumPy's (the ctypes call costs more than they take); from the threshold on, MKL's."""
+    calls = []
+    raw = gemm._load("mkl")[np.dtype(np.float64)]
+    monkeypatch.setitem(gemm._loaded["mkl"], np.dtype(np.float64), lambda *args: (calls.append(args), raw(*args)))
+    side = round(gemm.MKL_MIN_PRODUCT ** (1 / 3))
+    rng = np.random.default_rng(2)
+    with gemm.using_engine("mkl"):
+        small = rng.standard_normal((side - 1, side)), rng.standard_normal((side, side))
+        large = rng.standard_normal((side + 1, side)), rng.standard_normal((side, side))
+        np.testing.assert_allclose(gemm.matmul(*small), small[0] @ small[1], rtol=1e-12)
+        assert not calls
+        np.testing.assert_allclose(gemm.matmul(*large), large[0] @ large[1], rtol=1e-12)
+        assert len(calls) == 1
 
 
 def test_matmul_leaves_what_blas_cannot_take_to_numpy() -> None:
@@ -155,9 +174,6 @@ def test_matmul_leaves_what_blas_cannot_take_to_numpy() -> None:
                 got = gemm.matmul(a, b)
                 assert got.dtype == want.dtype and got.shape == want.shape, engine
                 np.testing.assert_array_equal(got, want)
-
-
-needs_mkl = pytest.mark.skipif("mkl" not in ENGINES, reason="MKL is not installed here (x86-64 Linux test extra)")
 
 
 @needs_mkl

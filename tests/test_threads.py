@@ -82,34 +82,24 @@ def run_model(dtype: str, n: int) -> list[np.ndarray]:
         return [*grads, model.log_prob(x), model.encode(x), model.sample(4096, np.random.default_rng(5))]
 
 
+BLAS_ENGINES = [name for name in ("openblas", "mkl") if name in gemm.available_engines()]
+
+
+@pytest.mark.parametrize("engine", BLAS_ENGINES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_results_are_bit_identical_for_every_split(
-    numba_backend: object, dtype: str, monkeypatch: pytest.MonkeyPatch
+    numba_backend: object, dtype: str, engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With OpenBLAS computing the GEMMs, whose reduction order does not depend on its thread count."""
-    if "openblas" not in gemm.available_engines():
-        pytest.skip("NumPy's OpenBLAS is not reachable here")
-    with gemm.using_engine("openblas"):
+    """On either BLAS engine: OpenBLAS's summation order does not depend on its thread count, and MKL runs in its
+    strict reproducibility mode, whose order does not either (docs/numerics.md#the-gemm-engine)."""
+    if engine == "mkl":
+        assert gemm.mkl_strict
+    with gemm.using_engine(engine):
         reference = run_model(dtype, 1)
         for split in [("n", "1"), ("1", "n"), ("n", "n")]:
             monkeypatch.setattr(threads, "PLAN", dict.fromkeys(threads.OPERATIONS, split))
             for result, expected in zip(run_model(dtype, TWO), reference, strict=True):
                 np.testing.assert_array_equal(result, expected, err_msg=f"split {split}")
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_with_mkl_a_split_repeats_bit_for_bit_and_splits_agree_to_round_off(numba_backend: object,
-                                                                           dtype: str) -> None:  # fmt: skip
-    """MKL splits a weight gradient's sum over rows between its threads, so the order follows the thread count:
-    the same count gives the same bits, another count the same numbers to round-off (docs/numerics.md)."""
-    if "mkl" not in gemm.available_engines():
-        pytest.skip("MKL is not installed here (x86-64 Linux test extra)")
-    with gemm.using_engine("mkl"):
-        one, two, again = run_model(dtype, 1), run_model(dtype, TWO), run_model(dtype, TWO)
-    tolerance = {"rtol": 2e-3, "atol": 1e-5} if dtype == "float32" else {"rtol": 1e-9, "atol": 1e-12}
-    for a, b, c in zip(one, two, again, strict=True):
-        np.testing.assert_array_equal(b, c)
-        np.testing.assert_allclose(b, a, **tolerance)
 
 
 def test_idle_cores_counts_cores_other_processes_keep_busy(monkeypatch: pytest.MonkeyPatch) -> None:
