@@ -362,18 +362,19 @@ def _raw_for(dtype: np.dtype) -> Callable | None:
     return table.get(dtype) if table else None
 
 
-MKL_MIN_PRODUCT = 1 << 17
+MKL_MIN_PRODUCT = {np.dtype(np.float64): 1 << 21, np.dtype(np.float32): 1 << 22}
 """With ``"mkl"``, :func:`matmul` hands products of at least this many multiply-adds (``m·k·n``) to MKL and smaller
-ones to ``a @ b``: a call through ``ctypes`` costs about 10 µs more than NumPy's own (a (256×64)·(64×2) product:
-15.7 against 3.6 µs, Intel Xeon, 1 thread), which only a product of this size or more pays back ((256×64)·(64×64):
-52 against 51 µs; (512×256)·(256×256): 0.99 against 1.13 ms)."""
+ones to ``a @ b``: a call through ``ctypes`` costs several µs more than NumPy's own, which only a product of this
+size pays back. Measured crossovers (Intel Xeon, 1 thread, NumPy against MKL through ``matmul``): float64
+(256×64)·(64×64) 46.3 against 51.6 µs, (256×64)·(64×128) 92.7 against 83.6 µs; float32 (256×64)·(64×128) 43.2
+against 48.7 µs, (512×32)·(32×256) 91.0 against 82.1 µs."""
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` as a fresh C-contiguous array, computed by the engine in use.
 
     With ``"mkl"`` the product of two host float arrays of one dtype and at least :data:`MKL_MIN_PRODUCT`
-    multiply-adds is MKL's; otherwise (another engine, a smaller product, other array types such as CuPy's, other
+    multiply-adds (per dtype) is MKL's; otherwise (another engine, a smaller product, other array types such as CuPy's, other
     dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
 
     Parameters
@@ -391,7 +392,7 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         get_engine()  # "auto" not resolved yet: resolve it once, then compute by it
         return matmul(a, b)
     (m, k), n = a.shape, b.shape[-1]
-    if m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT or a.shape[1] != b.shape[0]:
+    if m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT.get(a.dtype, 0) or a.shape[1] != b.shape[0]:
         return a @ b
     raw = _loaded["mkl"].get(a.dtype)
     la, lb = _layout(a), _layout(b)

@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 
+from nflow_np import gemm
 from nflow_np.gemm import cpuinfo_field
 
 
@@ -54,7 +55,8 @@ def provenance(dtype: object = None, threads: int | None = None) -> dict:
     -------
     dict
         ``backend``, ``dtype``, ``threads``, ``cpu``, ``cpu_count``, ``python``, ``platform``,
-        ``versions`` (nflow_np, numpy, numba, threadpoolctl) and ``blas``.
+        ``versions`` (nflow_np, numpy, numba, threadpoolctl), ``gemm_engine`` (:mod:`nflow_np.gemm`, resolved here,
+        so that the library it loads is listed) and ``blas``.
     """
     import numpy as np
 
@@ -79,6 +81,7 @@ def provenance(dtype: object = None, threads: int | None = None) -> dict:
             "numba": _version("numba"),
             "threadpoolctl": _version("threadpoolctl"),
         },
+        "gemm_engine": gemm.get_engine(),  # before blas(): "auto" may load MKL
         "blas": blas(),
     }
 
@@ -96,4 +99,5 @@ def describe(record: dict) -> str:
     if record["dtype"] is not None:
         parts.append(record["dtype"])
     parts += [thread_text, f"{record['cpu']} ({record['cpu_count']} CPUs)"]
-    return f"{', '.join(parts)}; {libraries}; BLAS {blas_text}; Python {record['python']}"
+    engine = f"GEMMs by {record['gemm_engine']}; " if record.get("gemm_engine") else ""
+    return f"{', '.join(parts)}; {libraries}; {engine}BLAS {blas_text}; Python {record['python']}"

@@ -137,7 +137,7 @@ def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: ty
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for engine in ENGINES:
         with gemm.using_engine(engine), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(gemm, "MKL_MIN_PRODUCT", 1)  # these small shapes through MKL too
+            patch.setattr(gemm, "MKL_MIN_PRODUCT", {})  # these small shapes through MKL too
             c = gemm.matmul(a, b)
         assert c.dtype == dtype and c.shape == (m, n) and c.flags.c_contiguous, engine
         np.testing.assert_allclose(c, a @ b, err_msg=engine, **tolerance)
@@ -149,7 +149,7 @@ def test_matmul_hands_products_from_the_threshold_on_to_mkl(monkeypatch: pytest.
     calls = []
     raw = gemm._load("mkl")[np.dtype(np.float64)]
     monkeypatch.setitem(gemm._loaded["mkl"], np.dtype(np.float64), lambda *args: (calls.append(args), raw(*args)))
-    side = round(gemm.MKL_MIN_PRODUCT ** (1 / 3))
+    side = round(gemm.MKL_MIN_PRODUCT[np.dtype(np.float64)] ** (1 / 3))
     rng = np.random.default_rng(2)
     with gemm.using_engine("mkl"):
         small = rng.standard_normal((side - 1, side)), rng.standard_normal((side, side))
