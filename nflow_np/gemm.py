@@ -45,6 +45,10 @@ on the 12,544×576×64 products of a 28×28 convolution (``python -m benchmarks.
 engines; docs/numerics.md#the-gemm-engine). MKL was not measured on an AMD CPU here, so ``"auto"`` does not
 take it there; ``set_engine("mkl")`` does, on any x86 CPU.
 
+MKL is loaded in its strict reproducibility mode (:data:`MKL_REPRODUCIBLE`), so that its results do not depend on
+the thread count, as OpenBLAS's do not: a run resumed on another thread count repeats the uninterrupted run bit
+for bit. It costs about 10 % in the convolutions' products and nothing measurable in the MLP step.
+
 MKL's worker threads (Intel OpenMP) copy the calling thread's floating-point mode at the start of every parallel
 region (``KMP_INHERIT_FP_CONTROL``, on by default), so the flush mode of :mod:`nflow_np.fpmode` reaches them
 without a team; :func:`mkl_workers_inherit_flush` proves it on this machine by a product whose every entry is
