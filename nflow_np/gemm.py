@@ -378,8 +378,8 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` as a fresh C-contiguous array, computed by the engine in use.
 
     With ``"mkl"`` the product of two host float arrays of one dtype and at least :data:`MKL_MIN_PRODUCT`
-    multiply-adds (per dtype) is MKL's; otherwise (another engine, a smaller product, other array types such as CuPy's, other
-    dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
+    multiply-adds (per dtype) is MKL's; otherwise (another engine, a smaller product, other array types such as
+    CuPy's, other dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
 
     Parameters
     ----------
