@@ -47,7 +47,7 @@ take it there; ``set_engine("mkl")`` does, on any x86 CPU.
 
 MKL is loaded in its strict reproducibility mode (:data:`MKL_REPRODUCIBLE`), so that its results do not depend on
 the thread count, as OpenBLAS's do not: a run resumed on another thread count repeats the uninterrupted run bit
-for bit. It costs about 10 % in the convolutions' products and nothing measurable in the MLP step.
+for bit. It costs 10–16 % in the convolutions' products and nothing measurable in the MLP step.
 
 MKL's worker threads (Intel OpenMP) copy the calling thread's floating-point mode at the start of every parallel
 region (``KMP_INHERIT_FP_CONTROL``, on by default), so the flush mode of :mod:`nflow_np.fpmode` reaches them
