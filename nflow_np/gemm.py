@@ -109,16 +109,21 @@ def _cblas_engine() -> dict[np.dtype, Callable] | None:
             if None in found:
                 continue
             integer = ctypes.c_int64 if suffix else ctypes.c_int  # the 64-bit-index builds carry a suffix
-            table = {}
-            for function, dtype, real in zip(found, (np.float32, np.float64), (ctypes.c_float, ctypes.c_double),
-                                             strict=True):  # fmt: skip
-                function.restype = None
-                function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
-                                     ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p,
-                                     integer]  # fmt: skip
-                table[np.dtype(dtype)] = _cblas_raw(function)
-            return table
+            return _cblas_table(found, integer)
     return None
+
+
+def _cblas_table(functions: list, integer: type) -> dict[np.dtype, Callable]:
+    """Raw GEMMs from ``[cblas_sgemm, cblas_dgemm]`` of a CBLAS library whose indices are ``integer``."""
+    table = {}
+    for function, dtype, real in zip(functions, (np.float32, np.float64), (ctypes.c_float, ctypes.c_double),
+                                     strict=True):  # fmt: skip
+        function.restype = None
+        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
+                             ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p,
+                             integer]  # fmt: skip
+        table[np.dtype(dtype)] = _cblas_raw(function)
+    return table
 
 
 def _cblas_raw(function: Callable) -> Callable:
@@ -152,26 +157,16 @@ mkl_strict = False
 
 def _mkl_engine() -> dict[np.dtype, Callable] | None:
     """The CBLAS GEMMs of MKL's single dynamic library (its LP64 interface: 32-bit indices, the default)."""
-    global _mkl_library
+    global _mkl_library, mkl_strict
     paths = mkl_paths()
     if not paths:
         return None
     library = ctypes.CDLL(paths[0])
-    global mkl_strict
     if MKL_REPRODUCIBLE:  # before MKL's first computation, or it is refused (then mkl_strict stays False)
         branch = int(library.MKL_CBWR_Get_Auto_Branch())
         mkl_strict = int(library.MKL_CBWR_Set(ctypes.c_int(branch | _MKL_CBWR_STRICT))) == 0
-    table = {}
-    for letter, dtype, real in (("s", np.float32, ctypes.c_float), ("d", np.float64, ctypes.c_double)):
-        function = getattr(library, f"cblas_{letter}gemm")
-        function.restype = None
-        integer = ctypes.c_int
-        function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer, integer, real,
-                             ctypes.c_void_p, integer, ctypes.c_void_p, integer, real, ctypes.c_void_p,
-                             integer]  # fmt: skip
-        table[np.dtype(dtype)] = _cblas_raw(function)
     _mkl_library = library
-    return table
+    return _cblas_table([library.cblas_sgemm, library.cblas_dgemm], ctypes.c_int)
 
 
 def mkl_workers_inherit_flush() -> bool:
@@ -390,20 +385,19 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     -------
     array, shape (M, N), of the operands' dtype
     """
+    if _chosen is None:
+        get_engine()  # resolve "auto" once
     if _chosen != "mkl" or type(a) is not np.ndarray or type(b) is not np.ndarray or a.ndim != 2 or b.ndim != 2:
-        if _chosen is not None or type(a) is not np.ndarray:
-            return a @ b
-        get_engine()  # "auto" not resolved yet: resolve it once, then compute by it
-        return matmul(a, b)
-    (m, k), n = a.shape, b.shape[-1]
-    if m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT.get(a.dtype, 0) or a.shape[1] != b.shape[0]:
         return a @ b
+    (m, k), n = a.shape, b.shape[1]
     raw = _loaded["mkl"].get(a.dtype)
-    la, lb = _layout(a), _layout(b)
-    if raw is None or b.dtype != a.dtype or la is None or lb is None:
+    if raw is None or b.dtype != a.dtype or b.shape[0] != k or m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT[a.dtype]:
         return a @ b
-    c = np.empty((a.shape[0], b.shape[1]), dtype=a.dtype)
-    _view_call(raw, a, b, c, 0.0, la, lb, (False, max(c.shape[1], 1)))
+    la, lb = _layout(a), _layout(b)
+    if la is None or lb is None:
+        return a @ b
+    c = np.empty((m, n), dtype=a.dtype)
+    _view_call(raw, a, b, c, 0.0, la, lb, (False, n))
     return c
 
 

@@ -13,7 +13,6 @@ import platform
 import sys
 
 from nflow_np import gemm
-from nflow_np.gemm import cpuinfo_field
 
 
 def _version(package: str) -> str | None:
@@ -26,7 +25,7 @@ def _version(package: str) -> str | None:
 
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo`` on Linux, else what :mod:`platform` knows)."""
-    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
+    return gemm.cpuinfo_field("model name") or platform.processor() or platform.machine() or "unknown"
 
 
 def blas() -> list[dict]:

@@ -107,10 +107,11 @@ def test_blocks_refuse_arrays_they_cannot_address() -> None:
 
 
 X86_LINUX = sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
-needs_mkl = pytest.mark.skipif("mkl" not in ENGINES, reason="MKL is not installed here (the x86-64 Linux test extra)")
+needs_mkl = pytest.mark.skipif(not X86_LINUX, reason="the mkl wheel exists for x86-64 Linux only (the test extra "
+                                                     "installs it there)")
 
 
-@pytest.mark.skipif(not X86_LINUX, reason="the mkl wheel exists for x86-64 only; the test extra installs it on Linux")
+@needs_mkl
 def test_mkl_is_an_engine_where_the_test_extra_installs_it() -> None:
     assert gemm.mkl_paths(), "libmkl_rt not found: install the test extra (pip install -e '.[test]')"
     assert "mkl" in ENGINES
@@ -137,7 +138,7 @@ def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: ty
     tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for engine in ENGINES:
         with gemm.using_engine(engine), pytest.MonkeyPatch.context() as patch:
-            patch.setattr(gemm, "MKL_MIN_PRODUCT", {})  # these small shapes through MKL too
+            patch.setattr(gemm, "MKL_MIN_PRODUCT", dict.fromkeys(gemm.MKL_MIN_PRODUCT, 1))  # small shapes: MKL too
             c = gemm.matmul(a, b)
         assert c.dtype == dtype and c.shape == (m, n) and c.flags.c_contiguous, engine
         np.testing.assert_allclose(c, a @ b, err_msg=engine, **tolerance)
@@ -183,8 +184,7 @@ def test_mkl_workers_compute_in_the_flush_mode_of_the_library_call() -> None:
     ``A`` = 512×512 subnormals times ones is ≈ 5·10⁻³⁸ (a normal number) in every entry without DAZ and 0 with
     it, so an all-zero product means every thread that computed a row had the mode.
     """
-    if not fpmode.get_flush_denormals() or fpmode.register().get is None:
-        pytest.skip("flushing is off or MXCSR is unreachable on this CPU")
+    assert fpmode.get_flush_denormals() and fpmode.register().get is not None  # x86: MXCSR is reachable
     assert gemm.mkl_workers_inherit_flush()
     a = np.full((512, 512), 1e-40, dtype=np.float32)
     b = np.ones((512, 512), dtype=np.float32)
