@@ -17,7 +17,8 @@ the step time after a warm-up and:
 - ``GEMMs alone``: the same GEMMs, in the formulation's own shapes (im2col: one product per pass on the
   im2col matrix; shifted: the ``k²`` chunked products on frames, ring columns included), timed by
   themselves, their useful GFLOP/s and % of the peak (how well BLAS does on these shapes; in brackets the
-  rate of the FLOPs the GEMMs compute, the shifted ring's columns included), and
+  rate of the FLOPs the GEMMs compute, the shifted ring's columns included; the thin first and last
+  convolutions' gathers, ``docs/conv.md#thin-convolutions``, are counted the same way), and
   ``step/GEMMs``: what the rest (im2col, col2im, layout, batch norm, ReLU, bias, skip) costs on top;
 - ``× torch``: PyTorch's time for the same net (weight-normalised convolutions, batch norm, autograd) over
   nflow_np's, at the same thread count (> 1: nflow_np faster);

@@ -31,6 +31,7 @@ import dataclasses
 
 import numpy as np
 
+from nflow_np import gemm
 from nflow_np.gemm import Blocks
 
 CHUNK_BYTES = 1 << 20
@@ -167,8 +168,67 @@ def stack_weights(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(2, 3, 0, 1))
 
 
+THIN_CHANNELS = 16
+"""A convolution with fewer input or output channels than this is computed by a gather (:func:`method_for`)."""
+
+METHODS = ("shifted", "gather_input", "gather_output")
+
+
+def method_for(c_in: int, c_out: int, k: int) -> str:
+    """How :func:`conv_forward` and :func:`conv_backward` compute a ``c_in → c_out`` convolution of size ``k``.
+
+    - ``"shifted"``: ``k²`` products ``W_ij · x[:, a+δ : b+δ]`` per chunk (inner dimension ``C_in``, rows
+      ``C_out``), the default;
+    - ``"gather_input"`` when ``C_in`` is thin (under :data:`THIN_CHANNELS`, and ``C_in ≤ C_out``): the chunk's
+      ``k²`` shifted input blocks are copied into one ``(k² C_in, b − a)`` matrix (a chunked im2col, small
+      because ``C_in`` is), and each pass is one product with inner dimension ``k² C_in``;
+    - ``"gather_output"`` when ``C_out`` is thin: one product with ``k² C_out`` rows computes every offset's
+      unshifted partial output, and the shifted blocks are summed (the adjoint of the gather).
+
+    A product with 2 to 8 rows or inner columns (the first and last convolutions of a coupling net) runs at a
+    fraction of the GEMM rate; the gathers give it ``k²`` times as many (``docs/conv.md#thin-convolutions``).
+    """
+    if k == 1 or min(c_in, c_out) >= THIN_CHANNELS:
+        return "shifted"
+    return "gather_input" if c_in <= c_out else "gather_output"
+
+
+def _halo(frame: Frame) -> int:
+    """``h = p·row + p``, the largest ``|δ_ij|``: a chunk ``[a, b)`` reads columns ``[a − h, b + h)``."""
+    return frame.p * frame.row + frame.p
+
+
+def _gather(out: np.ndarray, src: np.ndarray, frame: Frame, a: int, b: int, sign: int) -> None:
+    """``out[r·C : (r+1)·C, : b − a] = src[:, a + sign·δ_r : b + sign·δ_r]`` for every offset ``r = i·k + j``."""
+    c = src.shape[0]
+    for r, (_, _, d) in enumerate(frame.offsets()):
+        out[r * c : (r + 1) * c, : b - a] = src[:, a + sign * d : b + sign * d]
+
+
+def _shift_sum(out: np.ndarray, z: np.ndarray, frame: Frame, c: int, n: int, sign: int, beta: float) -> None:
+    """``out (+)= Σ_r z[r·C : (r+1)·C, h + sign·δ_r : h + sign·δ_r + n]``, the adjoint of :func:`_gather`.
+
+    ``z`` holds the columns ``[a − h, b + h)`` of ``k²`` partial outputs (column ``h`` is position ``a``), so
+    the block of offset ``r`` read at ``q + sign·δ_r`` starts at column ``h + sign·δ_r``.
+    """
+    h = _halo(frame)
+    for r, (_, _, d) in enumerate(frame.offsets()):
+        block = z[r * c : (r + 1) * c, h + sign * d : h + sign * d + n]
+        if r == 0 and beta == 0:
+            out[...] = block
+        else:
+            out += block
+
+
+def _flat_weights(wk: np.ndarray) -> np.ndarray:
+    """``wk: (k, k, C_out, C_in)`` as ``(C_out, k² C_in)``, ``[o, r·C_in + c] = W_r[o, c]``: the gathered input's
+    filter matrix (``wk`` itself, read as ``(k² C_out, C_in)``, is the gathered output's)."""
+    k, _, c_out, c_in = wk.shape
+    return np.ascontiguousarray(wk.transpose(2, 0, 1, 3)).reshape(c_out, k * k * c_in)
+
+
 def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | None = None,
-                 beta: float = 0.0, chunk: int | None = None) -> np.ndarray:  # fmt: skip
+                 beta: float = 0.0, chunk: int | None = None, method: str | None = None) -> np.ndarray:  # fmt: skip
     """``out[:, q] ← Σ_ij W_ij x[:, q + δ_ij] (+ out[:, q] when beta = 1)`` for ``q ∈ [start, stop)``.
 
     Parameters
@@ -184,6 +244,8 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
         ``1`` adds to what ``out`` holds there.
     chunk : int, optional
         Columns per chunk (:func:`chunk_columns` when omitted).
+    method : {"shifted", "gather_input", "gather_output"}, optional
+        :func:`method_for` the shape when omitted; all three compute the same sums.
 
     Returns
     -------
@@ -195,9 +257,28 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
     Every array is C-contiguous: the products address their blocks by pointer arithmetic
     (:class:`~nflow_np.gemm.Blocks`).
     """
-    c_out, c_in = wk.shape[2:]
+    k, _, c_out, c_in = wk.shape
+    method = method or method_for(c_in, c_out, k)
     if out is None:
         out = np.empty_like(x, shape=(c_out, frame.length))
+    if method == "gather_input":  # out[:, a:b] = W_flat · [x[:, a+δ_r : b+δ_r]]_r
+        chunk = chunk or chunk_columns(frame, k * k * c_in + c_out, x.itemsize)
+        w_flat = _flat_weights(wk)
+        cols = np.empty_like(x, shape=(k * k * c_in, min(chunk, max(1, frame.stop - frame.start))))
+        product = Blocks(w_flat, cols, out)
+        for a, b in _chunks(frame, chunk):
+            _gather(cols, x, frame, a, b, +1)
+            product(c_out, b - a, k * k * c_in, 0, 0, a, beta)
+        return out
+    if method == "gather_output":  # z = W_stack · x[:, a−h : b+h], out[:, q] = Σ_r z_r[:, q + δ_r]
+        chunk = chunk or chunk_columns(frame, k * k * c_out + c_in, x.itemsize)
+        h = _halo(frame)
+        z = np.empty_like(x, shape=(k * k * c_out, min(chunk, max(1, frame.stop - frame.start)) + 2 * h))
+        product = Blocks(wk, x, z)
+        for a, b in _chunks(frame, chunk):
+            product(k * k * c_out, b - a + 2 * h, c_in, 0, a - h, 0, 0.0)
+            _shift_sum(out[:, a:b], z, frame, c_out, b - a, +1, beta)
+        return out
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
     product = Blocks(wk, x, out)  # W_ij @ x[:, a + d : b + d] into out[:, a:b], by flat indices
     weights = [(i * wk.shape[1] + j) * c_out * c_in for i, j, _ in frame.offsets()]
@@ -208,8 +289,8 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
 
 
 def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, d_x: np.ndarray | None = None,
-                  beta: float = 0.0, input_grad: bool = True,
-                  chunk: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+                  beta: float = 0.0, input_grad: bool = True, chunk: int | None = None,
+                  method: str | None = None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """``(∂L/∂W_ij, ∂L/∂x)`` from ``∂L/∂y``, in one pass over the chunks of ``[start, stop)``.
 
     ``∂L/∂W_ij = Σ_q d_y[:, q] x[:, q + δ_ij]ᵀ`` and ``∂L/∂x[:, q] (+)= Σ_ij W_ijᵀ d_y[:, q − δ_ij]``.
@@ -228,6 +309,8 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
     input_grad : bool
         ``False`` skips ``∂L/∂x`` (returns ``None`` for it).
     chunk : int, optional
+    method : {"shifted", "gather_input", "gather_output"}, optional
+        As for :func:`conv_forward`.
 
     Returns
     -------
@@ -237,24 +320,79 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
 
     Notes
     -----
-    Every array is C-contiguous, as for :func:`conv_forward`. The weight gradient reads ``x`` pixel-major
-    (:func:`pixel_major`, one transposed copy): OpenBLAS is faster on that layout for its 64×64-output products.
+    Every array is C-contiguous, as for :func:`conv_forward`. With NumPy's OpenBLAS the weight gradient reads
+    ``x`` pixel-major (:func:`pixel_major`, one transposed copy), which OpenBLAS runs faster for its 64×64-output
+    products; MKL is faster reading ``x`` itself, transposed (``docs/conv.md#speed``).
     """
     k, _, c_out, c_in = wk.shape
-    d_wk = np.empty_like(wk, shape=wk.shape)
+    method = method or method_for(c_in, c_out, k)
     if input_grad and d_x is None:
         d_x = np.empty_like(x, shape=(c_in, frame.length))
+    if method == "gather_input":
+        return _gather_input_backward(d_y, x, wk, frame, d_x, beta, input_grad, chunk)
+    if method == "gather_output":
+        return _gather_output_backward(d_y, x, wk, frame, d_x, beta, input_grad, chunk)
+    d_wk = np.empty_like(wk, shape=wk.shape)
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
-    x_pixels = pixel_major(x)  # (length, C_in): the weight gradient's operand (measured faster, docs/conv.md)
-    weight_grad = Blocks(d_y, x_pixels, d_wk)  # d_y[:, a:b] @ x_pixels[a + d : b + d] into d_wk[i, j]
+    if gemm.get_engine() == "mkl":
+        weight_grad = Blocks(d_y, x, d_wk, trans_b=True)  # d_y[:, a:b] @ x[:, a + d : b + d]ᵀ into d_wk[i, j]
+        x_at = 1
+    else:
+        x_pixels = pixel_major(x)  # (length, C_in): the weight gradient's operand (measured faster, docs/conv.md)
+        weight_grad = Blocks(d_y, x_pixels, d_wk)  # d_y[:, a:b] @ x_pixels[a + d : b + d] into d_wk[i, j]
+        x_at = c_in
     input_grad_product = Blocks(wk, d_y, d_x, trans_a=True) if input_grad else None  # W_ijᵀ @ d_y[:, a − d : b − d]
     offsets = [((i * k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]
     for number, (a, b) in enumerate(_chunks(frame, chunk)):
         for w_at, d in offsets:
-            weight_grad(c_out, c_in, b - a, a, (a + d) * c_in, w_at, 0.0 if number == 0 else 1.0)
+            weight_grad(c_out, c_in, b - a, a, (a + d) * x_at, w_at, 0.0 if number == 0 else 1.0)
         if input_grad:
             for index, (w_at, d) in enumerate(offsets):
                 input_grad_product(c_in, b - a, c_out, w_at, a - d, a, beta if index == 0 else 1.0)
+    return d_wk, (d_x if input_grad else None)
+
+
+def _gather_input_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, d_x: np.ndarray | None,
+                           beta: float, input_grad: bool,
+                           chunk: int | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """:func:`conv_backward` for a thin input: per chunk, with ``X = [x[:, a+δ_r : b+δ_r]]_r`` (the forward's
+    gather), ``∂W_flat += d_y[:, a:b] · Xᵀ`` and ``z = W_flatᵀ · d_y[:, a−h : b+h]``,
+    ``∂x[:, q] (+)= Σ_r z_r[:, q − δ_r]``."""
+    k, _, c_out, c_in = wk.shape
+    chunk = chunk or chunk_columns(frame, k * k * c_in + c_out, x.itemsize)
+    h, width = _halo(frame), min(chunk, max(1, frame.stop - frame.start))
+    w_flat = _flat_weights(wk)
+    d_flat = np.zeros_like(w_flat)
+    cols = np.empty_like(x, shape=(k * k * c_in, width))
+    z = np.empty_like(x, shape=(k * k * c_in, width + 2 * h)) if input_grad else None
+    weight_grad = Blocks(d_y, cols, d_flat, trans_b=True)
+    spread = Blocks(w_flat, d_y, z, trans_a=True) if input_grad else None
+    for number, (a, b) in enumerate(_chunks(frame, chunk)):
+        _gather(cols, x, frame, a, b, +1)
+        weight_grad(c_out, k * k * c_in, b - a, a, 0, 0, 0.0 if number == 0 else 1.0)
+        if input_grad:
+            spread(k * k * c_in, b - a + 2 * h, c_out, 0, a - h, 0, 0.0)
+            _shift_sum(d_x[:, a:b], z, frame, c_in, b - a, -1, beta)
+    d_wk = np.ascontiguousarray(d_flat.reshape(c_out, k, k, c_in).transpose(1, 2, 0, 3))
+    return d_wk, (d_x if input_grad else None)
+
+
+def _gather_output_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, d_x: np.ndarray | None,
+                            beta: float, input_grad: bool,
+                            chunk: int | None) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
+    """:func:`conv_backward` for a thin output: per chunk, with ``D = [d_y[:, a−δ_r : b−δ_r]]_r``,
+    ``∂W_stack += D · x[:, a:b]ᵀ`` and ``∂x[:, a:b] (+)= W_stackᵀ · D`` (one gather for both)."""
+    k, _, c_out, c_in = wk.shape
+    chunk = chunk or chunk_columns(frame, k * k * c_out + c_in, x.itemsize)
+    d_wk = np.zeros_like(wk)
+    cols = np.empty_like(d_y, shape=(k * k * c_out, min(chunk, max(1, frame.stop - frame.start))))
+    weight_grad = Blocks(cols, x, d_wk, trans_b=True)  # d_wk read as (k² C_out, C_in)
+    spread = Blocks(wk, cols, d_x, trans_a=True) if input_grad else None
+    for number, (a, b) in enumerate(_chunks(frame, chunk)):
+        _gather(cols, d_y, frame, a, b, -1)
+        weight_grad(k * k * c_out, c_in, b - a, 0, a, 0, 0.0 if number == 0 else 1.0)
+        if input_grad:
+            spread(c_in, b - a, k * k * c_out, 0, 0, a, beta)
     return d_wk, (d_x if input_grad else None)
 
 

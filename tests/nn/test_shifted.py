@@ -37,6 +37,12 @@ odd_sizes = st.sampled_from([1, 3, 5])
 kernels = st.sampled_from([1, 3, 5])
 seeds = st.integers(0, 2**32 - 1)
 dtypes = st.sampled_from([np.float32, np.float64])
+thins = st.sampled_from([0, 1000])  # THIN_CHANNELS: 0 computes every convolution shifted, 1000 every one by a gather
+
+
+def thin_channels(thin: int) -> contextlib.AbstractContextManager:
+    """``shifted.THIN_CHANNELS`` set to ``thin``: the tests' channel counts (1–3) would otherwise always gather."""
+    return mock.patch.object(shifted, "THIN_CHANNELS", thin)
 
 
 def tolerance(dtype: type) -> dict:
@@ -86,16 +92,18 @@ def test_frame_layout_functions() -> None:
 # -- the convolution ----------------------------------------------------------------------------------------------
 @FAST
 @given(n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes, k=kernels, dtype=dtypes, seed=seeds,
-       chunk=st.sampled_from([None, 1, 2, 7]))  # fmt: skip
+       chunk=st.sampled_from([None, 1, 2, 7]), method=st.sampled_from(shifted.METHODS))  # fmt: skip
 def test_shifted_conv_matches_the_direct_loop_and_im2col(n: int, c_in: int, c_out: int, h: int, w: int, k: int,
-                                                        dtype: type, seed: int, chunk: int | None) -> None:  # fmt: skip
+                                                        dtype: type, seed: int, chunk: int | None,
+                                                        method: str) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
     filters = rng.standard_normal((c_out, c_in, k, k)).astype(dtype)
     bias = rng.standard_normal(c_out).astype(dtype)
     frame = shifted.frame_of(x.shape, k)
     raw = np.full((c_out, frame.length), np.nan, dtype=dtype)  # garbage the pass must not read
-    shifted.conv_forward(shifted.to_frame(x, frame), shifted.stack_weights(filters), frame, out=raw, chunk=chunk)
+    shifted.conv_forward(shifted.to_frame(x, frame), shifted.stack_weights(filters), frame, out=raw, chunk=chunk,
+                         method=method)
     y = shifted.from_frame(raw, frame, bias)
     assert y.dtype == dtype
     want = direct_conv(x.astype(np.float64), filters.astype(np.float64), bias)
@@ -107,10 +115,10 @@ def test_shifted_conv_matches_the_direct_loop_and_im2col(n: int, c_in: int, c_ou
 
 @FAST
 @given(n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes, k=kernels, dtype=dtypes, seed=seeds,
-       chunk=st.sampled_from([None, 1, 3]), wn=st.booleans())  # fmt: skip
+       chunk=st.sampled_from([None, 1, 3]), wn=st.booleans(), thin=thins)  # fmt: skip
 def test_the_shifted_conv2d_layer_equals_the_im2col_layer(n: int, c_in: int, c_out: int, h: int, w: int, k: int,
-                                                          dtype: type, seed: int, chunk: int | None,
-                                                          wn: bool) -> None:  # fmt: skip
+                                                          dtype: type, seed: int, chunk: int | None, wn: bool,
+                                                          thin: int) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     layers = [Conv2d(c_in, c_out, k, np.random.default_rng(1), dtype, wn, formulation=f) for f in ("im2col", "shifted")]
     for layer in layers:
@@ -120,7 +128,7 @@ def test_the_shifted_conv2d_layer_equals_the_im2col_layer(n: int, c_in: int, c_o
     results = []
     chunks = mock.patch.object(shifted, "chunk_columns", lambda *args: chunk) if chunk else contextlib.nullcontext()
     for layer in layers:
-        with chunks:
+        with chunks, thin_channels(thin):
             y = layer.forward(x)
             d_x = layer.backward(d_y)
         assert y.dtype == d_x.dtype == dtype
@@ -147,11 +155,14 @@ def test_the_ring_must_be_zero() -> None:
 
 
 @FAST
-@given(n=batches, c_in=channels, c_out=channels, h=odd_sizes, w=odd_sizes, k=kernels, wn=st.booleans(), seed=seeds)
-def test_shifted_conv2d_gradients(n: int, c_in: int, c_out: int, h: int, w: int, k: int, wn: bool, seed: int) -> None:
+@given(n=batches, c_in=channels, c_out=channels, h=odd_sizes, w=odd_sizes, k=kernels, wn=st.booleans(), seed=seeds,
+       thin=thins)  # fmt: skip
+def test_shifted_conv2d_gradients(n: int, c_in: int, c_out: int, h: int, w: int, k: int, wn: bool, seed: int,
+                                  thin: int) -> None:  # fmt: skip
     rng = np.random.default_rng(seed)
     layer = randomise(Conv2d(c_in, c_out, k, rng, weight_norm=wn, formulation="shifted"), rng)
-    check_layer_gradients(layer, rng.standard_normal((n, c_in, h, w)), rng)
+    with thin_channels(thin):
+        check_layer_gradients(layer, rng.standard_normal((n, c_in, h, w)), rng)
 
 
 # -- the ResNet on frames -----------------------------------------------------------------------------------------
@@ -171,9 +182,9 @@ def resnet(c_in: int, c_out: int, shape: tuple, k: int, blocks: int, features: i
 
 @FEW
 @given(n=batches, c_in=channels, c_out=channels, h=odd_sizes, w=odd_sizes, k=kernels, blocks=st.integers(0, 2),
-       mode=st.sampled_from(["eval", "train"]), seed=seeds)  # fmt: skip
+       mode=st.sampled_from(["eval", "train"]), seed=seeds, thin=thins)  # fmt: skip
 def test_shifted_resnet_gradients(n: int, c_in: int, c_out: int, h: int, w: int, k: int, blocks: int, mode: str,
-                                  seed: int) -> None:  # fmt: skip
+                                  seed: int, thin: int) -> None:  # fmt: skip
     n = max(n, 2) if mode == "train" else n
     net = resnet(c_in, c_out, (h, w), k, blocks, 2, np.float64, mode, "shifted", seed)
     if mode == "train":
@@ -181,22 +192,23 @@ def test_shifted_resnet_gradients(n: int, c_in: int, c_out: int, h: int, w: int,
             if hasattr(m, "momentum"):
                 m.momentum = 0.0  # frozen running averages: finite differences see one function
     rng = np.random.default_rng(seed)
-    check_layer_gradients(net, rng.standard_normal((n, c_in, h, w)), rng)
+    with thin_channels(thin):
+        check_layer_gradients(net, rng.standard_normal((n, c_in, h, w)), rng)
     assert net._path == "shifted"
 
 
 @FEW
 @given(n=batches, c_in=channels, c_out=channels, h=sizes, w=sizes, k=kernels, blocks=st.integers(0, 2),
        mode=st.sampled_from(["eval", "train"]), dtype=dtypes, seed=seeds,
-       name=st.sampled_from(BACKENDS))  # fmt: skip
+       name=st.sampled_from(BACKENDS), thin=thins)  # fmt: skip
 def test_the_two_formulations_agree(n: int, c_in: int, c_out: int, h: int, w: int, k: int, blocks: int, mode: str,
-                                    dtype: type, seed: int, name: str) -> None:  # fmt: skip
+                                    dtype: type, seed: int, name: str, thin: int) -> None:  # fmt: skip
     n = max(n, 2) if mode == "train" else n
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c_in, h, w)).astype(dtype)
     d_y = rng.standard_normal((n, c_out, h, w)).astype(dtype)
     results = []
-    with backend.using(name):
+    with backend.using(name), thin_channels(thin):
         for formulation in ("im2col", "shifted"):
             net = resnet(c_in, c_out, (h, w), k, blocks, 3, dtype, mode, formulation, seed)
             y = net.forward(x)
@@ -253,9 +265,10 @@ def test_formulation_is_checked_and_set_on_every_net() -> None:
     assert set_formulation(net, "im2col") == [net] and net.formulation == "im2col"
 
 
+@pytest.mark.parametrize("thin", [0, 1000])
 @pytest.mark.parametrize("engine", gemm.available_engines())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_gemm_engine_gives_the_same_convolution(engine: str, dtype: type) -> None:
+def test_every_gemm_engine_gives_the_same_convolution(engine: str, dtype: type, thin: int) -> None:
     """Forward, weight and input gradients of the shifted conv on each engine equal the im2col layer's."""
     rng = np.random.default_rng(3)
     layers = [Conv2d(3, 4, 3, np.random.default_rng(1), dtype, formulation=f) for f in ("im2col", "shifted")]
@@ -265,7 +278,40 @@ def test_every_gemm_engine_gives_the_same_convolution(engine: str, dtype: type) 
     d_y = rng.standard_normal((2, 4, 5, 6)).astype(dtype)
     results = []
     for layer in layers:
-        with gemm.using_engine(engine):
+        with gemm.using_engine(engine), thin_channels(thin):
             results.append([layer.forward(x), layer.backward(d_y), *(g for _, _, g in layer.named_parameters())])
     for got, want in zip(*results, strict=True):
         np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
+def test_thin_convolutions_gather() -> None:
+    """The method by shape (``docs/conv.md#thin-convolutions``): the gathers for a side under 16 channels."""
+    assert shifted.method_for(64, 64, 3) == shifted.method_for(16, 64, 3) == "shifted"
+    assert shifted.method_for(5, 64, 3) == shifted.method_for(15, 16, 5) == "gather_input"
+    assert shifted.method_for(64, 8, 3) == shifted.method_for(16, 2, 3) == "gather_output"
+    assert shifted.method_for(2, 2, 3) == "gather_input"
+    assert shifted.method_for(2, 64, 1) == "shifted"  # a 1×1 convolution has nothing to gather
+
+
+@pytest.mark.parametrize("method", shifted.METHODS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_method_gives_the_same_gradients_and_accumulates(method: str, dtype: type) -> None:
+    """``conv_backward``'s three methods: the same ``∂W`` and ``∂x``, with ``beta = 1`` adding to ``d_x``, on a
+    chunk size that splits the frame unevenly; ``input_grad=False`` gives the same ``∂W`` and no ``∂x``."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 5, 4)).astype(dtype)
+    d_y = rng.standard_normal((3, 6, 5, 4)).astype(dtype)
+    frame = shifted.frame_of(x.shape, 3)
+    wk = shifted.stack_weights(rng.standard_normal((6, 2, 3, 3)).astype(dtype))
+    x_frame, d_frame = shifted.to_frame(x, frame), shifted.to_frame(d_y, frame)
+    start = rng.standard_normal((2, frame.length)).astype(dtype)
+    want_w, want_x = shifted.conv_backward(d_frame, x_frame, wk, frame, method="shifted")
+    got_w, got_x = shifted.conv_backward(d_frame, x_frame, wk, frame, d_x=start.copy(), beta=1.0, chunk=7,
+                                         method=method)  # fmt: skip
+    assert got_w.dtype == got_x.dtype == dtype
+    np.testing.assert_allclose(got_w, want_w, **tolerance(dtype))
+    np.testing.assert_allclose(shifted.from_frame(got_x, frame), shifted.from_frame(want_x + start, frame),
+                               **tolerance(dtype))  # fmt: skip
+    only_w, none = shifted.conv_backward(d_frame, x_frame, wk, frame, input_grad=False, method=method)
+    assert none is None
+    np.testing.assert_allclose(only_w, want_w, **tolerance(dtype))
