@@ -74,10 +74,13 @@ def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str) -> np.n
         frame = shifted.Frame(batch, net.shape[0], net.shape[1], net.kernel_size)
         operands = []
         for c in convolutions(net):
-            x = rng.standard_normal((c.in_channels, frame.length)).astype(np.float32)
-            d_y = rng.standard_normal((c.out_channels, frame.length)).astype(np.float32)
+            x, d_y = (shifted.new_frame(channels, frame, np.float32) for channels in (c.in_channels, c.out_channels))
+            x[...] = rng.standard_normal(x.shape)  # frames as the step allocates them (aligned rows)
+            d_y[...] = rng.standard_normal(d_y.shape)
             wk = rng.standard_normal((c.kernel_size, c.kernel_size, c.out_channels, c.in_channels)).astype(np.float32)
-            operands.append((x, d_y, wk, np.empty_like(d_y), np.empty_like(x)))
+            y, d_x = shifted.new_frame(c.out_channels, frame, np.float32), shifted.new_frame(c.in_channels, frame,
+                                                                                             np.float32)  # fmt: skip
+            operands.append((x, d_y, wk, y, d_x))
 
         def run() -> None:
             for x, d_y, wk, y, d_x in operands:

@@ -190,18 +190,29 @@ def _batch_norm_relu_backward(d_u, t, mask, bias, gamma, beta, mean, inv_std, tr
 
 
 @functools.lru_cache(maxsize=32)
-def _pixel_mask(n: int, h: int, w: int, k: int) -> np.ndarray:
-    """``mask[q] = 1`` where position ``q`` of a frame holds a pixel (uint8, ``lead + n·image`` long)."""
+def _pixel_mask(n: int, h: int, w: int, k: int, length: int) -> np.ndarray:
+    """``mask[q] = 1`` where position ``q`` of a frame holds a pixel (uint8, ``length`` long: the frame's row,
+    which may run past the last image's ring, ``Frame.end``, to an aligned length)."""
     p = k // 2
     row, lead = w + p, p * (w + p) + p
-    mask = np.zeros(lead + n * (h + p) * row, dtype=np.uint8)
-    mask[lead:].reshape(n, h + p, row)[:, :h, :w] = 1
+    mask = np.zeros(length, dtype=np.uint8)
+    mask[lead : lead + n * (h + p) * row].reshape(n, h + p, row)[:, :h, :w] = 1
     mask.flags.writeable = False
     return mask
 
 
 def _mask(frame: object) -> np.ndarray:
-    return _pixel_mask(frame.n, frame.h, frame.w, frame.k)
+    return _pixel_mask(frame.n, frame.h, frame.w, frame.k, frame.length)
+
+
+def _new_frame(channels: int, frame: object, dtype: np.dtype) -> np.ndarray:
+    """An uninitialised ``(channels, frame.length)`` array with 64-byte aligned rows, as the reference's
+    ``new_frame`` makes them (``frame.length`` is a multiple of 16 entries)."""
+    dtype = np.dtype(dtype)
+    size, spare = channels * frame.length, 64 // dtype.itemsize
+    flat = np.empty(size + spare, dtype=dtype)
+    offset = (-flat.ctypes.data % 64) // dtype.itemsize
+    return flat[offset : offset + size].reshape(channels, frame.length)
 
 
 def _vector(v: np.ndarray | None, like: np.ndarray, channels: int) -> np.ndarray:
@@ -214,7 +225,7 @@ def _vector(v: np.ndarray | None, like: np.ndarray, channels: int) -> np.ndarray
 def to_frame(x: np.ndarray, frame: object) -> np.ndarray:
     """``nflow_np.nn.shifted.to_frame``: ``(N, C, H, W)`` → a clean ``(C, length)`` frame."""
     x = np.ascontiguousarray(x)
-    out = np.empty((x.shape[1], frame.length), dtype=x.dtype)
+    out = _new_frame(x.shape[1], frame, x.dtype)
     _to_frame(x, out, *_geometry(frame))
     return out
 
@@ -248,7 +259,7 @@ def batch_norm_relu(t: np.ndarray, frame: object, bias: np.ndarray, gamma: np.nd
     training = mean is None
     mean = np.empty(channels, dtype=dtype) if training else _vector(mean, t, channels).copy()
     var = np.empty(channels, dtype=dtype) if training else _vector(var, t, channels).copy()
-    u = np.empty_like(t)
+    u = _new_frame(channels, frame, dtype)
     vectors = [_vector(v, t, channels) for v in (bias, gamma, beta)]
     _batch_norm_relu(t, _mask(frame), *vectors, dtype.type(eps), mean, var, training, u, frame.pixel_count)
     return u, mean, var
@@ -260,7 +271,7 @@ def batch_norm_relu_backward(d_u: np.ndarray, t: np.ndarray, frame: object, bias
     """``nflow_np.nn.shifted.batch_norm_relu_backward``: ``(d_t, Σ d_z, Σ d_z ⊙ x̂, Σ d_t)``."""
     t, d_u = np.ascontiguousarray(t), np.ascontiguousarray(d_u)
     channels = t.shape[0]
-    d_t = np.empty_like(t)
+    d_t = _new_frame(channels, frame, t.dtype)
     sums = np.empty((3, channels), dtype=t.dtype)
     vectors = [_vector(v, t, channels) for v in (bias, gamma, beta, mean, inv_std)]
     _batch_norm_relu_backward(d_u, t, _mask(frame), *vectors, bool(training), d_t, sums, frame.pixel_count)

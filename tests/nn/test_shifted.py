@@ -74,6 +74,27 @@ def test_the_frame_holds_every_pixel_once_and_every_shifted_read_inside(n: int, 
                 assert ring[q + d]
 
 
+@FAST
+@given(n=batches, h=sizes, w=sizes, k=kernels, chunk=st.integers(1, 300), dtype=dtypes)
+def test_chunks_cover_the_range_and_frames_are_aligned(n: int, h: int, w: int, k: int, chunk: int,
+                                                       dtype: type) -> None:  # fmt: skip
+    frame = shifted.Frame(n, h, w, k)
+    spans = shifted._chunks(frame, chunk)
+    assert spans[0][0] == frame.start and spans[-1][1] == frame.stop
+    assert all(b > a for a, b in spans) and all(b == a for (_, b), (a, _) in zip(spans, spans[1:]))
+    if chunk >= 4 * shifted.ALIGN:
+        assert all(a % shifted.ALIGN == 0 for a, _ in spans[1:])
+        assert max(b - a for a, b in spans) <= chunk + shifted.ALIGN
+    else:
+        assert max(b - a for a, b in spans) <= chunk
+    assert frame.length % shifted.ALIGN == 0 and 0 <= frame.length - frame.end < shifted.ALIGN
+    for zero in (False, True):
+        f = shifted.new_frame(3, frame, dtype, zero=zero)
+        assert f.shape == (3, frame.length) and f.dtype == dtype and f.flags.c_contiguous
+        assert f.ctypes.data % 64 == 0 and f.strides[0] % 64 == 0
+    assert not np.any(shifted.new_frame(2, frame, dtype, zero=True))
+
+
 def test_frame_layout_functions() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 4, 5))
