@@ -373,8 +373,9 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` as a fresh C-contiguous array, computed by the engine in use.
 
     With ``"mkl"`` the product of two host float arrays of one dtype and at least :data:`MKL_MIN_PRODUCT`
-    multiply-adds (per dtype) is MKL's; otherwise (another engine, a smaller product, other array types such as
-    CuPy's, other dtypes, a layout BLAS cannot address) it is ``a @ b`` itself.
+    multiply-adds (per dtype) is MKL's, an operand whose layout BLAS cannot address (a strided view such as
+    ``x[:, ::2]``) copied to a contiguous one first, as NumPy's ``@`` does; otherwise (another engine, a smaller
+    product, other array types such as CuPy's, other dtypes) it is ``a @ b`` itself.
 
     Parameters
     ----------
@@ -394,8 +395,12 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if raw is None or b.dtype != a.dtype or b.shape[0] != k or m * k * n == 0 or m * k * n < MKL_MIN_PRODUCT[a.dtype]:
         return a @ b
     la, lb = _layout(a), _layout(b)
-    if la is None or lb is None:
-        return a @ b
+    if la is None:  # e.g. every other column of a batch (a vector mask's half): NumPy's `@` would copy it too
+        a = np.ascontiguousarray(a)
+        la = _layout(a)
+    if lb is None:
+        b = np.ascontiguousarray(b)
+        lb = _layout(b)
     c = np.empty((m, n), dtype=a.dtype)
     _view_call(raw, a, b, c, 0.0, la, lb, (False, n))
     return c

@@ -22,10 +22,13 @@ ENGINES = gemm.available_engines()
 
 
 def operand(rng: np.random.Generator, shape: tuple[int, int], dtype: type, kind: str) -> np.ndarray:
-    """A ``shape`` view: ``"plain"`` C-contiguous, ``"view"`` inside a wider array, ``"transposed"`` a ``.T``."""
+    """A ``shape`` view: ``"plain"`` C-contiguous, ``"view"`` inside a wider array, ``"transposed"`` a ``.T``,
+    ``"strided"`` every other column (no leading dimension addresses it: BLAS cannot take it as it is)."""
     rows, cols = shape
     if kind == "plain":
         return rng.standard_normal(shape).astype(dtype)
+    if kind == "strided":
+        return rng.standard_normal((rows, 2 * cols)).astype(dtype)[:, ::2]
     if kind == "view":
         return rng.standard_normal((rows + 2, cols + 5)).astype(dtype)[1 : rows + 1, 3 : cols + 3]
     return rng.standard_normal((cols + 3, rows + 4)).astype(dtype)[2 : cols + 2, 1 : rows + 1].T
@@ -130,7 +133,8 @@ def test_auto_takes_mkl_on_intel_cpus_only(monkeypatch: pytest.MonkeyPatch, vend
 
 @SETTINGS
 @given(m=st.integers(1, 9), k=st.integers(1, 9), n=st.integers(1, 9), dtype=st.sampled_from([np.float32, np.float64]),
-       kinds=st.tuples(*[st.sampled_from(["plain", "view", "transposed"])] * 2), seed=st.integers(0, 2**32 - 1))
+       kinds=st.tuples(*[st.sampled_from(["plain", "view", "transposed", "strided"])] * 2),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
 def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: type, kinds: tuple, seed: int) -> None:
     """What the layers call: a fresh C-contiguous product of the operands' dtype, equal to ``a @ b``."""
     rng = np.random.default_rng(seed)
@@ -146,7 +150,8 @@ def test_matmul_is_the_product_on_every_engine(m: int, k: int, n: int, dtype: ty
 
 @needs_mkl
 def test_matmul_hands_products_from_the_threshold_on_to_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small products stay NumPy's (the ctypes call costs more than they take); from the threshold on, MKL's."""
+    """Small products stay NumPy's (the ctypes call costs more than they take); from the threshold on, MKL's,
+    a strided operand (a vector mask's half, ``x[:, ::2]``) too, through a contiguous copy."""
     calls = []
     raw = gemm._load("mkl")[np.dtype(np.float64)]
     monkeypatch.setitem(gemm._loaded["mkl"], np.dtype(np.float64), lambda *args: (calls.append(args), raw(*args)))
@@ -159,10 +164,13 @@ def test_matmul_hands_products_from_the_threshold_on_to_mkl(monkeypatch: pytest.
         assert not calls
         np.testing.assert_allclose(gemm.matmul(*large), large[0] @ large[1], rtol=1e-12)
         assert len(calls) == 1
+        strided = rng.standard_normal((side + 1, 2 * side))[:, ::2]
+        np.testing.assert_allclose(gemm.matmul(strided, large[1]), strided @ large[1], rtol=1e-12)
+        assert len(calls) == 2
 
 
 def test_matmul_leaves_what_blas_cannot_take_to_numpy() -> None:
-    """Mixed dtypes, 1-D operands, unaddressable views and empty shapes are ``a @ b`` itself on every engine."""
+    """Mixed dtypes, 1-D operands, empty shapes and small products are ``a @ b`` itself on every engine."""
     rng = np.random.default_rng(1)
     cases = [(rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((4, 2))),
              (rng.standard_normal((3, 4)), rng.standard_normal(4)),

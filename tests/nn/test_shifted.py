@@ -13,6 +13,7 @@ averages), on every backend; no caches under ``no_grad``; the layers' path where
 from __future__ import annotations
 
 import contextlib
+import itertools
 from unittest import mock
 
 import numpy as np
@@ -81,7 +82,7 @@ def test_chunks_cover_the_range_and_frames_are_aligned(n: int, h: int, w: int, k
     frame = shifted.Frame(n, h, w, k)
     spans = shifted._chunks(frame, chunk)
     assert spans[0][0] == frame.start and spans[-1][1] == frame.stop
-    assert all(b > a for a, b in spans) and all(b == a for (_, b), (a, _) in zip(spans, spans[1:]))
+    assert all(b > a for a, b in spans) and all(b == a for (_, b), (a, _) in itertools.pairwise(spans))
     if chunk >= 4 * shifted.ALIGN:
         assert all(a % shifted.ALIGN == 0 for a, _ in spans[1:])
         assert max(b - a for a, b in spans) <= chunk + shifted.ALIGN
