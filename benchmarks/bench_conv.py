@@ -16,7 +16,9 @@ the step time after a warm-up and:
   step's time; ``% peak``: that over a large square matmul's rate measured in the same run;
 - ``GEMMs alone``: the same GEMMs, in the formulation's own shapes (im2col: one product per pass on the
   im2col matrix; shifted: the ``k²`` chunked products on frames, ring columns included), timed by
-  themselves, their useful GFLOP/s and % of the peak (how well BLAS does on these shapes; in brackets the
+  themselves, their useful GFLOP/s and % of the peak, the peak timed in alternation with them (one 2048³
+  product, then one pass of the GEMMs, ``repeats`` times; the median of the rounds' ratios), so that the
+  machine's speed drifting during the section moves both (how well BLAS does on these shapes; in brackets the
   rate of the FLOPs the GEMMs compute, the shifted ring's columns included; the thin first and last
   convolutions' gathers, ``docs/conv.md#thin-convolutions``, are counted the same way), and
   ``step/GEMMs``: what the rest (im2col, col2im, layout, batch norm, ReLU, bias, skip) costs on top;
@@ -28,8 +30,11 @@ the step time after a warm-up and:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -67,8 +72,15 @@ def computed_columns(net: ResNet, batch: int, formulation: str) -> float:
     return (frame.stop - frame.start) / frame.pixel_count
 
 
-def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str) -> np.ndarray:
-    """Seconds of every convolution's three GEMMs by themselves, on arrays of the formulation's shapes."""
+def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str,
+                share_of: dict | None = None) -> np.ndarray | float:  # fmt: skip
+    """Seconds of every convolution's three GEMMs by themselves, on arrays of the formulation's shapes.
+
+    With ``share_of`` (a float32 peak entry) instead: their useful rate over that GEMM's, timed in alternation
+    (:func:`alternating_share`).
+    """
+    measure = timed if share_of is None else functools.partial(alternating_share, flops=gemm_flops(net, batch),
+                                                                 peak=share_of)  # fmt: skip
     rng = np.random.default_rng(0)
     if formulation == "shifted":
         frame = shifted.Frame(batch, net.shape[0], net.shape[1], net.kernel_size)
@@ -87,7 +99,7 @@ def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str) -> np.n
                 shifted.conv_forward(x, wk, frame, out=y)
                 shifted.conv_backward(d_y, x, wk, frame, d_x=d_x)
 
-        return timed(run, repeats)
+        return measure(run, repeats)
     pixels = batch * net.shape[0] * net.shape[1]
     operands = []
     for c in convolutions(net):
@@ -95,7 +107,34 @@ def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str) -> np.n
         w, cols, d_y = (rng.standard_normal(s).astype(np.float32) for s in ((c.out_channels, k), (k, pixels),
                                                                           (c.out_channels, pixels)))  # fmt: skip
         operands.append((w, cols, d_y))
-    return timed(lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands], repeats)
+    return measure(lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands], repeats)
+
+
+def alternating_share(call: Callable[[], object], repeats: int, flops: float, peak: dict) -> float:
+    """``call``'s rate (``flops`` per call) over the 2048³ GEMM's, timed in alternation: the median over rounds.
+
+    ``peak`` is :func:`benchmarks.sections.gemm_peak`'s float32 entry; its engine times the square product.
+    """
+    n = peak["n"]
+    rng = np.random.default_rng(4)
+    a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
+    out = np.empty((n, n), np.float32)
+    with gemm.using_engine(peak.get("engine", gemm.get_engine())):
+        square = lambda: gemm.gemm(a, b, out, 0.0)  # noqa: E731
+        square()
+    call()
+    shares = []
+    for _ in range(max(3, repeats)):
+        engine = gemm.get_engine()
+        with gemm.using_engine(peak.get("engine", engine)):
+            t0 = time.perf_counter()
+            square()
+            t_square = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        call()
+        t_call = time.perf_counter() - t0
+        shares.append((flops / t_call) / (2 * n**3 / t_square))
+    return float(np.median(shares))
 
 
 def build_net(shape: tuple, net_settings: dict) -> ResNet:
@@ -185,7 +224,9 @@ def conv_section(s: Settings, torch_ref: ModuleType | None) -> dict:
                 result = {"ms": figure(1e3 * times), "gflops": figure(flops / times / 1e9),
                           "gemm_ms": figure(1e3 * alone), "gemm_gflops": figure(flops / alone / 1e9)}  # fmt: skip
                 result["percent_of_peak"] = 100 * result["gflops"]["median"] / peak["gflops"]["median"]
-                result["gemm_percent_of_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
+                result["gemm_percent_of_start_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
+                result["gemm_percent_of_peak"] = 100 * gemms_alone(net, net_settings["batch"], s.repeats, formulation,
+                                                                   share_of=peak)  # fmt: skip
                 result["step_over_gemms"] = result["ms"]["median"] / result["gemm_ms"]["median"]
                 extra = computed_columns(net, net_settings["batch"], formulation)
                 result["computed_over_useful"] = extra
@@ -216,20 +257,21 @@ def conv_table(r: dict) -> str:
     for row in r["rows"]:
         cells = [row["impl"], "×".join(map(str, row["shape"])), str(row["batch"]), f"{row['features']}/{row['blocks']}"]
         if "error" in row:
-            rows.append([*cells, "error", row["error"][:40], "", "", "", "", ""])
+            rows.append([*cells, "error", row["error"][:40], "", "", "", "", "", ""])
         elif row["impl"] == "torch":
-            rows.append([*cells, fig(row["ms"]), "", "", "", "", "", ""])
+            rows.append([*cells, fig(row["ms"]), "", "", "", "", "", "", ""])
         else:
             rows.append([*cells, fig(row["ms"]), fig(row["gflops"], digits=1), f"{row['percent_of_peak']:.0f}",
                          f"{row['gemm_percent_of_peak']:.0f} ({row['gemm_percent_of_peak_computed']:.0f})",
-                         ratio(row["step_over_gemms"]),
+                         f"{row.get('gemm_percent_of_start_peak', float('nan')):.0f}", ratio(row["step_over_gemms"]),
                          ratio(row.get("speedup_vs_torch")), ""])
     peak = fig(r["gemm_peak"]["gflops"], digits=1)
     title = (f"conv coupling net forward + backward (float32; backend {r.get('backend')}, GEMM engine "
              f"{r.get('gemm_engine')}); GEMM peak ({r['gemm_peak']['n']}³, the best engine: "
              f"{r['gemm_peak'].get('engine', '?')}) {peak} GFLOP/s")  # fmt: skip
-    text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak", "GEMMs % peak (computed)",
-                         "step/GEMMs", "× torch", ""], rows)  # fmt: skip
+    text = table(title, ["impl", "C×H×W", "batch", "F/blocks", "ms", "GFLOP/s", "% peak",
+                         "GEMMs % peak, alternating (computed)", "of the peak above", "step/GEMMs", "× torch", ""],
+                 rows)  # fmt: skip
     cols = [[row["op"], row["impl"], "×".join(map(str, row["shape"])), fig(row["ms"], digits=3),
              fig(row["gbs"], digits=1)] for row in r["im2col"]]  # fmt: skip
     return text + "\n" + table("im2col / col2im (k = 3)", ["op", "impl", "input", "ms", "GB/s of cols"], cols)
