@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.metadata
 import itertools
 import os
 import sys
@@ -135,14 +136,34 @@ def _cblas_raw(function: Callable) -> Callable:
     return raw
 
 
+MKL_LIBRARIES = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so")
+"""The names of MKL's single dynamic library, newest interface first."""
+
+
 def mkl_paths() -> list[str]:
-    """Where ``libmkl_rt`` may be: the library folders of this Python's prefixes (where the ``mkl`` wheel puts it)."""
+    """Where ``libmkl_rt`` is for this interpreter: the files of its installed ``mkl`` distribution (where pip put
+    the wheel: the prefix of this environment, or the user base for ``pip install --user``), then ``sys.prefix/lib``
+    (an environment that ships MKL without the distribution's record, such as conda's).
+
+    A virtual environment sees only its own MKL, as it sees only its own packages: the base interpreter's is
+    not looked for.
+    """
     found = []
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, sys.exec_prefix)):
-        folder = os.path.join(prefix, "lib")
-        for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"):
-            if os.path.exists(os.path.join(folder, name)):
-                found.append(os.path.join(folder, name))
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    named = {f.name: f for f in files if f.name in MKL_LIBRARIES}
+    for name in MKL_LIBRARIES:
+        if name in named:
+            path = os.path.normpath(str(named[name].locate()))
+            if os.path.exists(path):
+                found.append(path)
+    folder = os.path.join(sys.prefix, "lib")
+    for name in MKL_LIBRARIES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path) and path not in found:
+            found.append(path)
     return found
 
 

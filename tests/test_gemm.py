@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,35 @@ needs_mkl = pytest.mark.skipif(not X86_LINUX, reason="the mkl wheel exists for x
 def test_mkl_is_an_engine_where_the_test_extra_installs_it() -> None:
     assert gemm.mkl_paths(), "libmkl_rt not found: install the test extra (pip install -e '.[test]')"
     assert "mkl" in ENGINES
+
+
+def test_mkl_is_looked_for_in_this_environment_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The installed ``mkl`` distribution's own file, else ``sys.prefix/lib``: a virtual environment without the
+    wheel finds none, even where its base interpreter has one."""
+    import importlib.metadata
+
+    def no_distribution(name: str) -> None:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", no_distribution)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert gemm.mkl_paths() == []
+    (tmp_path / "venv" / "lib").mkdir(parents=True)
+    (tmp_path / "venv" / "lib" / "libmkl_rt.so.3").write_bytes(b"")
+    assert gemm.mkl_paths() == [str(tmp_path / "venv" / "lib" / "libmkl_rt.so.3")]
+
+    class Record:  # one entry of importlib.metadata.files: a name, and where it is
+        def __init__(self, path: Path) -> None:
+            self.name, self.path = path.name, path
+
+        def locate(self) -> Path:
+            return self.path
+
+    user = tmp_path / "user" / "lib" / "libmkl_rt.so.3"
+    user.parent.mkdir(parents=True)
+    user.write_bytes(b"")
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [Record(user)])
+    assert gemm.mkl_paths() == [str(user), str(tmp_path / "venv" / "lib" / "libmkl_rt.so.3")]
 
 
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", ""])
