@@ -30,7 +30,6 @@ the step time after a warm-up and:
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import time
@@ -72,26 +71,18 @@ def computed_columns(net: ResNet, batch: int, formulation: str) -> float:
     return (frame.stop - frame.start) / frame.pixel_count
 
 
-def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str,
-                share_of: dict | None = None) -> np.ndarray | float:  # fmt: skip
-    """Seconds of every convolution's three GEMMs by themselves, on arrays of the formulation's shapes.
-
-    With ``share_of`` (a float32 peak entry) instead: their useful rate over that GEMM's, timed in alternation
-    (:func:`alternating_share`).
-    """
-    measure = timed if share_of is None else functools.partial(alternating_share, flops=gemm_flops(net, batch),
-                                                                 peak=share_of)  # fmt: skip
+def gemm_pass(net: ResNet, batch: int, formulation: str) -> Callable[[], object]:
+    """One pass of every convolution's three GEMMs by themselves, on arrays of the formulation's shapes."""
     rng = np.random.default_rng(0)
     if formulation == "shifted":
         frame = shifted.Frame(batch, net.shape[0], net.shape[1], net.kernel_size)
         operands = []
         for c in convolutions(net):
-            x, d_y = (shifted.new_frame(channels, frame, np.float32) for channels in (c.in_channels, c.out_channels))
-            x[...] = rng.standard_normal(x.shape)  # frames as the step allocates them (aligned rows)
+            x, d_y, y, d_x = (shifted.new_frame(channels, frame, np.float32)  # aligned, as the step allocates them
+                              for channels in (c.in_channels, c.out_channels, c.out_channels, c.in_channels))
+            x[...] = rng.standard_normal(x.shape)
             d_y[...] = rng.standard_normal(d_y.shape)
             wk = rng.standard_normal((c.kernel_size, c.kernel_size, c.out_channels, c.in_channels)).astype(np.float32)
-            y, d_x = shifted.new_frame(c.out_channels, frame, np.float32), shifted.new_frame(c.in_channels, frame,
-                                                                                             np.float32)  # fmt: skip
             operands.append((x, d_y, wk, y, d_x))
 
         def run() -> None:
@@ -99,7 +90,7 @@ def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str,
                 shifted.conv_forward(x, wk, frame, out=y)
                 shifted.conv_backward(d_y, x, wk, frame, d_x=d_x)
 
-        return measure(run, repeats)
+        return run
     pixels = batch * net.shape[0] * net.shape[1]
     operands = []
     for c in convolutions(net):
@@ -107,7 +98,7 @@ def gemms_alone(net: ResNet, batch: int, repeats: int, formulation: str,
         w, cols, d_y = (rng.standard_normal(s).astype(np.float32) for s in ((c.out_channels, k), (k, pixels),
                                                                           (c.out_channels, pixels)))  # fmt: skip
         operands.append((w, cols, d_y))
-    return measure(lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands], repeats)
+    return lambda: [(w @ cols, d_y @ cols.T, w.T @ d_y) for w, cols, d_y in operands]
 
 
 def alternating_share(call: Callable[[], object], repeats: int, flops: float, peak: dict) -> float:
@@ -119,21 +110,22 @@ def alternating_share(call: Callable[[], object], repeats: int, flops: float, pe
     rng = np.random.default_rng(4)
     a, b = (rng.standard_normal((n, n)).astype(np.float32) for _ in range(2))
     out = np.empty((n, n), np.float32)
-    with gemm.using_engine(peak.get("engine", gemm.get_engine())):
-        square = lambda: gemm.gemm(a, b, out, 0.0)  # noqa: E731
-        square()
+    engine = peak.get("engine") or gemm.get_engine()
+
+    def square() -> float:
+        with gemm.using_engine(engine):
+            t0 = time.perf_counter()
+            gemm.gemm(a, b, out, 0.0)
+            return time.perf_counter() - t0
+
+    square()
     call()
     shares = []
     for _ in range(max(3, repeats)):
-        engine = gemm.get_engine()
-        with gemm.using_engine(peak.get("engine", engine)):
-            t0 = time.perf_counter()
-            square()
-            t_square = time.perf_counter() - t0
+        t_square = square()
         t0 = time.perf_counter()
         call()
-        t_call = time.perf_counter() - t0
-        shares.append((flops / t_call) / (2 * n**3 / t_square))
+        shares.append((flops / (time.perf_counter() - t0)) / (2 * n**3 / t_square))
     return float(np.median(shares))
 
 
@@ -220,13 +212,13 @@ def conv_section(s: Settings, torch_ref: ModuleType | None) -> dict:
             def measure(shape: tuple = shape, formulation: str = formulation) -> dict:
                 times, net = nflow_step(shape, net_settings, s.repeats, formulation)
                 flops = gemm_flops(net, net_settings["batch"])
-                alone = gemms_alone(net, net_settings["batch"], s.repeats, formulation)
+                gemms = gemm_pass(net, net_settings["batch"], formulation)
+                alone = timed(gemms, s.repeats)
                 result = {"ms": figure(1e3 * times), "gflops": figure(flops / times / 1e9),
                           "gemm_ms": figure(1e3 * alone), "gemm_gflops": figure(flops / alone / 1e9)}  # fmt: skip
                 result["percent_of_peak"] = 100 * result["gflops"]["median"] / peak["gflops"]["median"]
                 result["gemm_percent_of_start_peak"] = 100 * result["gemm_gflops"]["median"] / peak["gflops"]["median"]
-                result["gemm_percent_of_peak"] = 100 * gemms_alone(net, net_settings["batch"], s.repeats, formulation,
-                                                                   share_of=peak)  # fmt: skip
+                result["gemm_percent_of_peak"] = 100 * alternating_share(gemms, s.repeats, flops, peak)
                 result["step_over_gemms"] = result["ms"]["median"] / result["gemm_ms"]["median"]
                 extra = computed_columns(net, net_settings["batch"], formulation)
                 result["computed_over_useful"] = extra
@@ -263,7 +255,7 @@ def conv_table(r: dict) -> str:
         else:
             rows.append([*cells, fig(row["ms"]), fig(row["gflops"], digits=1), f"{row['percent_of_peak']:.0f}",
                          f"{row['gemm_percent_of_peak']:.0f} ({row['gemm_percent_of_peak_computed']:.0f})",
-                         f"{row.get('gemm_percent_of_start_peak', float('nan')):.0f}", ratio(row["step_over_gemms"]),
+                         f"{row['gemm_percent_of_start_peak']:.0f}", ratio(row["step_over_gemms"]),
                          ratio(row.get("speedup_vs_torch")), ""])
     peak = fig(r["gemm_peak"]["gflops"], digits=1)
     title = (f"conv coupling net forward + backward (float32; backend {r.get('backend')}, GEMM engine "

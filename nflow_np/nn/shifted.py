@@ -228,26 +228,32 @@ def method_for(c_in: int, c_out: int, k: int) -> str:
     return "gather_input" if c_in <= c_out else "gather_output"
 
 
+def _deltas(frame: Frame) -> list[int]:
+    """The shifts ``δ_r`` of :meth:`Frame.offsets`, in offset order ``r = i·k + j``."""
+    return [d for _, _, d in frame.offsets()]
+
+
 def _halo(frame: Frame) -> int:
     """``h = p·row + p``, the largest ``|δ_ij|``: a chunk ``[a, b)`` reads columns ``[a − h, b + h)``."""
     return frame.p * frame.row + frame.p
 
 
-def _gather(out: np.ndarray, src: np.ndarray, frame: Frame, a: int, b: int, sign: int) -> None:
-    """``out[r·C : (r+1)·C, : b − a] = src[:, a + sign·δ_r : b + sign·δ_r]`` for every offset ``r = i·k + j``."""
+def _gather(out: np.ndarray, src: np.ndarray, deltas: list[int], a: int, b: int, sign: int) -> None:
+    """``out[r·C : (r+1)·C, : b − a] = src[:, a + sign·δ_r : b + sign·δ_r]`` for every offset ``r = i·k + j``
+    (``deltas``: the ``δ_r`` of :meth:`Frame.offsets`)."""
     c = src.shape[0]
-    for r, (_, _, d) in enumerate(frame.offsets()):
+    for r, d in enumerate(deltas):
         out[r * c : (r + 1) * c, : b - a] = src[:, a + sign * d : b + sign * d]
 
 
-def _shift_sum(out: np.ndarray, z: np.ndarray, frame: Frame, c: int, n: int, sign: int, beta: float) -> None:
+def _shift_sum(out: np.ndarray, z: np.ndarray, deltas: list[int], h: int, c: int, n: int, sign: int,
+               beta: float) -> None:  # fmt: skip
     """``out (+)= Σ_r z[r·C : (r+1)·C, h + sign·δ_r : h + sign·δ_r + n]``, the adjoint of :func:`_gather`.
 
-    ``z`` holds the columns ``[a − h, b + h)`` of ``k²`` partial outputs (column ``h`` is position ``a``), so
-    the block of offset ``r`` read at ``q + sign·δ_r`` starts at column ``h + sign·δ_r``.
+    ``z`` holds the columns ``[a − h, b + h)`` of ``k²`` partial outputs (column ``h`` is position ``a``, ``h``
+    the :func:`_halo`), so the block of offset ``r`` read at ``q + sign·δ_r`` starts at column ``h + sign·δ_r``.
     """
-    h = _halo(frame)
-    for r, (_, _, d) in enumerate(frame.offsets()):
+    for r, d in enumerate(deltas):
         block = z[r * c : (r + 1) * c, h + sign * d : h + sign * d + n]
         if r == 0 and beta == 0:
             out[...] = block
@@ -298,27 +304,27 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
         out = new_frame(c_out, frame, x.dtype)
     if method == "gather_input":  # out[:, a:b] = W_flat · [x[:, a+δ_r : b+δ_r]]_r
         chunk = chunk or chunk_columns(frame, k * k * c_in + c_out, x.itemsize)
-        w_flat, spans = _flat_weights(wk), _chunks(frame, chunk)
+        w_flat, spans, deltas = _flat_weights(wk), _chunks(frame, chunk), _deltas(frame)
         cols = np.empty_like(x, shape=(k * k * c_in, _widest(spans)))
         product = Blocks(w_flat, cols, out)
         for a, b in spans:
-            _gather(cols, x, frame, a, b, +1)
+            _gather(cols, x, deltas, a, b, +1)
             product(c_out, b - a, k * k * c_in, 0, 0, a, beta)
         return out
     if method == "gather_output":  # z = W_stack · x[:, a−h : b+h], out[:, q] = Σ_r z_r[:, q + δ_r]
         chunk = chunk or chunk_columns(frame, k * k * c_out + c_in, x.itemsize)
-        h, spans = _halo(frame), _chunks(frame, chunk)
+        h, spans, deltas = _halo(frame), _chunks(frame, chunk), _deltas(frame)
         z = np.empty_like(x, shape=(k * k * c_out, _widest(spans) + 2 * h))
         product = Blocks(wk, x, z)
         for a, b in spans:
             product(k * k * c_out, b - a + 2 * h, c_in, 0, a - h, 0, 0.0)
-            _shift_sum(out[:, a:b], z, frame, c_out, b - a, +1, beta)
+            _shift_sum(out[:, a:b], z, deltas, h, c_out, b - a, +1, beta)
         return out
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
     product = Blocks(wk, x, out)  # W_ij @ x[:, a + d : b + d] into out[:, a:b], by flat indices
-    weights = [(i * wk.shape[1] + j) * c_out * c_in for i, j, _ in frame.offsets()]
+    offsets = [((i * k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]  # (where W_ij starts, δ_ij)
     for a, b in _chunks(frame, chunk):
-        for index, (w_at, (_, _, d)) in enumerate(zip(weights, frame.offsets(), strict=True)):
+        for index, (w_at, d) in enumerate(offsets):
             product(c_out, b - a, c_in, w_at, a + d, a, beta if index == 0 else 1.0)
     return out
 
@@ -395,7 +401,7 @@ def _gather_input_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame
     ``∂x[:, q] (+)= Σ_r z_r[:, q − δ_r]``."""
     k, _, c_out, c_in = wk.shape
     chunk = chunk or chunk_columns(frame, k * k * c_in + c_out, x.itemsize)
-    spans = _chunks(frame, chunk)
+    spans, deltas = _chunks(frame, chunk), _deltas(frame)
     h, width = _halo(frame), _widest(spans)
     w_flat = _flat_weights(wk)
     d_flat = np.zeros_like(w_flat)
@@ -404,11 +410,11 @@ def _gather_input_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame
     weight_grad = Blocks(d_y, cols, d_flat, trans_b=True)
     spread = Blocks(w_flat, d_y, z, trans_a=True) if input_grad else None
     for number, (a, b) in enumerate(spans):
-        _gather(cols, x, frame, a, b, +1)
+        _gather(cols, x, deltas, a, b, +1)
         weight_grad(c_out, k * k * c_in, b - a, a, 0, 0, 0.0 if number == 0 else 1.0)
         if input_grad:
             spread(k * k * c_in, b - a + 2 * h, c_out, 0, a - h, 0, 0.0)
-            _shift_sum(d_x[:, a:b], z, frame, c_in, b - a, -1, beta)
+            _shift_sum(d_x[:, a:b], z, deltas, h, c_in, b - a, -1, beta)
     d_wk = np.ascontiguousarray(d_flat.reshape(c_out, k, k, c_in).transpose(1, 2, 0, 3))
     return d_wk, (d_x if input_grad else None)
 
@@ -420,12 +426,12 @@ def _gather_output_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, fram
     ``∂W_stack += D · x[:, a:b]ᵀ`` and ``∂x[:, a:b] (+)= W_stackᵀ · D`` (one gather for both)."""
     k, _, c_out, c_in = wk.shape
     chunk = chunk or chunk_columns(frame, k * k * c_out + c_in, x.itemsize)
-    d_wk, spans = np.zeros_like(wk), _chunks(frame, chunk)
+    d_wk, spans, deltas = np.zeros_like(wk), _chunks(frame, chunk), _deltas(frame)
     cols = np.empty_like(d_y, shape=(k * k * c_out, _widest(spans)))
     weight_grad = Blocks(cols, x, d_wk, trans_b=True)  # d_wk read as (k² C_out, C_in)
     spread = Blocks(wk, cols, d_x, trans_a=True) if input_grad else None
     for number, (a, b) in enumerate(spans):
-        _gather(cols, d_y, frame, a, b, -1)
+        _gather(cols, d_y, deltas, a, b, -1)
         weight_grad(k * k * c_out, c_in, b - a, 0, a, 0, 0.0 if number == 0 else 1.0)
         if input_grad:
             spread(c_in, b - a, k * k * c_out, 0, 0, a, beta)
