@@ -233,6 +233,12 @@ def _deltas(frame: Frame) -> list[int]:
     return [d for _, _, d in frame.offsets()]
 
 
+def _weight_offsets(frame: Frame, c_out: int, c_in: int) -> list[tuple[int, int]]:
+    """``(where W_ij starts in wk's flat data, δ_ij)`` for every offset ``r = i·k + j``: the shifted products'
+    block addresses (:class:`~nflow_np.gemm.Blocks` names blocks by flat index)."""
+    return [((i * frame.k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]
+
+
 def _halo(frame: Frame) -> int:
     """``h = p·row + p``, the largest ``|δ_ij|``: a chunk ``[a, b)`` reads columns ``[a − h, b + h)``."""
     return frame.p * frame.row + frame.p
@@ -322,7 +328,7 @@ def conv_forward(x: np.ndarray, wk: np.ndarray, frame: Frame, out: np.ndarray | 
         return out
     chunk = chunk or chunk_columns(frame, c_in + c_out, x.itemsize)
     product = Blocks(wk, x, out)  # W_ij @ x[:, a + d : b + d] into out[:, a:b], by flat indices
-    offsets = [((i * k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]  # (where W_ij starts, δ_ij)
+    offsets = _weight_offsets(frame, c_out, c_in)
     for a, b in _chunks(frame, chunk):
         for index, (w_at, d) in enumerate(offsets):
             product(c_out, b - a, c_in, w_at, a + d, a, beta if index == 0 else 1.0)
@@ -383,7 +389,7 @@ def conv_backward(d_y: np.ndarray, x: np.ndarray, wk: np.ndarray, frame: Frame, 
         weight_grad = Blocks(d_y, x_pixels, d_wk)  # d_y[:, a:b] @ x_pixels[a + d : b + d] into d_wk[i, j]
         x_at = c_in
     input_grad_product = Blocks(wk, d_y, d_x, trans_a=True) if input_grad else None  # W_ijᵀ @ d_y[:, a − d : b − d]
-    offsets = [((i * k + j) * c_out * c_in, d) for i, j, d in frame.offsets()]
+    offsets = _weight_offsets(frame, c_out, c_in)
     for number, (a, b) in enumerate(_chunks(frame, chunk)):
         for w_at, d in offsets:
             weight_grad(c_out, c_in, b - a, a, (a + d) * x_at, w_at, 0.0 if number == 0 else 1.0)
